@@ -1,0 +1,230 @@
+"""What every pass works with: the graph being rewritten, the rule it applies, and the ledger of what changed.
+
+A pass is a function ``run(ctx) -> None`` registered under a primitive's name. It selects nodes through
+``ctx.select`` (so errors point into the spec), rewrites ``ctx.gm`` — the compiler's private copy, never the
+backbone the user passed in — and writes down each change with ``ctx.record`` and ownership changes in
+``ctx.ledger``. The ledger is what the report, the task bank, the artifact and the diff read; no stage after
+the passes has to rediscover what a rule did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from peftc.blocks import Site, get_block
+from peftc.errors import Location, SpecError
+from peftc.select import Candidate, NodeIndex, select
+from peftc.spec import MethodSpec, Rule, Selector
+from peftc.trace import assign_names, example_input
+
+__all__ = ["CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot", "own_tensors"]
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One change a rule made to one node, for the report and the diff."""
+
+    rule: str
+    action: str
+    node: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A parameter or buffer that each task owns a copy of (``policy``: fresh from ``new`` init, or ``inherit``)."""
+
+    name: str  # qualified, as in state_dict: layer1.0.bn1.weight
+    rule: str
+    policy: str
+    is_param: bool
+
+
+@dataclass(frozen=True)
+class ModuleSlot:
+    """A whole module each task owns (a classification head, whose class count can differ per task)."""
+
+    path: str
+    rule: str
+    policy: str
+    make: Callable[[int | None, nn.Module], nn.Module]  # (classes, template) -> new module
+
+
+@dataclass
+class Ledger:
+    """Who owns what after compilation."""
+
+    rewrites: list[Rewrite] = field(default_factory=list)
+    updating_buffers: set[str] = field(default_factory=set)
+    tensor_slots: dict[str, TensorSlot] = field(default_factory=dict)
+    module_slots: dict[str, ModuleSlot] = field(default_factory=dict)
+    inserted: dict[str, str] = field(default_factory=dict)  # module path -> rule label
+
+
+@dataclass
+class CompileState:
+    """The state shared by all passes of one compilation."""
+
+    gm: fx.GraphModule
+    spec: MethodSpec
+    positions: Mapping[str, tuple[str, int, int]]
+    input_size: tuple[int, int, int]
+    ledger: Ledger = field(default_factory=Ledger)
+    _index: NodeIndex | None = field(default=None, repr=False)
+    _shapes_valid: bool = field(default=False, repr=False)
+
+    @property
+    def index(self) -> NodeIndex:
+        if self._index is None:
+            self._index = NodeIndex(self.gm, self.positions)
+        return self._index
+
+    def graph_changed(self) -> None:
+        """Call after editing the graph: names new nodes, checks and regenerates code, drops caches."""
+        assign_names(self.gm)
+        self.gm.graph.lint()
+        self.gm.recompile()
+        self._index = None
+        self._shapes_valid = False
+
+    def modules_changed(self) -> None:
+        self._index = None
+
+    def shape_of(self, node: fx.Node) -> torch.Size | None:
+        """Example output shape of ``node`` (shape propagation runs lazily, once per graph version)."""
+        if not self._shapes_valid or "tensor_meta" not in node.meta:
+            param = next(self.gm.parameters(), None)
+            x = example_input(self.input_size, device=param.device if param is not None else "cpu")
+            if param is not None and param.is_floating_point():
+                x = x.to(param.dtype)
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(x)
+            self._shapes_valid = True
+        meta = node.meta.get("tensor_meta")
+        return getattr(meta, "shape", None)
+
+
+def own_tensors(cand: Candidate, ledger: Ledger, pattern: str | list[str] = "*") -> Iterator[tuple[str, str, Any]]:
+    """(qualified name, kind 'param'|'buffer', tensor) of a candidate's own tensors, not those of inserted blocks."""
+    import fnmatch
+
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+
+    def wanted(local: str) -> bool:
+        return any(fnmatch.fnmatchcase(local, p) or fnmatch.fnmatchcase(local.rsplit(".", 1)[-1], p) for p in patterns)
+
+    if cand.module is not None:
+        base = str(cand.node.target)
+        for kind, items in (("param", cand.module.named_parameters()), ("buffer", cand.module.named_buffers())):
+            for local, tensor in items:
+                full = f"{base}.{local}"
+                if any(full.startswith(p + ".") for p in ledger.inserted):
+                    continue
+                if wanted(local):
+                    yield full, kind, tensor
+    elif cand.tensor is not None and wanted(cand.name.rsplit(".", 1)[-1]):
+        yield cand.name, "param" if isinstance(cand.tensor, nn.Parameter) else "buffer", cand.tensor
+
+
+@dataclass
+class PassContext:
+    """One rule being applied."""
+
+    state: CompileState
+    rule: Rule
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.state.gm
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.state.ledger
+
+    @property
+    def args(self) -> Any:
+        return self.rule.args
+
+    def locate(self, *path: str | int) -> Location:
+        return self.state.spec.locate((*self.rule.path, *path))
+
+    def select(self, selector: Selector, *path: str) -> list[Candidate]:
+        """Nodes matching ``selector``; ``path`` is where the selector sits under the rule (for errors)."""
+        return select(selector, self.state.index, lambda key: self.locate(*path, *key))
+
+    def error(self, message: str, *path: str | int) -> SpecError:
+        return SpecError(message, self.locate(*path))
+
+    def record(self, action: str, node: str, **detail: Any) -> None:
+        self.ledger.rewrites.append(Rewrite(self.rule.label, action, node, detail))
+
+    def site(self, cand: Candidate) -> Site:
+        return Site(cand.name, cand.node, cand.module, self.state.shape_of)
+
+    def build_block(self, cand: Candidate) -> nn.Module:
+        """The rule's block, built for ``cand``; a build failure is reported at the rule's ``args``."""
+        block = get_block(self.args.block)
+        try:
+            return block.build(self.site(cand), self.args.args)
+        except SpecError:
+            raise
+        except Exception as exc:
+            raise self.error(f"block {block.name!r} cannot be built for {cand.name!r}: {exc}", "args") from None
+
+    def module_path_for(self, cand: Candidate, suffix: str) -> str:
+        """A fresh module path derived from the node: ``layer1.0.conv2`` → ``layer1.0.conv2.clr``."""
+        if cand.node.op == "call_module":
+            base = f"{cand.node.target}.{suffix}"
+        else:
+            parent, _, leaf = cand.name.rpartition(".")
+            leaf = leaf.replace("@", "_")
+            base = f"{parent}.{leaf}_{suffix}" if parent else f"{leaf}_{suffix}"
+        path, n = base, 0
+        while _exists(self.gm, path):
+            n += 1
+            path = f"{base}_{n}"
+        return path
+
+    def add_block(self, path: str, module: nn.Module) -> None:
+        """Register an inserted block; its parameters are new, trainable unless the rule says otherwise."""
+        self.gm.add_submodule(path, module)
+        self.ledger.inserted[path] = self.rule.label
+        trainable = getattr(self.args, "trainable", True)
+        for p in module.parameters():
+            p.requires_grad_(trainable)
+        self.own(path, module)
+
+    def own(self, path: str, module: nn.Module) -> None:
+        """Apply the rule's ``task_state`` to every tensor of a module it added."""
+        policy = getattr(self.args, "task_state", "shared")
+        if policy == "shared":
+            return
+        for local, p in module.named_parameters():
+            self.own_tensor(f"{path}.{local}", True)
+        for local, b in module.named_buffers():
+            if b.is_floating_point():
+                self.own_tensor(f"{path}.{local}", False)
+
+    def own_tensor(self, name: str, is_param: bool) -> None:
+        policy = getattr(self.args, "task_state", "shared")
+        if policy != "shared":
+            self.ledger.tensor_slots[name] = TensorSlot(name, self.rule.label, policy, is_param)
+
+
+def _exists(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,64 @@
+"""``replace`` and ``head``: a new module in place of a selected one, built from the original."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from peftc.blocks import get_block
+from peftc.blocks.linear import LinearHeadArgs, make_head
+
+from .base import ModuleSlot, PassContext, count_params
+
+
+def _swap(ctx: PassContext, path: str, new: nn.Module) -> int:
+    """Put ``new`` at ``path``; returns how many of the old module's parameters are gone from the model."""
+    old = ctx.gm.get_submodule(path)
+    parent_path, _, attr = path.rpartition(".")
+    parent = ctx.gm.get_submodule(parent_path) if parent_path else ctx.gm
+    setattr(parent, attr, new)
+    kept = {id(p) for p in new.parameters()}
+    ctx.state.modules_changed()
+    return sum(p.numel() for p in old.parameters() if id(p) not in kept)
+
+
+def replace(ctx: PassContext) -> None:
+    for cand in ctx.select(ctx.args.target, "target"):
+        if cand.node.op != "call_module":
+            raise ctx.error(f"{cand.name!r} is an operation, not a module; only modules can be replaced", "target")
+        block = ctx.build_block(cand)
+        path = str(cand.node.target)
+        removed = _swap(ctx, path, block)
+        ctx.ledger.inserted[path] = ctx.rule.label
+        for p in block.parameters():
+            if not any(p is q for q in cand.module.parameters()):
+                p.requires_grad_(ctx.args.trainable)
+        ctx.own(path, block)
+        ctx.record("replace", cand.name, block=ctx.args.block, module=path, params=count_params(block),
+                   removed=removed)
+
+
+def head(ctx: PassContext) -> None:
+    args = ctx.args
+    for cand in ctx.select(args.target, "target"):
+        old = cand.module
+        if not isinstance(old, nn.Linear):
+            raise ctx.error(f"{cand.name!r} is a {type(old).__name__}; heads replace a Linear classifier", "target")
+        spec = LinearHeadArgs(classes=args.classes, bias=args.bias, init=args.init)
+        new = get_block("linear").build(ctx.site(cand), spec)
+        removed = 0 if new is old else _swap(ctx, str(cand.node.target), new)
+        for p in new.parameters():
+            p.requires_grad_(args.trainable)
+        path = str(cand.node.target)
+        if args.task_state != "shared":
+            make = partial(_new_head, bias=args.bias, init=args.init)
+            ctx.ledger.module_slots[path] = ModuleSlot(path, ctx.rule.label, args.task_state, make)
+        ctx.record("head", cand.name, classes=new.out_features, params=count_params(new), removed=removed,
+                   reused=new is old)
+
+
+def _new_head(classes: int | None, template: nn.Module, *, bias: bool, init: str) -> nn.Linear:
+    """A head for a new task: the template's shape and (``init: backbone``) weights unless ``classes`` differs."""
+    assert isinstance(template, nn.Linear)
+    return make_head(template.in_features, classes or template.out_features, bias=bias, init=init, like=template)

@@ -1,0 +1,35 @@
+"""peftc: a declarative graph compiler that rewrites vision backbones for parameter-efficient fine-tuning.
+
+    import peftc
+    model = peftc.compile("clr", "resnet50")          # a built-in spec on a torchvision backbone
+    model.add_task("birds", num_classes=200); model.set_task("birds")
+    ...train model.trainable_parameters() in any loop...
+    model.save("out/clr-birds")
+    again = peftc.load("out/clr-birds")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import PeftcError  # noqa: E402
+from .spec import load_spec  # noqa: E402
+
+
+def compile(*args: Any, **kwargs: Any) -> Any:
+    """Rewrite a backbone with a spec; see :func:`peftc.compiler.compile`."""
+    from .compiler import compile as _compile
+
+    return _compile(*args, **kwargs)
+
+
+def load(*args: Any, **kwargs: Any) -> Any:
+    """Rebuild a compiled model from an artifact directory; see :func:`peftc.artifact.load`."""
+    from .artifact import load as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["PeftcError", "__version__", "compile", "load", "load_spec"]

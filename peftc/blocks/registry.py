@@ -1,0 +1,138 @@
+"""The block registry: the nn.Modules that graph primitives insert, attach in parallel, or put in place.
+
+A spec names blocks (``block: channel_conv``) and gives them ``args``; it never contains code. Blocks are
+registered from Python: peftc's own in :mod:`peftc.blocks`, third-party ones with :func:`register_block` in a
+module loaded by ``--plugin MODULE`` / :func:`load_plugin`, or through the ``peftc.blocks`` entry-point group.
+
+Each block declares a pydantic ``args`` model (validated when the spec loads, so a typo in an argument is a spec
+error with a line number) and a factory ``(site, args) -> nn.Module`` that reads what it needs — channel counts,
+the original module — from the :class:`Site` it is built for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import fx, nn
+
+from ..errors import PeftcError
+
+__all__ = ["BlockArgs", "BlockType", "Site", "block_names", "get_block", "load_plugin", "register_block"]
+
+
+class BlockArgs(BaseModel):
+    """Base for block argument models: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Site:
+    """Where a block is being built: the selected graph node and what can be known about it."""
+
+    name: str
+    node: fx.Node
+    module: nn.Module | None
+    shapes: Callable[[fx.Node], torch.Size | None] = field(repr=False, default=lambda node: None)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def shape(self, port: str = "output") -> torch.Size | None:
+        """The example tensor shape at this node's output (``port='output'``) or its first input."""
+        if port == "output":
+            return self.shapes(self.node)
+        first = next(iter(self.node.all_input_nodes), None)
+        return self.shapes(first) if first is not None else None
+
+    def channels(self, port: str = "output") -> int:
+        """Feature/channel count at the node's output or input, from module attributes or example shapes."""
+        module = self.module
+        attrs = (
+            ("out_channels", "out_features", "num_features", "embed_dim")
+            if port == "output"
+            else ("in_channels", "in_features", "num_features", "embed_dim")
+        )
+        if module is not None:
+            for attr in attrs:
+                value = getattr(module, attr, None)
+                if isinstance(value, int):
+                    return value
+            shape = getattr(module, "normalized_shape", None)
+            if shape:
+                return int(shape[-1])
+        size = self.shape(port)
+        if size is not None and len(size) >= 2:
+            # NCHW feature maps carry channels in dim 1; token sequences (B, N, C) in the last dim.
+            return int(size[1] if len(size) == 4 else size[-1])
+        raise PeftcError(f"cannot tell the channel count at {port} of {self.name!r}")
+
+
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    factory: Callable[[Site, Any], nn.Module]
+    args: type[BlockArgs]
+    suffix: str
+    summary: str
+
+    def build(self, site: Site, args: dict[str, Any] | BlockArgs) -> nn.Module:
+        parsed = args if isinstance(args, self.args) else self.args.model_validate(args)
+        return self.factory(site, parsed)
+
+
+_REGISTRY: dict[str, BlockType] = {}
+_entry_points_loaded = False
+
+
+def register_block(
+    name: str, *, args: type[BlockArgs] = BlockArgs, suffix: str | None = None
+) -> Callable[[Callable[[Site, Any], nn.Module]], Callable[[Site, Any], nn.Module]]:
+    """Register ``factory(site, args) -> nn.Module`` under ``name`` (decorator).
+
+    ``suffix`` names the module the block becomes in the rewritten graph: inserted after ``layer1.0.conv2`` with
+    suffix ``clr`` it is ``layer1.0.conv2.clr``. Registering a name twice replaces the earlier block.
+    """
+
+    def decorate(factory: Callable[[Site, Any], nn.Module]) -> Callable[[Site, Any], nn.Module]:
+        doc = (factory.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = BlockType(name, factory, args, suffix or name, doc[0] if doc else "")
+        return factory
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group="peftc.blocks"):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not break peftc
+            raise PeftcError(f"block plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from None
+
+
+def get_block(name: str) -> BlockType:
+    """The registered block ``name``; raises KeyError when there is none."""
+    if name not in _REGISTRY:
+        _load_entry_points()
+    return _REGISTRY[name]
+
+
+def block_names() -> list[str]:
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def load_plugin(module: str) -> None:
+    """Import a Python module that registers blocks (``--plugin my_pkg.blocks``)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise PeftcError(f"cannot import plugin module {module!r}: {exc}") from None

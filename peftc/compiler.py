@@ -1,0 +1,81 @@
+"""The driver: spec + backbone → trace → passes, in rule order → :class:`~peftc.model.Compiled`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftc.passes import PASSES, CompileState, PassContext
+
+from .backbones import Backbone, build_backbone, from_module
+from .model import BackboneInfo, Compiled
+from .report import build_report
+from .select import NodeIndex, block_positions
+from .spec import MethodSpec, load_spec
+from .trace import trace
+
+__all__ = ["compile", "resolve_backbone"]
+
+
+def resolve_backbone(
+    backbone: str | nn.Module | Backbone,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+) -> Backbone:
+    """A Backbone peftc may rewrite: built from a name, or a private deep copy of a user's module."""
+    if isinstance(backbone, Backbone):
+        return backbone
+    if isinstance(backbone, nn.Module):
+        return from_module(copy.deepcopy(backbone).eval())
+    return build_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, **dict(backbone_kwargs or {}))
+
+
+def _head_params(gm: Any, positions: Mapping[str, tuple[str, int, int]]) -> int:
+    from .roles import head
+
+    return sum(sum(p.numel() for p in c.module.parameters()) for c in head(NodeIndex(gm, positions)))
+
+
+def compile(
+    spec: str | Path | Mapping[str, Any] | MethodSpec,
+    backbone: str | nn.Module | Backbone,
+    *,
+    params: Mapping[str, Any] | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    leaves: Iterable[type[nn.Module]] = (),
+    **param_overrides: Any,
+) -> Compiled:
+    """Rewrite ``backbone`` as ``spec`` says and return the trainable model.
+
+    ``spec`` is a file path, a built-in name (``"clr"``), a document mapping or a loaded :class:`MethodSpec`;
+    spec params come from ``params`` and/or keyword arguments (``compile("clr", "resnet50", variant="full")``).
+    ``backbone`` is a name (``"resnet50"``, ``"timm:vit_tiny_patch16_224"``) or a module you built, which is
+    copied and never modified.
+    """
+    overrides = {**dict(params or {}), **param_overrides}
+    method = load_spec(spec, overrides)
+    bb = resolve_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, backbone_kwargs=backbone_kwargs)
+    module = bb.module
+    original_ids = {id(p) for p in module.parameters()}
+    backbone_params = sum(p.numel() for p in module.parameters())
+    positions = block_positions(module)
+    gm = trace(module, leaves=leaves)
+    head_params = _head_params(gm, positions)
+    state = CompileState(gm, method, positions, bb.input_size)
+    for rule in method.rules:
+        PASSES[rule.op](PassContext(state, rule))
+    report = build_report(method.name, bb.id, backbone_params, head_params, original_ids, gm, state.ledger)
+    info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
+                        tuple(sorted((backbone_kwargs or {}).items())))
+    return Compiled(gm, method, info, state.ledger, report)
+
