@@ -103,5 +103,11 @@ class Compiled(nn.Module):
 
         return save(self, directory)
 
+    def load_delta(self, directory: str | Path) -> Compiled:
+        """Load a saved delta into this model (it must come from the same spec on the same backbone)."""
+        from .artifact import load_into
+
+        return load_into(self, directory)
+
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, backbone={self.backbone.id!r}, tasks={self.tasks}, active={self.active_task!r}"

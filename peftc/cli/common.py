@@ -1,0 +1,53 @@
+"""What every CLI command shares: consoles, error handling (exit 1, no traceback), JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from peftc.errors import PeftcError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """User errors become one red line on stderr and exit status 1; bugs still show their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PeftcError as exc:
+            for i, line in enumerate(str(exc).splitlines()):
+                err_console.print(f"[bold red]error:[/] {line}" if i == 0 else f"       {line}", markup=True,
+                                  soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def load_plugins(plugins: list[str] | None) -> None:
+    from peftc.blocks import load_plugin
+
+    for module in plugins or []:
+        load_plugin(module)
+
+
+def fmt_int(n: int) -> str:
+    return f"{n:,}"

@@ -1,0 +1,41 @@
+"""Shared fixtures: small inputs, seeded randomness, a tiny synthetic classification task."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def synthetic_task(classes: int = 3, n: int = 24, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable toy task: each class is a different mean colour plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    means = torch.randn(classes, 3, 1, 1, generator=gen)
+    images = means[labels] + 0.3 * torch.randn(n, 3, size, size, generator=gen)
+    return images, labels
+
+
+def train_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 5,
+                lr: float = 1e-2) -> list[float]:
+    """A few Adam steps on the model's trainable parameters; returns the losses."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -1,0 +1,123 @@
+"""CLR on CNNs end to end: the numbers of the METHODS card, identity at init, training, continual use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftc
+from peftc.backbones import build_backbone
+from peftc.blocks.channel_conv import ChannelConv
+
+from .conftest import synthetic_task, train_steps
+
+
+def test_reduced_resnet50_counts() -> None:
+    model = peftc.compile("clr", "resnet50")
+    r = model.report
+    blocks = [m for m in model.modules() if isinstance(m, ChannelConv)]
+    assert len(blocks) == 17
+    assert sum(b.channels for b in blocks) == 3840
+    assert r.added_params == 34_560
+    assert r.backbone_params == 25_557_032
+    assert r.backbone_body_params == 23_508_032
+    assert r.task_state_without_head == 140_800
+    assert round(r.percent(r.task_state_without_head), 3) == 0.599
+    assert round(100 * r.added_params / r.backbone_params, 4) == 0.1352
+    by_rule = {x.label: x for x in r.rules}
+    assert by_rule["batchnorm"].task_params == 53_120 and by_rule["batchnorm"].nodes == 53
+    assert by_rule["clr"].task_params == 34_560
+    # trainable = CLR + BN affine + the head (reused from the backbone, 1000 classes)
+    assert r.trainable_params == 34_560 + 53_120 + 2_049_000
+
+
+@pytest.mark.parametrize(("variant", "added"), [("full", 239_040), ("reduced_v2", 57_280)])
+def test_variants_resnet50(variant: str, added: int) -> None:
+    assert peftc.compile("clr", "resnet50", variant=variant).report.added_params == added
+
+
+def test_reduced_resnet18() -> None:
+    assert peftc.compile("clr", "resnet18").report.added_params == 35_136
+
+
+def test_kernel_size_param() -> None:
+    model = peftc.compile("clr", "resnet18", kernel_size=5)
+    assert model.report.added_params == 35_136 // 9 * 25
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny", "timm:resnet18"])
+def test_identity_at_init(backbone: str) -> None:
+    model = peftc.compile("clr", backbone)
+    reference = build_backbone(backbone).module
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-6
+
+
+def test_backbone_passed_in_is_not_modified() -> None:
+    backbone = build_backbone("resnet18").module
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    flags = [p.requires_grad for p in backbone.parameters()]
+    model = peftc.compile("clr", backbone, num_classes=3)
+    images, labels = synthetic_task()
+    train_steps(model, images, labels, steps=2)
+    assert [p.requires_grad for p in backbone.parameters()] == flags
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not any(isinstance(m, ChannelConv) for m in backbone.modules())
+
+
+def test_training_lowers_loss_and_keeps_frozen_tensors() -> None:
+    model = peftc.compile("clr", "resnet18", num_classes=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and all(".clr." in n or "bn" in n or "downsample.1" in n or n.startswith("net.fc") for n in trainable)
+    images, labels = synthetic_task()
+    losses = train_steps(model, images, labels, steps=8)
+    assert losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_frozen_batchnorm_stats_do_not_drift_in_train_mode() -> None:
+    spec = {"name": "probe", "rules": [{"freeze": {}}, {"head": {"classes": 3}}]}
+    model = peftc.compile(spec, "resnet18")
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    images, labels = synthetic_task()
+    train_steps(model, images, labels, steps=2)
+    assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
+
+
+def test_continual_tasks_zero_forgetting() -> None:
+    model = peftc.compile("clr", "resnet18")
+    model.add_task("A", num_classes=3).set_task("A")
+    images_a, labels_a = synthetic_task(classes=3, seed=1)
+    train_steps(model, images_a, labels_a, steps=4)
+    with torch.no_grad():
+        out_a = model(images_a).clone()
+    model.add_task("B", num_classes=5).set_task("B")
+    assert model.net.fc.out_features == 5
+    images_b, labels_b = synthetic_task(classes=5, seed=2)
+    train_steps(model, images_b, labels_b, steps=4)
+    model.set_task("A")
+    with torch.no_grad():
+        assert torch.equal(model(images_a), out_a)
+    assert model.tasks == ["default", "A", "B"]
+
+
+def test_new_task_starts_from_initial_state() -> None:
+    model = peftc.compile("clr", "resnet18")
+    model.add_task("A", num_classes=3).set_task("A")
+    images, labels = synthetic_task()
+    train_steps(model, images, labels, steps=2)
+    model.add_task("B", num_classes=3).set_task("B")
+    clr = model.net.layer1[0].conv1.clr if hasattr(model.net.layer1, "__getitem__") else model.net.get_submodule(
+        "layer1.0.conv1.clr")
+    centre = clr.weight[:, 0, 1, 1]
+    assert torch.equal(centre, torch.ones_like(centre))
+
+
+def test_unknown_task_is_a_clear_error() -> None:
+    model = peftc.compile("clr", "resnet18")
+    with pytest.raises(peftc.PeftcError, match="unknown task 'nope'"):
+        model.set_task("nope")
