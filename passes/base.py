@@ -78,6 +78,7 @@ class CompileState:
     ledger: Ledger = field(default_factory=Ledger)
     _index: NodeIndex | None = field(default=None, repr=False)
     _shapes_valid: bool = field(default=False, repr=False)
+    _stale_code: bool = field(default=False, repr=False)
 
     @property
     def index(self) -> NodeIndex:
@@ -86,12 +87,19 @@ class CompileState:
         return self._index
 
     def graph_changed(self) -> None:
-        """Call after editing the graph: names new nodes, checks and regenerates code, drops caches."""
+        """Call after editing the graph: names new nodes and drops caches (code is regenerated lazily)."""
         assign_names(self.gm)
-        self.gm.graph.lint()
-        self.gm.recompile()
         self._index = None
         self._shapes_valid = False
+        self._stale_code = True
+
+    def finish(self) -> fx.GraphModule:
+        """Check the final graph and regenerate its Python code once, after all passes."""
+        if self._stale_code:
+            self.gm.graph.lint()
+            self.gm.recompile()
+            self._stale_code = False
+        return self.gm
 
     def modules_changed(self) -> None:
         self._index = None
@@ -99,6 +107,7 @@ class CompileState:
     def shape_of(self, node: fx.Node) -> torch.Size | None:
         """Example output shape of ``node`` (shape propagation runs lazily, once per graph version)."""
         if not self._shapes_valid or "tensor_meta" not in node.meta:
+            self.finish()
             param = next(self.gm.parameters(), None)
             x = example_input(self.input_size, device=param.device if param is not None else "cpu")
             if param is not None and param.is_floating_point():
@@ -123,11 +132,11 @@ def own_tensors(cand: Candidate, ledger: Ledger, pattern: str | list[str] = "*")
         base = str(cand.node.target)
         for kind, items in (("param", cand.module.named_parameters()), ("buffer", cand.module.named_buffers())):
             for local, tensor in items:
-                full = f"{base}.{local}"
-                if any(full.startswith(p + ".") for p in ledger.inserted):
-                    continue
+                owner = local.split(".")[:-1]
+                if any(f"{base}.{'.'.join(owner[:i])}" in ledger.inserted for i in range(1, len(owner) + 1)):
+                    continue  # a block inserted into this module: not the module's own tensor
                 if wanted(local):
-                    yield full, kind, tensor
+                    yield f"{base}.{local}", kind, tensor
     elif cand.tensor is not None and wanted(cand.name.rsplit(".", 1)[-1]):
         yield cand.name, "param" if isinstance(cand.tensor, nn.Parameter) else "buffer", cand.tensor
 

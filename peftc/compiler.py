@@ -74,6 +74,7 @@ def compile(
     state = CompileState(gm, method, positions, bb.input_size)
     for rule in method.rules:
         PASSES[rule.op](PassContext(state, rule))
+    state.finish()
     report = build_report(method.name, bb.id, backbone_params, head_params, original_ids, gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
                         tuple(sorted((backbone_kwargs or {}).items())))
