@@ -366,7 +366,8 @@ def select(sel: Selector, index: NodeIndex, locate: Locate | None = None) -> lis
         raise SpecError(exc.message, _sub(where, exc.key)) from None
     if failed is None or sel.optional:
         return matched
-    context = "" if len(before) == len(index.candidates) else f" ({len(before)} nodes match the keys before it)"
+    context = "" if failed.key == "where" or len(before) == len(index.candidates) else (
+        f" ({len(before)} nodes match the keys before it)")
     raise SpecError(failed.explain(before) + context, _sub(where, failed.key))
 
 

@@ -185,7 +185,7 @@ class ParamDecl(_Strict):
         if value is None:
             if self.default is None:
                 return None
-            raise ValueError(f"{what} must be a {self.type}, got null")
+            raise ValueError(f"{what} must be set (type {self.type}), got null")
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -194,7 +194,8 @@ class ParamDecl(_Strict):
             "list": isinstance(value, (list, tuple)),
         }[self.type]
         if not ok:
-            raise ValueError(f"{what} must be a {self.type}, got {type(value).__name__} {value!r}")
+            article = "an" if self.type == "int" else "a"
+            raise ValueError(f"{what} must be {article} {self.type}, got {type(value).__name__} {value!r}")
         if self.type == "float":
             value = float(value)
         if self.type == "list":
