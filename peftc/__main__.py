@@ -1,0 +1,5 @@
+"""``python -m peftc`` is the ``peftc`` command."""
+
+from .cli import main
+
+main()
