@@ -12,6 +12,7 @@ from torch import nn
 from peftc.passes import PASSES, CompileState, PassContext
 
 from .backbones import Backbone, build_backbone, from_module
+from .canonical import canonicalize
 from .model import BackboneInfo, Compiled
 from .report import build_report
 from .select import NodeIndex, block_positions
@@ -66,6 +67,7 @@ def compile(
     method = load_spec(spec, overrides)
     bb = resolve_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, backbone_kwargs=backbone_kwargs)
     module = bb.module
+    canonicalize(module)  # nn.MultiheadAttention -> traceable qkv/proj Linears (same tensors, same function)
     original_ids = {id(p) for p in module.parameters()}
     backbone_params = sum(p.numel() for p in module.parameters())
     positions = block_positions(module)
