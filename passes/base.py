@@ -76,6 +76,8 @@ class CompileState:
     positions: Mapping[str, tuple[str, int, int]]
     input_size: tuple[int, int, int]
     ledger: Ledger = field(default_factory=Ledger)
+    head_params: int = 0  # parameters of the backbone's own classifier (what "% of the body" excludes)
+    shared: dict[str, dict[str, Any]] = field(default_factory=dict)  # block name -> Site.shared namespace
     _index: NodeIndex | None = field(default=None, repr=False)
     _shapes_valid: bool = field(default=False, repr=False)
     _stale_code: bool = field(default=False, repr=False)
@@ -174,7 +176,9 @@ class PassContext:
         self.ledger.rewrites.append(Rewrite(self.rule.label, action, node, detail))
 
     def site(self, cand: Candidate) -> Site:
-        return Site(cand.name, cand.node, cand.module, self.state.shape_of)
+        namespace = self.state.shared.setdefault(getattr(self.args, "block", None) or "", {})
+        return Site(cand.name, cand.node, cand.module, self.state.shape_of, block=cand.block,
+                    shared=namespace)
 
     def build_block(self, cand: Candidate) -> nn.Module:
         """The rule's block, built for ``cand``; a build failure is reported at the rule's ``args``."""
@@ -200,24 +204,32 @@ class PassContext:
             path = f"{base}_{n}"
         return path
 
-    def add_block(self, path: str, module: nn.Module) -> None:
-        """Register an inserted block; its parameters are new, trainable unless the rule says otherwise."""
+    def add_block(self, path: str, module: nn.Module) -> int:
+        """Register an inserted block; returns how many parameter elements it adds to the model.
+
+        Its parameters are trainable unless the rule says otherwise. Tensors the block shares with blocks
+        added before (a submodule found in ``Site.shared``) are already in the model: not counted, not owned
+        again.
+        """
+        present = {id(t) for t in (*self.gm.parameters(), *self.gm.buffers())}
         self.gm.add_submodule(path, module)
         self.ledger.inserted[path] = self.rule.label
         trainable = getattr(self.args, "trainable", True)
         for p in module.parameters():
             p.requires_grad_(trainable)
-        self.own(path, module)
+        self.own(path, module, skip=present)
+        return sum(p.numel() for p in module.parameters() if id(p) not in present)
 
-    def own(self, path: str, module: nn.Module) -> None:
-        """Apply the rule's ``task_state`` to every tensor of a module it added."""
+    def own(self, path: str, module: nn.Module, skip: frozenset[int] | set[int] = frozenset()) -> None:
+        """Apply the rule's ``task_state`` to each tensor of a module it added (not those in ``skip``)."""
         policy = getattr(self.args, "task_state", "shared")
         if policy == "shared":
             return
         for local, p in module.named_parameters():
-            self.own_tensor(f"{path}.{local}", True)
+            if id(p) not in skip:
+                self.own_tensor(f"{path}.{local}", True)
         for local, b in module.named_buffers():
-            if b.is_floating_point():
+            if b.is_floating_point() and id(b) not in skip:
                 self.own_tensor(f"{path}.{local}", False)
 
     def own_tensor(self, name: str, is_param: bool) -> None:

@@ -15,11 +15,12 @@ from .backbones import Backbone, build_backbone, from_module
 from .canonical import canonicalize
 from .model import BackboneInfo, Compiled
 from .report import build_report
-from .select import NodeIndex, block_positions
+from .roles import head
+from .select import block_positions
 from .spec import MethodSpec, load_spec
 from .trace import trace
 
-__all__ = ["compile", "resolve_backbone"]
+__all__ = ["compile", "resolve_backbone", "rewrite"]
 
 
 def resolve_backbone(
@@ -38,10 +39,15 @@ def resolve_backbone(
     return build_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, **dict(backbone_kwargs or {}))
 
 
-def _head_params(gm: Any, positions: Mapping[str, tuple[str, int, int]]) -> int:
-    from .roles import head
-
-    return sum(sum(p.numel() for p in c.module.parameters()) for c in head(NodeIndex(gm, positions)))
+def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module]] = ()) -> CompileState:
+    """The compiler proper: trace ``bb`` and run one pass per rule, in order. Returns the finished state."""
+    positions = block_positions(bb.module)
+    state = CompileState(trace(bb.module, leaves=leaves), method, positions, bb.input_size)
+    state.head_params = sum(sum(p.numel() for p in c.module.parameters()) for c in head(state.index))
+    for rule in method.rules:
+        PASSES[rule.op](PassContext(state, rule))
+    state.finish()
+    return state
 
 
 def compile(
@@ -66,19 +72,11 @@ def compile(
     overrides = {**dict(params or {}), **param_overrides}
     method = load_spec(spec, overrides)
     bb = resolve_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, backbone_kwargs=backbone_kwargs)
-    module = bb.module
-    canonicalize(module)  # nn.MultiheadAttention -> traceable qkv/proj Linears (same tensors, same function)
-    original_ids = {id(p) for p in module.parameters()}
-    backbone_params = sum(p.numel() for p in module.parameters())
-    positions = block_positions(module)
-    gm = trace(module, leaves=leaves)
-    head_params = _head_params(gm, positions)
-    state = CompileState(gm, method, positions, bb.input_size)
-    for rule in method.rules:
-        PASSES[rule.op](PassContext(state, rule))
-    state.finish()
-    report = build_report(method.name, bb.id, backbone_params, head_params, original_ids, gm, state.ledger)
+    canonicalize(bb.module)  # nn.MultiheadAttention -> traceable qkv/proj Linears (same tensors, same function)
+    original_ids = {id(p) for p in bb.module.parameters()}
+    backbone_params = sum(p.numel() for p in bb.module.parameters())
+    state = rewrite(method, bb, leaves=leaves)
+    report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
                         tuple(sorted((backbone_kwargs or {}).items())))
-    return Compiled(gm, method, info, state.ledger, report)
-
+    return Compiled(state.gm, method, info, state.ledger, report)

@@ -11,6 +11,7 @@ layers (``layer1.0.conv2``), the enclosing module's path plus the function name 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +46,9 @@ def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered not-traceable modules/functions; only when timm is loaded (i.e. a timm model exists)."""
+    if "timm" not in sys.modules:
+        return (), ()
     try:
         from timm.layers import _fx as timm_fx
     except ImportError:  # timm is a dependency, but tracing plain torch models must not need it
@@ -162,7 +166,6 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
     name = type(module).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     assign_names(gm)
-    gm.graph.lint()
     return gm
 
 
