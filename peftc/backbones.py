@@ -9,6 +9,8 @@ so loading never runs code). A hash of the resulting weights identifies the back
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,25 @@ def list_backbones(pattern: str = "", library: str | None = None) -> list[str]:
     return out
 
 
+def _reachable(host: str) -> bool:
+    """Whether ``host`` resolves (a DNS lookup; no connection) — the hub's retries take a minute offline."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _hub_offline() -> None:
+    """Put huggingface_hub in offline mode (its retries take a minute when the network is unreachable)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
 def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if backbone_id.startswith("timm:"):
         import timm
@@ -83,6 +104,8 @@ def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn
             raise BackboneError(
                 f"unknown timm model {name!r}" + did_you_mean(name, timm.list_models(f"*{name[:4]}*") or _timm_names())
             )
+        if pretrained and not _reachable("huggingface.co"):
+            _hub_offline()  # use the local cache if it has the weights; fail fast otherwise
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     import torchvision
 
