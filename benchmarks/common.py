@@ -32,7 +32,7 @@ def summary(samples: list[float]) -> dict[str, float]:
         "median": statistics.median(ordered),
         "min": ordered[0],
         "max": ordered[-1],
-        "p90": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))],
+        "p90": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
         "runs": len(ordered),
     }
 

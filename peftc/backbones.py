@@ -1,4 +1,4 @@
-"""Backbones by name: any torchvision classification model (``resnet50``) or timm model (``timm:deit_small_patch16_224``).
+"""Backbones by name: any torchvision classification model (``resnet50``) or timm model (``timm:deit_small_…``).
 
 Random init is the default and is seeded, so the same id and seed always rebuild bit-identical weights (an
 artifact of a randomly initialised backbone can be loaded again). ``pretrained=True`` asks the library to

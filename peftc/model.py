@@ -110,4 +110,5 @@ class Compiled(nn.Module):
         return load_into(self, directory)
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec.name!r}, backbone={self.backbone.id!r}, tasks={self.tasks}, active={self.active_task!r}"
+        return (f"spec={self.spec.name!r}, backbone={self.backbone.id!r}, tasks={self.tasks}, "
+                f"active={self.active_task!r}")

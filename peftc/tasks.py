@@ -88,7 +88,8 @@ class TaskBank:
 
     def _task(self, name: str) -> _Task:
         if name not in self._tasks:
-            raise TaskError(f"unknown task {name!r}" + did_you_mean(name, self._tasks) + f"; tasks: {', '.join(self._tasks)}")
+            known = ", ".join(self._tasks)
+            raise TaskError(f"unknown task {name!r}" + did_you_mean(name, self._tasks) + f"; tasks: {known}")
         return self._tasks[name]
 
     def _classes_of(self, task: _Task) -> int | None:
@@ -180,5 +181,6 @@ class TaskBank:
             for key, value in tensors.items():
                 target = expected[key]
                 if target.shape != value.shape:
-                    raise TaskError(f"task {name!r}: {key} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
+                    shapes = f"{tuple(value.shape)}, model has {tuple(target.shape)}"
+                    raise TaskError(f"task {name!r}: {key} has shape {shapes}")
                 target.copy_(value)  # in place: the task keeps its own tensor objects

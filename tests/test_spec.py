@@ -161,7 +161,10 @@ def test_include_merges_params_and_rules(tmp_path: Path) -> None:
         params: {k: {type: int, default: 3}}
         rules:
           - freeze: {}
-          - insert: {after: {type: Conv2d, where: "kernel_size != (1, 1)"}, block: channel_conv, args: {kernel_size: $k}}
+          - insert:
+              after: {type: Conv2d, where: "kernel_size != (1, 1)"}
+              block: channel_conv
+              args: {kernel_size: $k}
     """, "base.yaml")
     path = write(tmp_path, """
         name: child

@@ -13,7 +13,9 @@ from peftc.report import Report
 from .app import app
 from .common import console, fmt_int, handle_errors, load_plugins, print_json
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a spec param: name=value (repeatable).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a spec param: name=value (repeatable).")
+]
 PluginOpt = Annotated[Optional[list[str]], typer.Option("--plugin", help="Import a module that registers blocks.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -51,10 +53,10 @@ def render_report(report: Report, title: str) -> None:
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="Spec file or built-in spec name (see `peftc specs`).")],
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="torchvision name or timm:NAME.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact to this directory.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact here.")] = None,
     set_: SetOpt = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Download the library's pretrained weights.")] = False,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file (.safetensors/.pt/.pth).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Download the library's weights.")] = False,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pt/.pth file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random init (when not pretrained).")] = 0,
     plugin: PluginOpt = None,
     json_: JsonOpt = False,
