@@ -5,7 +5,9 @@ No pickles anywhere: the manifest is JSON, tensors are safetensors, and backbone
 ``tasks/<name>/`` and shared tensors under ``shared/`` — never the frozen backbone. Writes are atomic: the new
 artifact is written into a hidden sibling directory and swapped in with renames, so an interrupted save leaves
 the previous artifact intact. Loading rebuilds the backbone, checks its weight hash against the manifest and
-refuses a delta that belongs to another backbone or spec.
+refuses a delta that belongs to another backbone or spec. Tensors a block quantises (``peftc_quant_bits``) are
+stored packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
+(:mod:`peftc.blocks.quant`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .blocks.quant import decode_delta, encode_delta
 from .errors import ArtifactError, PeftcError
 
 __all__ = ["DELTA", "MANIFEST", "load", "load_into", "read_manifest", "save"]
@@ -94,9 +97,11 @@ def save(model: Any, directory: str | Path) -> Path:
     staging = parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
-        tensors = _delta_tensors(model)
+        tensors, quantized = encode_delta(model.net, _delta_tensors(model))  # quantised tensors packed
         save_file(tensors, str(staging / DELTA), metadata={"format": str(FORMAT), "spec": model.spec.name})
         manifest = manifest_for(model, _sha256(staging / DELTA), len(tensors))
+        if quantized:
+            manifest["delta"]["quantized"] = quantized  # key -> bits, shape (peftc.blocks.quant)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
         for f in staging.iterdir():
             with f.open("rb") as handle:
@@ -171,7 +176,8 @@ def _rebuild_backbone(info: dict[str, Any], backbone: Any, weights: str | Path |
     kwargs = dict(info.get("kwargs") or ())
     if info["source"] == "module":
         raise ArtifactError(
-            f"this artifact was compiled on a custom module ({info['id']}); pass it again: peftc.load(dir, backbone=module)"
+            f"this artifact was compiled on a custom module ({info['id']}); "
+            "pass it again: peftc.load(dir, backbone=module)"
         )
     if info["source"] == "weights" or weights is not None:
         path = weights or info["weights_file"]
@@ -227,6 +233,7 @@ def load_into(model: Any, directory: str | Path) -> Any:
 
 
 def _apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    tensors = decode_delta(model.net, tensors, manifest["delta"].get("quantized") or {})
     for task in manifest["tasks"]:
         if task["name"] not in model.bank:
             model.bank.add(task["name"], task["classes"])
@@ -245,7 +252,8 @@ def _apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.
         for task in model.bank.names:
             model.bank.load_task_tensors(task, grouped.get(task, {}))
     except PeftcError as exc:
-        raise ArtifactError(f"{directory}: delta does not fit spec {model.spec.name!r} on {model.backbone.id}: {exc}") from None
+        fits = f"spec {model.spec.name!r} on {model.backbone.id}"
+        raise ArtifactError(f"{directory}: delta does not fit {fits}: {exc}") from None
     expected = model.shared_state()
     if set(expected) != set(shared):
         diff = sorted(set(expected) ^ set(shared))
@@ -253,6 +261,7 @@ def _apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.
     with torch.no_grad():
         for key, value in shared.items():
             if expected[key].shape != value.shape:
-                raise ArtifactError(f"{directory}: {key} has shape {tuple(value.shape)}, model has {tuple(expected[key].shape)}")
+                have = tuple(expected[key].shape)
+                raise ArtifactError(f"{directory}: {key} has shape {tuple(value.shape)}, model has {have}")
             expected[key].copy_(value)
     model.set_task(manifest["active_task"])

@@ -35,6 +35,8 @@ class Report:
     task_buffers: int
     task_head_params: int
     rules: tuple[RuleSummary, ...] = field(default=())
+    delta_bytes: int = 0  # one task's artifact delta as stored (quantised tensors packed), heads included
+    delta_head_bytes: int = 0  # of which per-task heads
 
     @property
     def backbone_body_params(self) -> int:
@@ -56,6 +58,7 @@ class Report:
         out["task_state_without_head"] = self.task_state_without_head
         out["trainable_percent"] = round(self.percent(self.trainable_params, "all"), 4)
         out["task_state_percent_of_body"] = round(self.percent(self.task_state_without_head), 4)
+        out["delta_bytes_without_head"] = self.delta_bytes - self.delta_head_bytes
         return out
 
 
@@ -87,6 +90,7 @@ def build_report(
         entry = per_rule.setdefault(mslot.rule, {"task_params": 0, "task_buffers": 0})
         entry["task_params"] += n
         head_task += n
+    delta_bytes, delta_head_bytes = _delta_bytes(model, ledger, params, buffers)
     rules = []
     for label in dict.fromkeys(r.rule for r in ledger.rewrites):
         rows = [r for r in ledger.rewrites if r.rule == label]
@@ -97,7 +101,7 @@ def build_report(
                 op=rows[0].action,
                 nodes=len({r.node for r in rows}),
                 added_params=sum(int(r.detail.get("params", 0)) for r in rows
-                                 if r.action in ("insert", "parallel", "replace")
+                                 if r.action in ("insert", "parallel", "replace", "tie")
                                  or (r.action == "head" and not r.detail.get("reused"))),
                 removed_params=sum(int(r.detail.get("removed", 0)) for r in rows),
                 task_params=counts.get("task_params", 0),
@@ -117,4 +121,29 @@ def build_report(
         task_buffers=sum(v["task_buffers"] for v in per_rule.values()),
         task_head_params=head_task,
         rules=tuple(rules),
+        delta_bytes=delta_bytes,
+        delta_head_bytes=delta_head_bytes,
     )
+
+
+def _delta_bytes(
+    model: nn.Module, ledger: Ledger, params: dict[str, Any], buffers: dict[str, Any]
+) -> tuple[int, int]:
+    """Bytes of one task's saved delta (trained, per-task and updating tensors; quantised ones packed) and how
+    many of them are per-task heads."""
+    from peftc.blocks.quant import stored_nbytes
+
+    names = {n for n, p in params.items() if p.requires_grad} | set(ledger.updating_buffers)
+    names |= {s.name for s in ledger.tensor_slots.values()}
+    heads = tuple(f"{path}." for path in ledger.module_slots)
+    for path in ledger.module_slots:
+        names |= {f"{path}.{k}" for k in model.get_submodule(path).state_dict()}
+    total = head = 0
+    for name in names:
+        tensor = params.get(name, buffers.get(name))
+        if tensor is None:
+            continue
+        size = stored_nbytes(model, name, tensor)
+        total += size
+        head += size if name.startswith(heads) else 0
+    return total, head
