@@ -14,6 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# importing the function binds ``peftc.diff`` to it, not to the module of the same name
+from .diff import diff
 from .errors import PeftcError  # noqa: E402
 from .spec import load_spec  # noqa: E402
 
@@ -32,4 +34,4 @@ def load(*args: Any, **kwargs: Any) -> Any:
     return _load(*args, **kwargs)
 
 
-__all__ = ["PeftcError", "__version__", "compile", "load", "load_spec"]
+__all__ = ["PeftcError", "__version__", "compile", "diff", "load", "load_spec"]

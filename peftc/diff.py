@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from .errors import ArtifactError, PeftcError
+from .errors import ArtifactError, Location, PeftcError
 from .render.fold import Fold, fold
 from .select import NodeIndex, block_positions, select
 from .shapes import (
@@ -643,6 +643,7 @@ def parse_selector(text: str, where: str = "--filter") -> Selector:
         loc = ".".join(str(p) for p in err["loc"] if p not in ("str", "list[str]", "int", "list[int]"))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
+            loc = ""
             from .errors import did_you_mean
 
             key = str(err["loc"][-1])
@@ -681,7 +682,8 @@ def inspect_nodes(
     index = NodeIndex(gm, positions)
     if isinstance(selector, str):
         selector = parse_selector(selector)
-    chosen = list(index) if selector is None else select(selector, index)
+    locate = lambda key: Location(path=("--filter", *key))  # noqa: E731
+    chosen = list(index) if selector is None else select(selector, index, locate)
     roles: dict[fx.Node, list[str]] = defaultdict(list)
     for role in role_names():
         for cand in select(Selector(role=role, optional=True), index):
@@ -777,14 +779,15 @@ def dry_run(
                     found = select(sel, index, lambda k, r=rule, p=path: method.locate((*r.path, *p, *k)))
             except SpecError as exc:
                 found, error = [], str(exc)
+            unique = list({c.name: c for c in found}.values())  # a module called twice is one match
             out.append(
                 RuleMatch(
                     rule.label,
                     rule.op,
                     key,
                     sel.describe() if not _selects_all(sel) else "all",
-                    tuple(c.name for c in found),
-                    tuple(c.type_name for c in found),
+                    tuple(c.name for c in unique),
+                    tuple(c.type_name for c in unique),
                     error,
                     sel.optional,
                 )
