@@ -34,4 +34,11 @@ def load(*args: Any, **kwargs: Any) -> Any:
     return _load(*args, **kwargs)
 
 
-__all__ = ["PeftcError", "__version__", "compile", "diff", "load", "load_spec"]
+def export_onnx(*args: Any, **kwargs: Any) -> Any:
+    """Export a compiled model or artifact to ONNX, verified by ONNX Runtime; see :func:`peftc.export.export_onnx`."""
+    from .export import export_onnx as _export_onnx
+
+    return _export_onnx(*args, **kwargs)
+
+
+__all__ = ["PeftcError", "__version__", "compile", "diff", "export_onnx", "load", "load_spec"]

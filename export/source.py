@@ -1,0 +1,128 @@
+"""What a backend deploys: a compiled model (given, or loaded from an artifact), prepared for one task or all.
+
+Every backend starts here, so every backend agrees on what "the model for task T" is: a deep copy of the
+compiled model switched to T, folded unless asked not to, in eval mode with frozen parameters — and the eager,
+unfolded model it must match (the reference the exporters check parity against).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+from .fold import FoldReport, fold
+
+__all__ = ["Deployable", "prepare", "resolve_model"]
+
+
+def resolve_model(model_or_dir: Any) -> Any:
+    """A compiled model: the one given, or the one an artifact directory holds (``peftc.load``)."""
+    from peftc.model import Compiled
+
+    if isinstance(model_or_dir, Compiled):
+        return model_or_dir
+    if isinstance(model_or_dir, (str, Path)):
+        from peftc.artifact import load
+
+        return load(model_or_dir)  # ArtifactError names a directory that is not an artifact
+    raise ExportError(f"expected a compiled peftc model or an artifact directory, got {type(model_or_dir).__name__}")
+
+
+@dataclass
+class Deployable:
+    """A module ready for a backend, the inputs it takes, and the eager reference it must reproduce."""
+
+    module: nn.Module
+    input_size: tuple[int, int, int]
+    task: str | None  # None when all tasks are served (a ``task`` input selects per sample)
+    tasks: list[str]
+    classes: list[int | None]
+    reference: Callable[..., torch.Tensor]
+    fold: FoldReport | None
+    spec: str
+    backbone: str
+
+    @property
+    def all_tasks(self) -> bool:
+        return self.task is None
+
+    def example(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """A seeded random input batch (with a task id per sample, cycling through tasks, when all tasks)."""
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, *self.input_size, generator=gen)
+        if self.all_tasks:
+            return x, torch.arange(batch, dtype=torch.int64) % len(self.tasks)
+        return (x,)
+
+
+def prepare(
+    model: Any,
+    *,
+    task: str | None = None,
+    fold_weights: bool = True,
+    all_tasks: bool = False,
+    image_size: tuple[int, int] | None = None,
+) -> Deployable:
+    """The module a backend should run for ``task`` (default: the active one) or for all tasks at once."""
+    if all_tasks and task is not None:
+        raise ExportError("give either a task or all tasks, not both")
+    channels, height, width = model.backbone.input_size
+    if image_size is not None:
+        height, width = (int(v) for v in image_size)
+        if height < 1 or width < 1:
+            raise ExportError(f"image size must be positive, got {height}x{width}")
+    size = (int(channels), int(height), int(width))
+    reference_model = copy.deepcopy(model).eval()
+    info = {"spec": model.spec.name, "backbone": model.backbone.id, "input_size": size, "tasks": list(model.tasks),
+            "classes": [model.bank.classes(t) for t in model.tasks]}
+    if all_tasks:
+        from .multitask import all_tasks_graph
+
+        routed = all_tasks_graph(model)
+        return Deployable(routed.module, task=None, reference=_per_sample(reference_model), fold=None, **info)
+    if task is not None:
+        reference_model.set_task(task)  # TaskError lists the known tasks
+    active = reference_model.active_task
+    if fold_weights:
+        folded = fold(model, task=active)
+        module, report = folded.module, folded.report
+    else:
+        module, report = copy.deepcopy(reference_model.net).eval(), None
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return Deployable(module, task=active, reference=_no_grad(reference_model), fold=report, **info)
+
+
+def _no_grad(model: nn.Module) -> Callable[..., torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def _per_sample(model: Any) -> Callable[..., torch.Tensor]:
+    """The eager all-tasks reference: each sample through ``set_task(its task)``, heads padded with -inf."""
+
+    def run(x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        outs = []
+        with torch.no_grad():
+            for name in model.tasks:
+                model.set_task(name)
+                outs.append(model(x))
+        width = max(o.shape[-1] for o in outs)
+        result = torch.full((x.shape[0], width), float("nan"))
+        for row, t in enumerate(task.tolist()):
+            if 0 <= t < len(outs):
+                result[row] = float("-inf")
+                result[row, : outs[t].shape[-1]] = outs[t][row]
+        return result
+
+    return run
