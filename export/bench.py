@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Timing", "measure"]
+__all__ = ["Timing", "measure", "measure_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,26 @@ def measure(call: Callable[[], Any], *, batch: int, runs: int = 20, warmup: int 
     ordered = sorted(times)
     return Timing(batch=batch, runs=runs, median_ms=statistics.median(ordered), p90_ms=_percentile(ordered, 0.9),
                   mean_ms=statistics.fmean(ordered), min_ms=ordered[0])
+
+
+def measure_interleaved(calls: dict[str, Callable[[], Any]], *, batch: int, runs: int = 10,
+                        warmup: int = 2) -> dict[str, Timing]:
+    """Time several callables round-robin (one call of each per round), so drifting machine load — other
+    processes, thermal state — hits every candidate alike and their ratios stay meaningful."""
+    if runs < 1:
+        raise ValueError("runs must be >= 1")
+    for _ in range(max(0, warmup)):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - start) * 1000.0)
+    out = {}
+    for name, times in samples.items():
+        ordered = sorted(times)
+        out[name] = Timing(batch=batch, runs=runs, median_ms=statistics.median(ordered),
+                           p90_ms=_percentile(ordered, 0.9), mean_ms=statistics.fmean(ordered), min_ms=ordered[0])
+    return out

@@ -107,7 +107,6 @@ def compile_module(
     module.eval()
     attempts = (True, False) if fullgraph else (False,)
     for whole in attempts:
-        torch._dynamo.reset()
         fn = torch.compile(module, mode=mode, fullgraph=whole, dynamic=None)
         runner = CompiledRunner(fn, mode, whole, 0.0)
         start = time.perf_counter()
