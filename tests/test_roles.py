@@ -110,6 +110,21 @@ def test_cnn_plays_no_transformer_role() -> None:
         peftc.compile({"name": "x", "rules": [{"train": {"role": "qkv"}}]}, "resnet18")
 
 
+def test_roles_look_through_peftc_bypasses() -> None:
+    spec = {"name": "x", "rules": [
+        {"freeze": {}},
+        {"parallel": {"to": {"role": "qkv"}, "block": "lora", "args": {"rank": 2}}},
+        {"parallel": {"to": {"role": "attn_out"}, "from": {"role": "attn_proj"}, "block": "lora",
+                      "args": {"rank": 2}, "scale": 0.5}},
+    ]}
+    model = peftc.compile(spec, "timm:vit_tiny_patch16_224")
+    assert _names(model, "qkv") == [f"blocks.{i}.attn.qkv" for i in range(12)]
+    assert _names(model, "attn_out") == [f"blocks.{i}.drop_path1" for i in range(12)]
+    assert _names(model, "attn_residual") == [f"blocks.{i}.add" for i in range(12)]
+    assert _names(model, "attn_proj") == [f"blocks.{i}.attn.proj" for i in range(12)]
+    assert _names(model, "mlp_norm") == [f"blocks.{i}.norm2" for i in range(12)]
+
+
 def test_unknown_role_is_a_spec_error() -> None:
     with pytest.raises(peftc.PeftcError, match=r"unknown role 'qvk'.*did you mean 'qkv'"):
         peftc.compile({"name": "x", "rules": [{"train": {"role": "qvk"}}]}, "timm:vit_tiny_patch16_224")
