@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from .base import CompileState, Ledger, ModuleSlot, PassContext, Rewrite, TensorSlot
 from .insert import insert
+from .merge_tokens import merge_tokens
 from .ownership import freeze, train
 from .parallel import parallel
 from .replace import head, replace
@@ -17,6 +18,7 @@ PASSES: dict[str, Callable[[PassContext], None]] = {
     "parallel": parallel,
     "replace": replace,
     "head": head,
+    "merge_tokens": merge_tokens,
 }
 
 __all__ = ["PASSES", "CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot"]
