@@ -106,7 +106,13 @@ class Change:
         return {"name": self.name, "rule": self.rule, **self.data}
 
     def fold_payload(self) -> dict[str, Any]:
-        """What must be equal for two changes in repeated blocks to fold (shapes and FLOPs may differ)."""
+        """What must be equal for two changes in repeated blocks to fold.
+
+        Shapes and FLOPs may differ between members (a stage's first block downsamples); a reshape folds when
+        the same dimensions change (token merging leaves fewer tokens in each later block).
+        """
+        if self.kind == "reshaped":
+            return {"rule": self.rule, "a": self.data["a"], "b": _wildcard(self.data["a"], self.data["b"])}
         data = {k: v for k, v in self.data.items() if k not in ("shape", "flops")}
         for side in ("a", "b"):
             if self.kind == "replaced" and isinstance(data.get(side), Mapping):
@@ -114,9 +120,19 @@ class Change:
         return {"rule": self.rule, **data}
 
 
-def _clusters(names: Sequence[str]) -> dict[str, list[str]]:
-    """Group new (or gone) nodes under the shortest such name prefixing them: ``x.lora`` + ``x.lora.add``."""
-    pool = set(names)
+def _wildcard(a: Any, b: Any) -> Any:
+    """``b`` with every dimension that differs from ``a`` replaced by ``*``."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [_wildcard(x, y) for x, y in zip(a, b)]
+    if isinstance(a, int) and isinstance(b, int):
+        return b if a == b else "*"
+    return b
+
+
+def _clusters(names: Sequence[str], sites: Iterable[str] = ()) -> dict[str, list[str]]:
+    """Group new (or gone) nodes by site: under the shortest new name or inserted module path that prefixes
+    them (``x.lora`` + ``x.lora.add``; a tie's scalars ``layer1.1.tie.a`` and ``.b`` under ``layer1.1.tie``)."""
+    pool = set(names) | set(sites)
     out: dict[str, list[str]] = {}
     for name in names:
         parts = name.split("#")[0].split(".")
@@ -127,20 +143,23 @@ def _clusters(names: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _anchor(root: str, view: GraphView) -> tuple[str | None, str | None]:
+def _anchor(root: str, info: NodeInfo, view: GraphView) -> tuple[str | None, str | None]:
+    """The node a new module hangs off: its insertion site, else the module it was added under."""
     site = view.sites.get(root)
     if site is not None:
         return site.anchor, site.action
     parent = root.rpartition(".")[0]
-    return (parent, None) if parent in view.nodes else (None, None)
+    if info.op == "call_module" and parent in view.nodes and view.nodes[parent].op == "call_module":
+        return parent, None
+    return None, None
 
 
 def _node_set_change(kind: str, root: str, members: list[str], view: GraphView) -> Change:
-    info = view.nodes[root]
+    info = view.nodes.get(root) or view.nodes[members[0]]
     infos = [view.nodes[m] for m in members]
     data: dict[str, Any] = {}
     if kind == "added":
-        anchor, action = _anchor(root, view)
+        anchor, action = _anchor(root, info, view)
         data.update(anchor=anchor, action=action)
     states: dict[str, int] = {}
     for i in infos:
@@ -202,9 +221,9 @@ def compare(a: GraphView, b: GraphView) -> GraphDiff:
     changes: dict[str, list[Change]] = {k: [] for k in KINDS}
     added = [n for n in b.nodes if n not in a.nodes]
     removed = [n for n in a.nodes if n not in b.nodes]
-    for root, members in _clusters(added).items():
+    for root, members in _clusters(added, b.sites).items():
         changes["added"].append(_node_set_change("added", root, members, b))
-    for root, members in _clusters(removed).items():
+    for root, members in _clusters(removed, a.sites).items():
         changes["removed"].append(_node_set_change("removed", root, members, a))
     for name, nb in b.nodes.items():
         na = a.nodes.get(name)

@@ -431,21 +431,26 @@ class _Ownership:
         return "trainable" if ledger is not None and full in ledger.updating_buffers else "frozen"
 
     def by_owner(self, module_targets: set[str], attr_targets: set[str]) -> dict[str, list[TensorInfo]]:
-        """Owner target → its tensors; the owner is the node whose module path is the longest prefix."""
+        """Owner target → its tensors.
+
+        A tensor belongs to the called module whose path is its longest prefix, else to the ``get_attr`` node
+        reading it (``cls_token``). A ``get_attr`` node that reads a tensor some module owns, and a module
+        holding a reference to a tensor that lives elsewhere, see it as ``tied`` to its owner.
+        """
         out: dict[str, list[TensorInfo]] = defaultdict(list)
         for tid, occ in self.occurrences.items():
             canonical = self.canonical[tid]
             for full, tensor, is_param in occ:
                 owner, local = _owner_of(full, module_targets, attr_targets)
-                if owner is None:
-                    continue
                 kind = "param" if is_param else "buffer"
-                if full != canonical:
-                    out[owner].append(TensorInfo(local, kind, tensor.numel(), "tied", canonical))
-                else:
-                    out[owner].append(
-                        TensorInfo(local, kind, tensor.numel(), self.state(full, tensor, is_param))
-                    )
+                if owner is not None:
+                    if full != canonical:
+                        out[owner].append(TensorInfo(local, kind, tensor.numel(), "tied", canonical))
+                    else:
+                        state = self.state(full, tensor, is_param)
+                        out[owner].append(TensorInfo(local, kind, tensor.numel(), state))
+                if full in attr_targets and owner != full:
+                    out[full].append(TensorInfo(full.rsplit(".", 1)[-1], kind, tensor.numel(), "tied", canonical))
         return out
 
     def totals(self) -> dict[str, int]:
@@ -468,12 +473,16 @@ class _Ownership:
 
 
 def _owner_of(full: str, module_targets: set[str], attr_targets: set[str]) -> tuple[str | None, str]:
-    if full in attr_targets:
-        return full, full.rsplit(".", 1)[-1]
     parts = full.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:cut])
-        if prefix in module_targets or prefix in attr_targets:
+        if prefix in module_targets:
+            return prefix, ".".join(parts[cut:])
+    if full in attr_targets:
+        return full, parts[-1]
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in attr_targets:
             return prefix, ".".join(parts[cut:])
     return None, full
 
@@ -489,7 +498,8 @@ def _ledger_facts(ledger: Ledger | None) -> tuple[dict[str, Site], dict[str, str
             sites[module] = Site(module, r.node, r.rule, r.action)
         if r.action == "replace" or (r.action == "head" and not r.detail.get("reused", False)):
             replaced[r.node] = r.rule
-        last_rule[r.node] = r.rule
+        if not isinstance(module, str) or module == r.node:  # an insertion is not a change to its anchor
+            last_rule[r.node] = r.rule
     return sites, last_rule, replaced
 
 

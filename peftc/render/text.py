@@ -25,7 +25,7 @@ from .fold import Fold
 if TYPE_CHECKING:
     from ..diff import Change, GraphDiff
 
-__all__ = ["SECTIONS", "build_tree", "render_text"]
+__all__ = ["MAX_LINES", "SECTIONS", "build_tree", "render_text"]
 
 # kind → (marker, colour, title)
 SECTIONS: dict[str, tuple[str, str, str]] = {
@@ -36,6 +36,7 @@ SECTIONS: dict[str, tuple[str, str, str]] = {
     "reshaped": ("⇅", "magenta", "reshaped"),
     "ownership": ("●", "cyan", "ownership"),
 }
+MAX_LINES = 40  # per section; JSON has everything
 _STATE_COLOURS = {"frozen": "dim", "trainable": "blue", "task": "magenta", "tied": "yellow"}
 
 
@@ -94,37 +95,54 @@ def _removed(f: Fold[Change]) -> str:
 
 def _replaced(f: Fold[Change]) -> str:
     a, b = f.first.data["a"], f.first.data["b"]
-    if a["type"] == b["type"]:
+    if (a["type"], a["config"]) == (b["type"], b["config"]):
+        what = f"new [yellow]{escape(b['type'])}({escape(b['config'])})[/]"  # rebuilt, same shape
+    elif a["type"] == b["type"]:
         old, new = f"{a['type']}({a['config']})", f"{b['type']}({b['config']})"
         what = f"{escape(old)} ⇒ [yellow]{escape(new)}[/]"
     else:
         what = f"{escape(a['type'])} ⇒ [yellow]{escape(b['type'])}[/]"
-    params = f"{_n(a['params'])} → {_n(b['params'])} params"
+    states = ""
+    if a["state"] != b["state"]:
+        states = f", {'+'.join(map(_state, a['state'])) or 'none'} → {'+'.join(map(_state, b['state'])) or 'none'}"
+    params = f"{_n(a['params'])} → {_n(b['params'])} params{states}"
     rule = f"  [dim]{escape(f.first.rule)}[/]" if f.first.rule else ""
     return f"{escape(f.pattern)}: {what} {_times(f, params)}{rule}"
 
 
 def _rewired(f: Fold[Change]) -> str:
     d = f.first.data
-    now = ", ".join(escape(f.expand(x)) for x in d["b"]) or "nothing"
-    was = ", ".join(escape(f.expand(x)) for x in d["a"]) or "nothing"
-    return f"{escape(f.pattern)} ← [blue]{now}[/] (was {was}) {_times(f)}".rstrip()
+    new = [x for x in d["b"] if x not in d["a"]]
+    gone = [x for x in d["a"] if x not in d["b"]]
+    if not new and not gone:  # the same inputs in another order
+        new, gone = d["b"], d["a"]
+    now = ", ".join(escape(f.expand(x)) for x in new) or "nothing new"
+    was = f"(was {', '.join(escape(f.expand(x)) for x in gone)})" if gone else "(a new input)"
+    return f"{escape(f.pattern)} ← [blue]{now}[/] {was} {_times(f)}".rstrip()
 
 
 def _reshaped(f: Fold[Change]) -> str:
-    d = f.first.data
-    return (
-        f"{escape(f.pattern)}: {format_shape(_shape(d['a']))} → [magenta]{format_shape(_shape(d['b']))}[/] "
-        f"{_times(f)}".rstrip()
-    )
+    first = f.first.data
+    after = _spread([m.data["b"] for m in f.members]) if f.count > 1 else _dims(first["b"])
+    return f"{escape(f.pattern)}: {_dims(first['a'])} → [magenta]{after}[/] {_times(f)}".rstrip()
 
 
-def _shape(value: Any) -> Any:
-    if value is None:
-        return None
-    if value and isinstance(value[0], list):
-        return [_shape(v) for v in value]
-    return tuple(value)
+def _dims(shape: Any) -> str:
+    if shape is None:
+        return "-"
+    if shape and isinstance(shape[0], list):
+        return "(" + ", ".join(_dims(s) for s in shape) + ")"
+    return "×".join(map(str, shape))
+
+
+def _spread(shapes: list[Any]) -> str:
+    """Shapes of folded members, each varying dimension as ``first…last``: ``1×184…41×192``."""
+    first, last = shapes[0], shapes[-1]
+    if first is None or last is None or len(first) != len(last):
+        return _dims(first)
+    if first and isinstance(first[0], list):
+        return "(" + ", ".join(_spread([s[i] for s in shapes]) for i in range(len(first))) + ")"
+    return "×".join(str(x) if x == y else f"{x}…{y}" for x, y in zip(first, last))
 
 
 def _ownership(f: Fold[Change]) -> str:
@@ -202,8 +220,11 @@ def build_tree(d: GraphDiff) -> Tree:
         if not d.changes[kind]:
             continue
         branch = root.add(_section_title(kind, d))
-        for f in d.folded(kind):
+        folds = d.folded(kind)
+        for f in folds[:MAX_LINES]:
             branch.add(_LINES[kind](f))
+        if len(folds) > MAX_LINES:
+            branch.add(f"[dim]… {len(folds) - MAX_LINES} more lines (--format json lists every change)[/]")
     if d.tensors is not None:
         t = d.tensors
         branch = root.add(
