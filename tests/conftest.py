@@ -16,6 +16,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="Rewrite the reference files under tests/golden/ instead of comparing with them "
+                          "(also: PEFTC_UPDATE_GOLDEN=1). Never done silently.")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    """True when golden files should be regenerated (``pytest --update-golden`` or ``PEFTC_UPDATE_GOLDEN=1``)."""
+    return bool(request.config.getoption("--update-golden") or os.environ.get("PEFTC_UPDATE_GOLDEN") == "1")
+
+
 def synthetic_task(classes: int = 3, n: int = 24, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A learnable toy task: each class is a different mean colour plus noise."""
     gen = torch.Generator().manual_seed(seed)
