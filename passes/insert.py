@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peftc.blocks import get_block
 
-from .base import PassContext, count_params
+from .base import PassContext
 
 
 def insert(ctx: PassContext) -> None:
@@ -18,7 +18,7 @@ def insert(ctx: PassContext) -> None:
             raise ctx.error(f"{cand.name!r} has no input to insert before", side)
         block = ctx.build_block(cand)
         path = ctx.module_path_for(cand, suffix)
-        ctx.add_block(path, block)
+        added = ctx.add_block(path, block)
         if side == "after":
             with graph.inserting_after(node):
                 new = graph.call_module(path, (node,))
@@ -29,5 +29,5 @@ def insert(ctx: PassContext) -> None:
                 new = graph.call_module(path, (source,))
             node.replace_input_with(source, new)
         new.meta.update(peftc_name=path, peftc_rule=ctx.rule.label)
-        ctx.record("insert", cand.name, side=side, block=args.block, module=path, params=count_params(block))
+        ctx.record("insert", cand.name, side=side, block=args.block, module=path, params=added)
     ctx.state.graph_changed()

@@ -14,7 +14,7 @@ from torch import fx
 
 from peftc.blocks import get_block
 
-from .base import PassContext, count_params
+from .base import PassContext
 
 
 def _source(ctx: PassContext, node: fx.Node, name: str) -> fx.Node:
@@ -52,7 +52,7 @@ def parallel(ctx: PassContext) -> None:
             raise ctx.error(f"{reader.name!r} comes after {cand.name!r}: a bypass cannot read the future", "from")
         block = ctx.build_block(reader)
         path = ctx.module_path_for(cand, suffix)
-        ctx.add_block(path, block)
+        added = ctx.add_block(path, block)
         node = cand.node
         with graph.inserting_after(node):
             branch = graph.call_module(path, (src,))
@@ -67,5 +67,5 @@ def parallel(ctx: PassContext) -> None:
                 total.meta.update(peftc_name=f"{path}.add", peftc_rule=ctx.rule.label)
         node.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
         ctx.record("parallel", cand.name, block=args.block, module=path, reads=reader.name, port=args.read,
-                   scale=args.scale, params=count_params(block))
+                   scale=args.scale, params=added)
     ctx.state.graph_changed()

@@ -120,6 +120,11 @@ def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn
 
 
 def _input_size(module: nn.Module, backbone_id: str) -> tuple[int, int, int]:
+    embed = getattr(module, "patch_embed", None)  # a timm ViT built with img_size=N: its cfg still says 224
+    built = getattr(embed, "img_size", None)
+    channels = getattr(getattr(embed, "proj", None), "in_channels", 3)
+    if isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(s, int) for s in built):
+        return (int(channels), int(built[0]), int(built[1]))
     cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return tuple(cfg["input_size"])  # type: ignore[return-value]

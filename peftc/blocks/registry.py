@@ -41,6 +41,10 @@ class Site:
     module: nn.Module | None
     shapes: Callable[[fx.Node], torch.Size | None] = field(repr=False, default=lambda node: None)
     extras: dict[str, Any] = field(default_factory=dict)
+    block: tuple[str, int, int] | None = None  # (container, index, count) of the repeated block around it
+    # State one block type keeps across all its sites in one compilation (FacT's U and V, shared by every
+    # layer): a factory that finds its part here returns the same submodule, so the tensor exists once.
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def shape(self, port: str = "output") -> torch.Size | None:
         """The example tensor shape at this node's output (``port='output'``) or its first input."""

@@ -1,0 +1,58 @@
+"""ViT backbones shared by the transformer-method tests, built once per test session.
+
+Building a randomly initialised ViT-B costs seconds on a small CPU; compiling from a module deep-copies it, so
+one build serves every test (``peftc.compile`` never modifies the module it is given).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from peftc.backbones import Backbone, build_backbone
+
+# The four ViTs every transformer spec must compile on without edits.
+VITS = ("vit_b_16", "timm:vit_base_patch16_224", "timm:deit_small_patch16_224", "timm:vit_tiny_patch16_224")
+# Where identity at init is checked with a real forward pass (one 224x224 image each).
+IDENTITY_VITS = ("timm:vit_tiny_patch16_224", "timm:deit_small_patch16_224", "vit_b_16")
+
+
+@cache
+def backbone(name: str, **kwargs: object) -> Backbone:
+    return build_backbone(name, **kwargs)
+
+
+@cache
+def image(size: int = 224, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(123))
+
+
+@cache
+def reference_output(name: str) -> torch.Tensor:
+    """The untouched backbone's output on :func:`image`."""
+    with torch.no_grad():
+        return backbone(name).module.eval()(image())
+
+
+def vit_b_skeleton() -> Backbone:
+    """A fresh timm ViT-B/16 with all-zero weights, for counts and sizes that need construction only.
+
+    Built on the meta device and materialised as zeros: no random init, no hashing, no copy — a few times
+    cheaper than a real build. Passed to ``peftc.compile`` as a Backbone, it is rewritten in place, so every
+    call returns a new one.
+    """
+    import timm
+
+    with torch.device("meta"):
+        module = timm.create_model("vit_base_patch16_224")
+    module = module.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            tensor.zero_()
+    return Backbone("timm:vit_base_patch16_224", module, "module", None, None, (3, 224, 224), "zeros")
+
+
+def small_vit(name: str = "timm:vit_tiny_patch16_224", size: int = 64) -> Backbone:
+    """A timm ViT built for ``size``×``size`` inputs (a 4×4 patch grid at 64): cheap to train in tests."""
+    return backbone(name, img_size=size)
