@@ -8,6 +8,9 @@ from the most recently added task (``inherit``).
 
 Blocks that must see every task at once (per-sample task routing) implement ``peftc_add_task(name, source)``
 and ``peftc_set_task(name)``; the bank calls them alongside its own bookkeeping.
+A block whose per-task tensors must start from something else than a copy (orthogonal task keys: each new
+task's key is the next orthogonal direction) implements ``peftc_init_task(name, tensors)``: it receives the new
+task's own tensors of that module, by attribute name, and fills them in place.
 """
 
 from __future__ import annotations
@@ -126,8 +129,20 @@ class TaskBank:
             task.modules[path] = copy.deepcopy(template) if same else mslot.make(num_classes, template)
         task.classes = self._classes_of(task)
         self._tasks[name] = task
+        self._init_task(name, task)
         for module in self._aware():
             module.peftc_add_task(name, previous_name)
+
+    def _init_task(self, name: str, task: _Task) -> None:
+        """Let blocks with ``peftc_init_task`` fill a new task's tensors (see the module docstring)."""
+        for path, module in self.root.named_modules():
+            init = getattr(module, "peftc_init_task", None)
+            if not callable(init):
+                continue
+            prefix = f"{path}." if path else ""
+            own = {key[len(prefix):]: tensor for key, tensor in task.tensors.items()
+                   if key.startswith(prefix) and "." not in key[len(prefix):]}
+            init(name, own)
 
     def remove(self, name: str) -> None:
         self._task(name)

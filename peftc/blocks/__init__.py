@@ -1,6 +1,6 @@
 """Blocks: the modules graph primitives put into a backbone. Importing this package registers peftc's own."""
 
-from . import adapter, channel_conv, convpass, fact, linear, lora  # noqa: F401  (registration side effects)
+from . import adapter, channel_conv, convpass, fact, linear, ln_bank, lora  # noqa: F401  (registration side effects)
 from .registry import BlockArgs, BlockType, Site, block_names, get_block, load_plugin, register_block
 
 __all__ = ["BlockArgs", "BlockType", "Site", "block_names", "get_block", "load_plugin", "register_block"]
