@@ -111,6 +111,16 @@ def test_counts_equal_hf_peft() -> None:
     ours = peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=ALL).report.added_params
     assert ours == theirs == 294_912
 
+    def small_tv_vit() -> nn.Module:  # torchvision's ViT (nn.MultiheadAttention), two small layers
+        torch.manual_seed(0)
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                                    hidden_dim=64, mlp_dim=128).eval()
+
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["self_attention"])
+    theirs, _ = peft.get_peft_model(small_tv_vit(), config).get_nb_trainable_parameters()
+    ours = peftc.compile("lora", small_tv_vit(), targets=["qkv", "proj"], rank=4).report.added_params
+    assert ours == theirs == 2 * 4 * (64 + 192 + 64 + 64)
+
     cnn = torchvision.models.resnet18()
     config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=r".*conv\d|.*downsample\.0|conv1")
     theirs, _ = peft.get_peft_model(cnn, config).get_nb_trainable_parameters()
