@@ -10,6 +10,7 @@ from .merge_tokens import merge_tokens
 from .ownership import freeze, train
 from .parallel import parallel
 from .replace import head, replace
+from .tie import tie
 
 PASSES: dict[str, Callable[[PassContext], None]] = {
     "freeze": freeze,
@@ -19,6 +20,7 @@ PASSES: dict[str, Callable[[PassContext], None]] = {
     "replace": replace,
     "head": head,
     "merge_tokens": merge_tokens,
+    "tie": tie,
 }
 
 __all__ = ["PASSES", "CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot"]

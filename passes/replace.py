@@ -35,8 +35,9 @@ def replace(ctx: PassContext) -> None:
             if not any(p is q for q in cand.module.parameters()):
                 p.requires_grad_(ctx.args.trainable)
         ctx.own(path, block)
-        ctx.record("replace", cand.name, block=ctx.args.block, module=path, params=count_params(block),
-                   removed=removed)
+        kept = {id(q) for q in cand.module.parameters()}  # a block may reuse the original's tensors
+        added = sum(p.numel() for p in block.parameters() if id(p) not in kept)
+        ctx.record("replace", cand.name, block=ctx.args.block, module=path, params=added, removed=removed)
 
 
 def head(ctx: PassContext) -> None:

@@ -16,6 +16,7 @@ from .canonical import canonicalize
 from .model import BackboneInfo, Compiled
 from .report import build_report
 from .roles import head
+from .schedule import build_schedule
 from .select import block_positions
 from .spec import MethodSpec, load_spec
 from .trace import trace
@@ -79,4 +80,4 @@ def compile(
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
                         tuple(sorted((backbone_kwargs or {}).items())))
-    return Compiled(state.gm, method, info, state.ledger, report)
+    return Compiled(state.gm, method, info, state.ledger, report, schedule=build_schedule(state))

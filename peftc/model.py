@@ -13,6 +13,7 @@ from torch import fx, nn
 from peftc.passes import Ledger
 
 from .report import Report
+from .schedule import PhaseChange, Schedule
 from .spec import MethodSpec
 from .tasks import TaskBank
 
@@ -40,7 +41,8 @@ class Compiled(nn.Module):
     eval mode, so frozen buffers never drift.
     """
 
-    def __init__(self, net: fx.GraphModule, spec: MethodSpec, backbone: BackboneInfo, ledger: Ledger, report: Report):
+    def __init__(self, net: fx.GraphModule, spec: MethodSpec, backbone: BackboneInfo, ledger: Ledger, report: Report,
+                 schedule: Schedule | None = None):
         super().__init__()
         self.net = net
         self.spec = spec
@@ -48,6 +50,8 @@ class Compiled(nn.Module):
         self.ledger = ledger
         self.report = report
         self.bank = TaskBank(net, ledger.tensor_slots, ledger.module_slots)
+        self.schedule = schedule or Schedule.constant(
+            frozenset(n for n, p in net.named_parameters() if p.requires_grad))
         self.train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -89,11 +93,17 @@ class Compiled(nn.Module):
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.net.named_parameters() if p.requires_grad)
 
+    def schedule_at(self, progress: float) -> PhaseChange:
+        """Apply the spec's ``schedule:`` at ``progress`` in [0, 1] (e.g. ``epoch / epochs``) to the active task:
+        sets ``requires_grad`` and returns what changed (see :mod:`peftc.schedule`)."""
+        return self.schedule.apply(self.net, progress)
+
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Trained or updating tensors that are not per task (saved once, under ``shared/``)."""
         owned = set(self.bank.tensor_slots)
         heads = tuple(f"{p}." for p in self.bank.module_slots)
-        out = {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad}
+        scheduled = self.schedule.managed  # what the rules train, whichever schedule phase is active
+        out = {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad or n in scheduled}
         out.update({n: b.detach() for n, b in self.net.named_buffers() if n in self.ledger.updating_buffers})
         return {n: t for n, t in out.items() if n not in owned and not n.startswith(heads)}
 

@@ -19,10 +19,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .blocks import get_block
 from .errors import Location, SpecError, did_you_mean
@@ -187,6 +187,51 @@ class MergeTokensArgs(_Strict):
         return self
 
 
+class TieArgs(_Strict):
+    """Whole repeated blocks stop owning parameters: each layer computes with ``a·θ_prev + b·θ_next``.
+
+    ``target`` limits which blocks may be tied (a block is a candidate when a selected node lies in it;
+    default: every repeated block). Within each run of identical blocks (same parameter names and shapes)
+    positions ``offset, offset + every, …`` are tied. ``edge`` says what a chosen block with only one
+    same-shape neighbour does (``reflect``: both terms read it; ``skip``; ``error``); none is always an error.
+    """
+
+    target: Selector = Field(default_factory=Selector)
+    every: int = Field(default=2, ge=1)
+    offset: int = Field(default=1, ge=0)
+    edge: Literal["reflect", "skip", "error"] = "reflect"
+    init: tuple[float, float] = (0.5, 0.5)
+    task_state: TaskState = "shared"
+    trainable: bool = True
+
+
+class MergeTokensArgs(_Strict):
+    """Token merging (ToMe): merge ``r`` tokens in each selected block, between its attention and its MLP.
+
+    ``r`` is one int (``inflection`` makes it a linear schedule from ``int(r(1 - inflection))`` to ``2r`` minus
+    that) or a list with one value per selected block. ``protect`` counts the leading tokens that are never
+    merged (default: the learned tokens the embedding puts first, e.g. cls and DeiT's distillation token).
+    """
+
+    target: Selector = Field(default_factory=lambda: Selector(role="attn_residual"))
+    r: int | list[int] = 0
+    inflection: float = 0.0
+    prop_attn: bool = True
+    protect: int | None = Field(default=None, ge=0)
+    name: str = "tome"
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeTokensArgs:
+        values = self.r if isinstance(self.r, list) else [self.r]
+        if any(v < 0 for v in values):
+            raise ValueError(f"r must be >= 0, got {self.r!r}")
+        if isinstance(self.r, list) and self.inflection:
+            raise ValueError("inflection applies to a single r, not to a per-layer list")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise ValueError(f"name must be an identifier (it becomes a module name), got {self.name!r}")
+        return self
+
+
 PRIMITIVES: dict[str, type[_Strict]] = {
     "freeze": FreezeArgs,
     "train": TrainArgs,
@@ -194,8 +239,24 @@ PRIMITIVES: dict[str, type[_Strict]] = {
     "parallel": ParallelArgs,
     "replace": ReplaceArgs,
     "head": HeadArgs,
+    "tie": TieArgs,
     "merge_tokens": MergeTokensArgs,
 }
+
+
+class Phase(_Strict):
+    """One phase of a ``schedule:``: from fraction ``from`` of training on, only ``train`` learns.
+
+    ``train`` is ``all`` (everything the rules train) or a list of selectors (with ``params`` patterns). A
+    schedule only narrows what the rules made trainable; it never unfreezes what they froze.
+    """
+
+    from_: float = Field(alias="from", ge=0.0, lt=1.0)
+    train: Annotated[
+        Annotated[Literal["all"], Tag("all")] | Annotated[list[_Tensors], Tag("selectors")],
+        Discriminator(lambda v: "all" if isinstance(v, str) else "selectors"),
+    ]
+    label: str | None = None
 
 
 class ParamDecl(_Strict):
@@ -251,6 +312,7 @@ class SpecDocument(_Strict):
     include: str | list[str] | None = None
     params: dict[str, ParamDecl] = Field(default_factory=dict)
     rules: list[dict[str, Any]] = Field(default_factory=list)
+    schedule: list[Any] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,6 +347,7 @@ class MethodSpec:
     rules: tuple[Rule, ...]
     file: str | None = None
     positions: Mapping[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
+    schedule: tuple[Phase, ...] = ()  # training phases (peftc.schedule applies them); empty = no schedule
 
     def locate(self, path: Path_) -> Location:
         """The source location of ``path`` inside this spec (longest known prefix)."""
@@ -296,7 +359,7 @@ class MethodSpec:
             name: {**decl.model_dump(mode="json", exclude_defaults=True), "default": self.values[name]}
             for name, decl in self.params.items()
         }
-        return {
+        doc = {
             "peftc": FORMAT_VERSION,
             "name": self.name,
             "summary": self.summary,
@@ -305,6 +368,11 @@ class MethodSpec:
             "params": params,
             "rules": [rule.to_document() for rule in self.rules],
         }
+        if self.schedule:
+            doc["schedule"] = [
+                p.model_dump(mode="json", by_alias=True, exclude_defaults=True) for p in self.schedule
+            ]
+        return doc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,6 +491,7 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
     params: dict[str, Any] = {}
     rules: list[Any] = []
     positions: dict[Path_, Location] = {}
+    schedule: tuple[Any, dict[Path_, Location]] | None = None  # the last included schedule, with positions
     for i, ref in enumerate(refs):
         where = _locate(doc.positions, ("include", i) if isinstance(includes, list) else ("include",), doc.file)
         path = _find_spec_file(ref, base, where)
@@ -438,6 +507,9 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
         for j, rule in enumerate(inc_rules):
             _move(inc.positions, ("rules", j), positions, ("rules", len(rules)))
             rules.append(rule)
+        if inc.data.get("schedule"):
+            moved = {k: v for k, v in inc.positions.items() if k[:1] == ("schedule",)}
+            schedule = inc.data["schedule"], moved
     own_params = doc.data.get("params") or {}
     own_rules = doc.data.get("rules") or []
     if not isinstance(own_params, dict) or not isinstance(own_rules, list):
@@ -454,6 +526,9 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
         rules.append(rule)
     data = {k: v for k, v in doc.data.items() if k != "include"}
     data["params"], data["rules"] = params, rules
+    if schedule is not None and "schedule" not in data:  # a spec's own schedule replaces an included one
+        data["schedule"] = schedule[0]
+        positions.update(schedule[1])
     for path, loc in doc.positions.items():
         if path and path[0] not in ("params", "rules", "include"):
             positions[path] = loc
@@ -648,7 +723,7 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
-for _model in (*PRIMITIVES.values(), SpecDocument, ParamDecl, Selector):
+for _model in (*PRIMITIVES.values(), SpecDocument, ParamDecl, Selector, Phase, _Tensors):
     _MODELS_BY_TITLE[_model.__name__] = _model
 
 
@@ -680,6 +755,27 @@ def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -
         raise _from_validation(exc, (*path, op), doc.positions, doc.file, body) from None
     _check_block(args, (*path, op), doc)
     return op, args, label
+
+
+def _validate_schedule(raw: list[Any], doc: _Doc) -> tuple[Phase, ...]:
+    """Validate ``schedule:`` phases: the first starts at 0, each later one starts after the one before."""
+    phases: list[Phase] = []
+    for i, body in enumerate(raw):
+        where = _locate(doc.positions, ("schedule", i), doc.file)
+        if not isinstance(body, dict):
+            raise SpecError(f"a phase must be a mapping like '{{from: 0.2, train: all}}', got {body!r}", where)
+        try:
+            phase = Phase.model_validate(body)
+        except ValidationError as exc:
+            raise _from_validation(exc, ("schedule", i), doc.positions, doc.file, body) from None
+        at = _locate(doc.positions, ("schedule", i, "from"), doc.file)
+        if i == 0 and phase.from_ != 0.0:
+            raise SpecError(f"the first phase must start at 0 (where training starts), got {phase.from_}", at)
+        if phases and phase.from_ <= phases[-1].from_:
+            raise SpecError(f"phases must start in increasing order: {phase.from_} is not after "
+                            f"{phases[-1].from_}", at)
+        phases.append(phase)
+    return tuple(phases)
 
 
 def _evaluate_when(expr: Any, values: Mapping[str, Any], where: Location) -> bool:
@@ -798,6 +894,7 @@ def load_spec(
         rules=rules,
         file=doc.file,
         positions=doc.positions,
+        schedule=_validate_schedule(_substitute(top.schedule, values, ("schedule",), doc), doc),
     )
 
 
