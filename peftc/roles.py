@@ -37,6 +37,8 @@ role                 node (timm ViT / torchvision ``vit_b_16``)
 ``mlp_residual``     residual stream after the MLP add (the block's output): ``add_1`` / ``add_1``
 ``stem``             parameterised layers before the first block: ``patch_embed.proj`` / ``conv_proj``
 ``proj/fc1/fc2``     short aliases of ``attn_proj``, ``mlp_fc1``, ``mlp_fc2`` (LoRA's ``targets``)
+``bn_after_conv``    a BatchNorm reading a convolution's output directly (CNNs: ``layer1.0.bn1``, ``bn1``, …)
+``conv_before_bn``   the convolution of such a conv → BN pair (``layer1.0.conv1``, ``downsample.0``, …)
 ===================  ======================================================================================
 """
 
@@ -364,3 +366,32 @@ def stem(index: NodeIndex) -> list[Candidate]:
 register_role("proj")(attn_proj)
 register_role("fc1")(mlp_fc1)
 register_role("fc2")(mlp_fc2)
+
+
+# -- conv → BatchNorm pairs -------------------------------------------------------------------------------------
+
+
+def _conv_bn_pairs(index: NodeIndex) -> list[tuple[Candidate, Candidate]]:
+    """(conv, bn): a BatchNorm whose input is directly a convolution's output (ResNet's conv1 → bn1, …)."""
+    pairs = []
+    for cand in index:
+        if cand.node.op != "call_module" or not isinstance(cand.module, nn.modules.batchnorm._BatchNorm):
+            continue
+        producer = cand.node.args[0] if cand.node.args else None
+        conv = index.by_node.get(producer) if isinstance(producer, fx.Node) else None
+        if conv is not None and isinstance(conv.module, nn.modules.conv._ConvNd):
+            pairs.append((conv, cand))
+    return pairs
+
+
+@register_role("bn_after_conv")
+def bn_after_conv(index: NodeIndex) -> list[Candidate]:
+    """BatchNorms that normalise a convolution's output directly (the BN of a conv → BN pair)."""
+    return [bn for _, bn in _conv_bn_pairs(index)]
+
+
+@register_role("conv_before_bn")
+def conv_before_bn(index: NodeIndex) -> list[Candidate]:
+    """Convolutions whose output a BatchNorm normalises directly (the conv of a conv → BN pair)."""
+    convs = {conv.node: conv for conv, _ in _conv_bn_pairs(index)}
+    return [c for c in index if c.node in convs]

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from peftc.passes.tie import tied_blocks
 from torch import nn
 
 import peftc
 from peftc.backbones import build_backbone
 from peftc.blocks.tied import TiedLayer, TieScalars
 from peftc.errors import SpecError
-from peftc.passes.tie import tied_blocks
 
 from .conftest import synthetic_task, train_steps
 
