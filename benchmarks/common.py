@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    tmp.write_text(json.dumps({"machine": machine(), "measured_at": stamp, **payload}, indent=2) + "\n")
     tmp.replace(path)
     return path
 
@@ -72,3 +74,12 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
 def verdict(value: float, target: float, lower_is_better: bool = True) -> str:
     ok = value <= target if lower_is_better else value >= target
     return "PASS" if ok else "MISS"
+
+
+def check(cid: str, name: str, value: float, target: float, unit: str = "", lower_is_better: bool = True,
+          suite: str = "") -> dict[str, Any]:
+    """One target as a JSON record (``checks`` list of a result file): what ``python -m benchmarks`` collects
+    into docs/benchmarks.md as PASS/MISS. ``unit`` is ``"s"``, ``"x"`` (a ratio), ``"bytes"``."""
+    return {"id": cid, "name": name, "value": value, "target": target, "unit": unit,
+            "lower_is_better": lower_is_better, "verdict": verdict(value, target, lower_is_better),
+            **({"suite": suite} if suite else {})}
