@@ -106,6 +106,7 @@ def save(model: Any, directory: str | Path) -> Path:
         for f in staging.iterdir():
             with f.open("rb") as handle:
                 os.fsync(handle.fileno())
+        _keep_others(target, staging)
         _fsync_dir(staging)
         _swap_in(staging, target)
     except OSError as exc:
@@ -115,6 +116,30 @@ def save(model: Any, directory: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _keep_others(target: Path, staging: Path) -> None:
+    """Carry what else an artifact directory holds (``peftc train`` keeps its runs in ``train/``) into the new one.
+
+    Saving replaces the manifest and the delta, not the rest of the directory. Entries are hard-linked (copied
+    where links fail), so the old directory stays whole until the swap and an interrupted save loses nothing.
+    """
+    if not (target / MANIFEST).is_file():
+        return
+    for entry in target.iterdir():
+        if entry.name in (MANIFEST, DELTA) or entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, staging / entry.name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _swap_in(staging: Path, target: Path) -> None:

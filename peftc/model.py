@@ -86,6 +86,11 @@ class Compiled(nn.Module):
         self.train(self.training)  # swapped-in modules take the model's mode
         return self
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Compiled:
+        """``.to(device)``, ``.half()`` … move every task's state, not only the active one's (see TaskBank.apply)."""
+        self.bank.apply(fn)
+        return super()._apply(fn, recurse)  # the rest; the active task's tensors are already converted
+
     # -- parameters -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -259,6 +259,124 @@ class Phase(_Strict):
     label: str | None = None
 
 
+class OptimizerArgs(_Strict):
+    """``train.optimizer``: the torch optimizer and its own arguments (``lr`` and ``weight_decay`` sit apart).
+
+    ``betas``/``eps`` belong to adam and adamw, ``momentum``/``nesterov``/``dampening`` to sgd; giving one to the
+    other optimizer is an error, not a silently ignored key. The shorthand ``optimizer: adamw`` names one.
+    """
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(default=None, gt=0)
+    momentum: float | None = Field(default=None, ge=0)
+    nesterov: bool | None = None
+    dampening: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fits(self) -> OptimizerArgs:
+        own = {"adam": ("betas", "eps"), "adamw": ("betas", "eps"), "sgd": ("momentum", "nesterov", "dampening")}
+        for key in ("betas", "eps", "momentum", "nesterov", "dampening"):
+            if getattr(self, key) is not None and key not in own[self.name]:
+                raise ValueError(f"{key!r} is not an argument of {self.name} (its arguments: "
+                                 f"{', '.join(own[self.name])})")
+        return self
+
+
+class SchedulerArgs(_Strict):
+    """``train.scheduler``: how the learning rate moves over the epochs (stepped every batch).
+
+    ``constant``; ``step`` (× ``gamma`` every ``step_size`` epochs, torch's StepLR); ``cosine`` (to ``min_lr``
+    × lr at the end). ``warmup_epochs`` ramps linearly from ``warmup_from`` × lr first; the step or cosine
+    schedule then runs over the epochs after the warm-up. The shorthand ``scheduler: cosine`` names one.
+    """
+
+    name: Literal["constant", "step", "cosine"] = "constant"
+    step_size: int | None = Field(default=None, ge=1)
+    gamma: float = Field(default=0.1, gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    warmup_from: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fits(self) -> SchedulerArgs:
+        if self.name == "step" and self.step_size is None:
+            raise ValueError("a step schedule needs step_size (epochs between decays)")
+        if self.name != "step" and self.step_size is not None:
+            raise ValueError(f"step_size belongs to the step schedule, not {self.name}")
+        return self
+
+
+class ReplayArgs(_Strict):
+    """``train.replay``: the episodic memory of ``head: taer`` (task-aware experience replay).
+
+    ``memory`` samples in all, shared equally by the classes seen so far; ``batch_size`` replayed samples per
+    step (default: the training batch size); ``balance: task`` weighs the loss so that every seen task counts
+    equally, ``none`` averages over samples, a number weighs the replay term against the current one.
+    """
+
+    memory: int = Field(default=2000, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    balance: Literal["task", "none"] | float = "task"
+
+
+class StageDecl(_Strict):
+    """One stage of a method's per-task training procedure (``train.stages``), run in order for every task.
+
+    ``stage`` names a registered stage (``fit``, ``task_keys``, ``rectify_head``, ``distill``, …; see
+    :mod:`peftc.train.stages`); ``epochs``, ``lr``, ``optimizer``, ``scheduler``, ``weight_decay`` override the
+    recipe for this stage only, and ``args`` go to the stage itself.
+    """
+
+    stage: str
+    label: str | None = None
+    epochs: int | None = Field(default=None, ge=0)
+    lr: float | None = Field(default=None, gt=0)
+    optimizer: OptimizerArgs | None = None
+    scheduler: SchedulerArgs | None = None
+    weight_decay: float | None = Field(default=None, ge=0)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSection(_Strict):
+    """``train:``: the method's published training recipe; ``peftc train`` follows it, its flags override it.
+
+    ``lr`` is the learning rate at ``lr_batch`` samples per step when ``lr_batch`` is given (the linear scaling
+    rule: the effective lr is ``lr × batch_size / lr_batch``), else at any batch size. ``early_stop`` is the
+    patience in epochs on validation accuracy (the best epoch is kept). ``stages`` empty = one ``fit`` stage.
+    """
+
+    optimizer: OptimizerArgs = Field(default_factory=OptimizerArgs)
+    lr: float = Field(default=1e-3, gt=0)
+    lr_batch: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    epochs: int = Field(default=10, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    scheduler: SchedulerArgs = Field(default_factory=SchedulerArgs)
+    early_stop: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    augment: Literal["standard", "light", "none"] = "standard"
+    head: Literal["task", "taer"] = "task"
+    replay: ReplayArgs = Field(default_factory=ReplayArgs)
+    stages: list[StageDecl] = Field(default_factory=list)
+
+    def effective_lr(self, batch_size: int | None = None) -> float:
+        """The learning rate for ``batch_size`` (default: the recipe's) under the scaling rule."""
+        batch = batch_size or self.batch_size
+        return self.lr * batch / self.lr_batch if self.lr_batch else self.lr
+
+
 class ParamDecl(_Strict):
     """A typed, overridable spec parameter."""
 
@@ -312,6 +430,7 @@ class SpecDocument(_Strict):
     include: str | list[str] | None = None
     params: dict[str, ParamDecl] = Field(default_factory=dict)
     rules: list[dict[str, Any]] = Field(default_factory=list)
+    train: dict[str, Any] | None = None  # validated after params are bound (TrainSection)
     schedule: list[Any] = Field(default_factory=list)
 
 
@@ -347,6 +466,7 @@ class MethodSpec:
     rules: tuple[Rule, ...]
     file: str | None = None
     positions: Mapping[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
+    train: TrainSection | None = None  # the training recipe (peftc.train); None = the trainer's defaults
     schedule: tuple[Phase, ...] = ()  # training phases (peftc.schedule applies them); empty = no schedule
 
     def locate(self, path: Path_) -> Location:
@@ -367,6 +487,7 @@ class MethodSpec:
             "notes": self.notes,
             "params": params,
             "rules": [rule.to_document() for rule in self.rules],
+            **({"train": self.train.model_dump(mode="json", exclude_defaults=True)} if self.train else {}),
         }
         if self.schedule:
             doc["schedule"] = [
@@ -490,6 +611,8 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
     base = Path(doc.file).parent if doc.file else None
     params: dict[str, Any] = {}
     rules: list[Any] = []
+    train: dict[str, Any] = {}  # included recipes, merged key by key (later includes and the spec win)
+    train_positions: dict[Path_, Location] = {}
     positions: dict[Path_, Location] = {}
     schedule: tuple[Any, dict[Path_, Location]] | None = None  # the last included schedule, with positions
     for i, ref in enumerate(refs):
@@ -501,6 +624,9 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
         inc = _merge_includes(_read_file(path, where), (*stack, key))
         inc_params = inc.data.get("params") or {}
         inc_rules = inc.data.get("rules") or []
+        if isinstance(inc.data.get("train"), dict):
+            train.update(inc.data["train"])
+            train_positions.update({k: v for k, v in inc.positions.items() if k[:1] == ("train",)})
         for name, decl in inc_params.items():
             params[name] = decl
             _move(inc.positions, ("params", name), positions, ("params", name))
@@ -526,6 +652,9 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
         rules.append(rule)
     data = {k: v for k, v in doc.data.items() if k != "include"}
     data["params"], data["rules"] = params, rules
+    if train and isinstance(data.get("train", {}), dict):
+        data["train"] = {**train, **(data.get("train") or {})}
+        positions.update(train_positions)
     if schedule is not None and "schedule" not in data:  # a spec's own schedule replaces an included one
         data["schedule"] = schedule[0]
         positions.update(schedule[1])
@@ -727,6 +856,10 @@ for _model in (*PRIMITIVES.values(), SpecDocument, ParamDecl, Selector, Phase, _
     _MODELS_BY_TITLE[_model.__name__] = _model
 
 
+for _model in (TrainSection, OptimizerArgs, SchedulerArgs, ReplayArgs, StageDecl):
+    _MODELS_BY_TITLE[_model.__name__] = _model
+
+
 def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -> tuple[str, Any, str | None] | None:
     """Validate one rule; returns (op, args, label), or None when its ``when:`` is false."""
     path: Path_ = ("rules", index)
@@ -776,6 +909,16 @@ def _validate_schedule(raw: list[Any], doc: _Doc) -> tuple[Phase, ...]:
                             f"{phases[-1].from_}", at)
         phases.append(phase)
     return tuple(phases)
+
+
+def _validate_train(raw: dict[str, Any] | None, doc: _Doc) -> TrainSection | None:
+    """Validate the ``train:`` recipe (after ``$param`` substitution, so ``lr: $lr`` works)."""
+    if raw is None:
+        return None
+    try:
+        return TrainSection.model_validate(raw)
+    except ValidationError as exc:
+        raise _from_validation(exc, ("train",), doc.positions, doc.file, raw) from None
 
 
 def _evaluate_when(expr: Any, values: Mapping[str, Any], where: Location) -> bool:
@@ -894,6 +1037,7 @@ def load_spec(
         rules=rules,
         file=doc.file,
         positions=doc.positions,
+        train=_validate_train(_substitute(top.train, values, ("train",), doc), doc),
         schedule=_validate_schedule(_substitute(top.schedule, values, ("schedule",), doc), doc),
     )
 

@@ -16,7 +16,7 @@ task's own tensors of that module, by attribute name, and fills them in place.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +167,22 @@ class TaskBank:
         for module in self._aware():
             module.peftc_set_task(name)
         self.active = name
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` (a device move or dtype cast, as ``nn.Module._apply`` gets it) to every task's state.
+
+        Parameters change in place (optimizers keep pointing at them); buffers are replaced in the bank. The
+        active task is then put back into the model, so the live graph and the bank hold the same objects.
+        """
+        for task in self._tasks.values():
+            for name, tensor in task.tensors.items():
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = fn(tensor.data)
+                else:
+                    task.tensors[name] = fn(tensor)
+            for module in task.modules.values():
+                module._apply(fn)
+        self.activate(self.active)
 
     def _get_tensor(self, name: str) -> torch.Tensor:
         path, attr = _split(name)

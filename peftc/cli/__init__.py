@@ -1,6 +1,6 @@
 """The ``peftc`` command line: one module per command group, all registered on :data:`app`."""
 
-from . import catalog, compile, diff, export  # noqa: F401  (command registration)
+from . import catalog, compile, diff, export, train  # noqa: F401  (command registration)
 from .app import app
 
 

@@ -1,0 +1,189 @@
+"""``peftc train``, ``peftc eval`` and ``peftc demo-data`` (see docs/training.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .common import console, handle_errors, print_json
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (progress still goes to stderr).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (under torchrun: each process's GPU).")]
+SizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=8,
+                                                help="Train/evaluate at this size (default: the backbone's input).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
+
+
+def _classes(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [c.strip() for v in values for c in v.split(",") if c.strip()]
+    return out or None
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory (from `peftc compile ... -o DIR`).")],
+    task: Annotated[Optional[str], typer.Option("--task", help="Name of the task to train.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder, or a folder with train/ and val/."
+                                                 )] = None,
+    sequence: Annotated[Optional[Path], typer.Option("--sequence", help="Train the tasks of a tasks.yaml in order."
+                                                     )] = None,
+    classes: Annotated[Optional[list[str]], typer.Option("--classes", help="Class folders to use, in label order "
+                                                         "(comma-separated or repeated).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (also caps every stage).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (before the recipe's batch scaling)."
+                                                )] = None,
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="Override a train: key, e.g. "
+                                                        "scheduler=cosine or optimizer.name=sgd (repeatable).")] = None,
+    device: DeviceOpt = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling, augmentation and new heads.")] = 0,
+    image_size: SizeOpt = None,
+    workers: WorkersOpt = 0,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share held out for validation when the data has "
+                                             "no val/ folder.")] = 0.2,
+    select: Annotated[bool, typer.Option("--select", help="With --sequence: also evaluate with the method's task "
+                                         "selection at the end.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a task of an artifact (or a sequence of tasks) with the spec's training recipe."""
+    from peftc.train.recipe import parse_recipe_overrides
+    from peftc.train.runner import TrainError, TrainOptions, ensure_task_name, train_task
+
+    if (task is None) == (sequence is None):
+        raise TrainError("give either --task NAME with --data PATH, or --sequence tasks.yaml")
+    overrides: dict[str, Any] = parse_recipe_overrides(recipe)
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    if lr is not None:
+        overrides["lr"] = lr
+    options = TrainOptions(classes=_classes(classes), overrides=overrides, epochs=epochs, device=device,
+                           resume=resume, seed=seed, image_size=image_size, workers=workers, val_fraction=val_split,
+                           quiet=quiet)
+    if sequence is not None:
+        if data is not None or classes:
+            raise TrainError("--data and --classes belong to one task; a sequence names them per task in its file")
+        from peftc.train.sequence import train_sequence
+
+        record = train_sequence(directory, sequence, options, select=select)
+        if json_:
+            print_json(record)
+            return
+        _render_sequence(record)
+        return
+    if select:
+        raise TrainError("--select evaluates a whole sequence; for one task use `peftc eval DIR --select`")
+    if data is None:
+        raise TrainError("--task needs --data PATH (an ImageFolder, or a folder with train/ and val/)")
+    assert task is not None
+    result = train_task(directory, ensure_task_name(task), data, options)
+    if json_:
+        print_json(result.summary)
+        return
+    s = result.summary
+    if s["status"] != "finished":
+        console.print(f"task {task!r}: {s['status']} (val accuracy {_pct(s.get('val_accuracy'))})")
+        return
+    console.print(f"[green]trained[/] task [bold]{task}[/] ({', '.join(s['classes'])}) → {s['artifact']}: "
+                  f"val accuracy [bold]{_pct(s['val_accuracy'])}[/] (chance {_pct(s['chance'])}), "
+                  f"{s['seconds']:.1f} s" + (f", {s['corrupt_skipped']} corrupt images skipped"
+                                             if s["corrupt_skipped"] else ""))
+
+
+def _render_sequence(record: dict[str, Any]) -> None:
+    names = record["tasks"]
+    table = Table(title="accuracy a[i][j]: after training row i, on task j", title_justify="left",
+                  header_style="bold")
+    table.add_column("trained through")
+    for name in names:
+        table.add_column(name, justify="right")
+    for name, row in zip(names, record["matrix"]):
+        table.add_row(name, *[_pct(v) for v in row])
+    console.print(table)
+    console.print(f"average accuracy {_pct(record['average_accuracy'])}   forgetting {_pct(record['forgetting'])}   "
+                  f"backward transfer {_pct(record['backward_transfer'])}")
+    if "select" in record:
+        sel = record["select"]
+        console.print(f"with task selection: accuracy {_pct(sel['average_accuracy'])}, task selection "
+                      f"{_pct(sel['task_selection_accuracy'])}")
+    console.print(f"wrote {record['json']}" + (f" and {record['heatmap']}" if record["heatmap"] else ""))
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="A task's folder (with --task), a folder of task "
+                                                 "folders, or a tasks.yaml; default: where each task trained.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Evaluate this task only.")] = None,
+    select: Annotated[bool, typer.Option("--select", help="Predict the task with the method's task selection "
+                                         "instead of giving it.")] = False,
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    image_size: SizeOpt = None,
+    workers: WorkersOpt = 0,
+    split: Annotated[str, typer.Option("--split", help="val or train.")] = "val",
+    json_: JsonOpt = False,
+) -> None:
+    """Report accuracy per task (task given, or predicted with --select)."""
+    from peftc.train.evaluate import EvalError, evaluate
+
+    if split not in ("val", "train"):
+        raise EvalError(f"--split must be val or train, got {split!r}")
+    result = evaluate(directory, data, task=task, select=select, device=device, batch_size=batch_size,
+                      image_size=image_size, workers=workers, split=split)
+    if json_:
+        print_json(result)
+        return
+    table = Table(title=f"{directory} ({split} split, task {'selected' if select else 'given'})",
+                  title_justify="left", header_style="bold")
+    for col in ("task", "images", "accuracy", "chance", *(("task given", "task selection") if select else ())):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, row in result["tasks"].items():
+        extra = (_pct(row["oracle_accuracy"]), _pct(row["task_selection_accuracy"])) if select else ()
+        table.add_row(name, str(row["images"]), _pct(row["accuracy"]), _pct(row["chance"]), *extra)
+    console.print(table)
+    line = f"average accuracy {_pct(result['average_accuracy'])}"
+    if select:
+        line += f"   task-selection accuracy {_pct(result['task_selection_accuracy'])}"
+    console.print(line)
+
+
+@app.command("demo-data")
+@handle_errors
+def demo_data_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the tasks into.")],
+    tasks: Annotated[int, typer.Option("--tasks", min=1, max=5, help="Number of two-class tasks.")] = 5,
+    size: Annotated[int, typer.Option("--size", min=8, help="Image side in pixels.")] = 32,
+    per_class: Annotated[Optional[int], typer.Option("--per-class", min=1, help="Train images per class "
+                                                     "(default: all).")] = None,
+    val_per_class: Annotated[Optional[int], typer.Option("--val-per-class", min=1, help="Val images per class "
+                                                         "(default: 20%).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Write small digit-classification tasks (scikit-learn's bundled digits; no download) and a tasks.yaml."""
+    from peftc.train.demo import make_demo_data
+
+    summary = make_demo_data(directory, tasks=tasks, size=size, per_class=per_class, val_per_class=val_per_class,
+                             seed=seed)
+    if json_:
+        print_json(summary)
+        return
+    for t in summary["tasks"]:
+        counts = ", ".join(f"{c} {n['train']}+{n['val']}" for c, n in t["images"].items())
+        console.print(f"{t['name']}: {counts} (train+val)")
+    console.print(f"wrote {directory}/tasks.yaml — try: peftc train ART --sequence {directory}/tasks.yaml "
+                  f"--image-size {size}")

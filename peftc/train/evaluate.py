@@ -1,0 +1,262 @@
+"""``peftc eval``: accuracy per task, with the task given (oracle) or predicted by the method's task selection.
+
+With the task given, each task's validation images go through that task's state and head, and accuracy is
+the share whose predicted class is right. With ``select``, nobody tells the model the task: the method's own
+selector predicts it per image — LayerNorm tuning's keys (``peftc.task_select``), or for a TaER-trained
+artifact the incremental classifier over all seen classes — and an image counts as correct only when both the
+task and the class are right. Task-selection accuracy (right task, whatever the class) is reported beside it.
+
+Data: a task's folder (``--task``), a folder holding one sub-folder per task, a ``tasks.yaml`` sequence, or
+nothing — then each task is read from the folder it was trained on (``train/tasks.json``). Images are read
+with the class order stored at training time, so label ``i`` means the same class as it did in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc.errors import PeftcError, TaskError
+
+from .data import ImageDataset, TaskData, collate, discover
+from .distributed import DistContext, setup
+from .registry import Registry
+from .run import batches
+from .transforms import backbone_stats, eval_transform
+
+__all__ = ["EvalError", "Selector", "evaluate", "evaluate_model", "selector_for", "task_accuracy"]
+
+
+class EvalError(PeftcError):
+    """Evaluation cannot run as asked (no such task, no data for it, no task selection in this method)."""
+
+
+# A selector maps a batch of images to the index (into the task list it was built for) of the predicted task
+# and the class predicted within it.
+Selector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Eval:
+    size: int
+    augment: str
+    batch_size: int
+    workers: int
+    dist: DistContext
+
+
+def _loader(data: TaskData, cfg: _Eval, model: Any, split: str) -> torch.utils.data.DataLoader:
+    mean, std = backbone_stats(model.backbone.id)
+    chosen = data.val if split == "val" else data.train
+    dataset = ImageDataset(chosen, eval_transform(cfg.size, cfg.augment, mean, std))
+    indices = list(range(cfg.dist.rank, len(dataset), cfg.dist.world))
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
+                                       collate_fn=collate, num_workers=cfg.workers)
+
+
+@torch.no_grad()
+def task_accuracy(model: Any, task: str, loader: torch.utils.data.DataLoader, dist: DistContext,
+                  offset: int = 0, classes: int | None = None) -> tuple[float, int, int]:
+    """(accuracy, images, corrupt skipped) of ``task``'s own state and head on ``loader``; with a head shared
+    by all tasks, the task's classes are outputs ``offset .. offset + classes``."""
+    was_task, was_training = model.active_task, model.training
+    model.set_task(task)
+    model.train(False)
+    correct = total = skipped = 0
+    try:
+        for images, labels, bad in batches(loader, dist.device):
+            skipped += len(bad)
+            if labels.numel() == 0:
+                continue
+            logits = model(images)
+            if classes is not None:
+                logits = logits[:, offset: offset + classes]
+            correct += int((logits.argmax(1) == labels).sum())
+            total += len(labels)
+    finally:
+        model.set_task(was_task)
+        model.train(was_training)
+    correct, total, skipped = dist.sum([correct, total, skipped])
+    return (correct / total if total else 0.0), int(total), int(skipped)
+
+
+def _ln_selector(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> Selector | None:
+    """LayerNorm tuning's keys (peftc.task_select), or None when the model has none."""
+    try:
+        from peftc.task_select import task_selector
+
+        sel = task_selector(model)
+        sel.key_parameters()
+    except (ModuleNotFoundError, TaskError):
+        return None
+
+    def pick(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sel.candidates = tasks
+        try:
+            with sel.routing(images) as index:  # the task predicted per sample, its rows in every LN
+                logits = model.net(images)
+        finally:
+            sel.candidates = None
+        index = index.cpu()
+        local = torch.stack([logits[i, spans[t][0]: spans[t][0] + spans[t][1]].argmax().cpu()
+                             for i, t in enumerate(index.tolist())])
+        return index, local
+
+    return pick
+
+
+def selector_for(model: Any, tasks: list[str], registry: Registry | None) -> Selector:
+    """The method's task selection over ``tasks``: LN-tuning keys, or a TaER incremental classifier."""
+    entries = [(registry.task(t) if registry else None) or {} for t in tasks]
+    spans = [(e.get("offset", 0), len(e.get("classes") or []) or int(model.bank.classes(t) or 0))
+             for e, t in zip(entries, tasks)]
+    ln = _ln_selector(model, tasks, spans)
+    if ln is not None:
+        return ln
+    heads = {(registry.task(t) or {}).get("head") for t in tasks} if registry else set()
+    if heads == {"taer"}:
+        from .taer import taer_logits
+
+        classes = [model.bank.classes(t) for t in tasks]
+        offsets = torch.tensor([0, *torch.tensor(classes).cumsum(0).tolist()[:-1]])
+
+        def pick(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            flat = taer_logits(model, images, tasks).argmax(1).cpu()
+            task = torch.bucketize(flat, offsets, right=True) - 1
+            return task, flat - offsets[task]
+
+        return pick
+    raise EvalError(f"spec {model.spec.name!r} has no task selection (LN-tuning keys, or tasks trained with "
+                    "train.head: taer); evaluate with the task given (--task NAME, or per task without --select)")
+
+
+@torch.no_grad()
+def selection_accuracy(model: Any, select: Selector, candidates: list[str], loaders: Mapping[str, Any],
+                       dist: DistContext) -> dict[str, dict[str, float]]:
+    """Per true task (the keys of ``loaders``): accuracy (task and class right) and task-selection accuracy
+    (task right), the selector choosing among ``candidates``."""
+    out = {}
+    was_training = model.training
+    model.train(False)
+    try:
+        for task in loaders:
+            j = candidates.index(task)
+            right = task_right = total = 0
+            for images, labels, _ in batches(loaders[task], dist.device):
+                if labels.numel() == 0:
+                    continue
+                pred_task, pred_class = select(images)
+                hit_task = pred_task.cpu() == j
+                task_right += int(hit_task.sum())
+                right += int((hit_task & (pred_class.cpu() == labels.cpu())).sum())
+                total += len(labels)
+            right, task_right, total = dist.sum([right, task_right, total])
+            out[task] = {"accuracy": right / total if total else 0.0,
+                         "task_selection_accuracy": task_right / total if total else 0.0}
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Registry | None = None,
+                   select: bool = False, image_size: int | None = None, augment: str = "standard",
+                   batch_size: int = 64, workers: int = 0, dist: DistContext | None = None,
+                   split: str = "val", candidates: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy of every task in ``data`` (task → its data) on an in-memory model; with ``select``, the
+    selector chooses among ``candidates`` (default: the tasks in ``data``)."""
+    dist = dist or DistContext()
+    size = image_size or int(model.backbone.input_size[-1])
+    cfg = _Eval(size, augment, batch_size, workers, dist)
+    tasks = list(data)
+    for task in tasks:
+        if task not in model.bank:
+            raise EvalError(f"the artifact has no task {task!r}; its tasks: {', '.join(model.tasks)}")
+    loaders = {t: _loader(data[t], cfg, model, split) for t in tasks}
+    result: dict[str, Any] = {"tasks": {}, "split": split, "select": select}
+    for task in tasks:
+        offset = ((registry.task(task) if registry else None) or {}).get("offset", 0)
+        acc, n, skipped = task_accuracy(model, task, loaders[task], dist, offset, len(data[task].classes))
+        result["tasks"][task] = {"accuracy": acc, "images": n, "classes": list(data[task].classes),
+                                 "chance": 1.0 / len(data[task].classes), "corrupt_skipped": skipped}
+    if select:
+        candidates = list(candidates or tasks)
+        missing = [t for t in tasks if t not in candidates]
+        if missing:
+            raise EvalError(f"task {missing[0]!r} is not among the tasks the selector chooses from")
+        chosen = selector_for(model, candidates, registry)
+        for task, numbers in selection_accuracy(model, chosen, candidates, loaders, dist).items():
+            result["tasks"][task]["oracle_accuracy"] = result["tasks"][task]["accuracy"]
+            result["tasks"][task].update(numbers)
+        total = sum(v["images"] for v in result["tasks"].values())
+        result["task_selection_accuracy"] = sum(
+            v["task_selection_accuracy"] * v["images"] for v in result["tasks"].values()) / max(1, total)
+    result["average_accuracy"] = sum(v["accuracy"] for v in result["tasks"].values()) / max(1, len(tasks))
+    return result
+
+
+def _task_data(artifact: Path, registry: Registry, tasks: list[str], data: str | Path | None, single: bool
+               ) -> dict[str, TaskData]:
+    """Each task's data: the given task folder, a folder of task folders, a tasks.yaml, or where it trained."""
+    from .sequence import read_sequence
+
+    out = {}
+    by_yaml: dict[str, Path] = {}
+    if data is not None and Path(data).is_file():
+        by_yaml = {item.name: item.data for item in read_sequence(data).tasks}
+    for task in tasks:
+        entry = registry.task(task) or {}
+        classes = entry.get("classes")
+        if data is None:
+            if not entry.get("data"):
+                raise EvalError(f"no data folder is known for task {task!r}; pass --data")
+            folder = Path(entry["data"])
+        elif by_yaml:
+            if task not in by_yaml:
+                raise EvalError(f"{data} lists no task {task!r}")
+            folder = by_yaml[task]
+        elif single:
+            folder = Path(data)
+        else:
+            folder = Path(data) / task
+            if not folder.is_dir():
+                raise EvalError(f"no folder for task {task!r} in {data} (expected {folder}); pass --task NAME to "
+                                "evaluate one task on this folder")
+        seed = entry.get("seed", 0)
+        out[task] = discover(folder, classes, seed=seed)
+    return out
+
+
+def evaluate(artifact: str | Path, data: str | Path | None = None, *, task: str | None = None,
+             select: bool = False, device: str = "cpu", batch_size: int = 64, image_size: int | None = None,
+             workers: int = 0, split: str = "val") -> dict[str, Any]:
+    """Load the artifact at ``artifact`` and report accuracy per task (see the module docstring)."""
+    import peftc
+
+    artifact = Path(artifact)
+    model = peftc.load(artifact)
+    registry = Registry(artifact)
+    trained = registry.trained_tasks()
+    if task is not None:
+        if task not in model.bank:
+            raise TaskError(f"the artifact has no task {task!r}; its tasks: {', '.join(model.tasks)}")
+        tasks = [task]
+    else:
+        tasks = trained or [t for t in model.tasks if t != "default"]
+        if not tasks:
+            raise EvalError(f"{artifact} has no trained task to evaluate")
+    dist = setup(device)
+    model.to(dist.device)
+    sizes = {(registry.task(t) or {}).get("image_size") for t in tasks} - {None}
+    augments = {((registry.task(t) or {}).get("recipe") or {}).get("augment") for t in tasks} - {None}
+    size = image_size or (sizes.pop() if len(sizes) == 1 else None)
+    augment = augments.pop() if len(augments) == 1 else "standard"
+    task_data = _task_data(artifact, registry, tasks, data, single=task is not None)
+    candidates = list(dict.fromkeys([*trained, *tasks]))  # selection chooses among every trained task
+    result = evaluate_model(model, task_data, registry=registry, select=select, image_size=size, augment=augment,
+                            batch_size=batch_size, workers=workers, dist=dist, split=split, candidates=candidates)
+    result["artifact"] = str(artifact)
+    return result

@@ -1,0 +1,167 @@
+"""The epoch loop of one stage: batches → loss → optimizer and lr steps, then validation, early stopping and a
+checkpoint after every epoch.
+
+Resuming restores the optimizer, the lr schedule's step, the early-stopping bookkeeping, the stage's own
+tensors and the random generators from the last checkpoint, then replays the next epoch with the same shuffle
+(the loader's generator is seeded by stage and epoch), so an interrupted run ends bit-identical to an
+uninterrupted one on the same hardware.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.spec import TrainSection
+
+from .recipe import LRSchedule, build_optimizer
+from .run import TaskRun, batches
+from .stages import Stage
+
+__all__ = ["StageOutcome", "run_stage"]
+
+SaveFn = Callable[[dict[str, Any], torch.optim.Optimizer | None, dict[str, torch.Tensor] | None,
+                   dict[str, torch.Tensor] | None], None]
+
+
+@dataclass
+class StageOutcome:
+    """What a stage did: per-epoch records, the best validation accuracy and whether it stopped early."""
+
+    label: str
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_accuracy: float | None = None
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+
+def _wrap(run: TaskRun) -> nn.Module | None:
+    if not run.dist.enabled:
+        return None
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids, find_unused_parameters=True)
+
+
+def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resume: dict[str, Any] | None,
+              save: SaveFn, resume_tensors: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+              ) -> StageOutcome:
+    """Train one stage for ``recipe.epochs`` epochs (fewer with early stopping); see the module docstring."""
+    per_batch = run.dist.per_process_batch(recipe.batch_size)
+    lr = recipe.effective_lr()
+    epochs = recipe.epochs
+    outcome = StageOutcome(stage.label, 0)
+    stage.begin()
+    if epochs == 0:
+        stage.end()
+        return outcome
+    params = stage.parameters()
+    optimizer = build_optimizer(params, recipe, lr)
+    steps_per_epoch = len(run.train_loader(per_batch, index, 0))
+    schedule = LRSchedule(optimizer, recipe.scheduler, steps_per_epoch, epochs)
+    start, best, bad = 0, None, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer_state"])
+        schedule.load_state_dict(resume["schedule"])
+        start = epochs if resume.get("stopped") else resume["epoch"] + 1
+        outcome.history = list(resume["history"])
+        outcome.best_accuracy, outcome.best_epoch = resume["best_accuracy"], resume["best_epoch"]
+        bad = resume["bad_epochs"]
+        best_tensors, extra = resume_tensors or ({}, {})
+        best = best_tensors or None
+        stage.load_extra_state(extra)
+    run.forward_module = _wrap(run)
+    patience = recipe.early_stop
+    title = f"{run.task} · {stage.label}"
+    run.reporter.start(title, steps_per_epoch * (epochs - start))
+    try:
+        for epoch in range(start, epochs):
+            if stage.begin_epoch(epoch, epochs) and run.dist.enabled:
+                run.forward_module = _wrap(run)  # DDP fixes its parameter set at construction
+            record = _epoch(run, stage, recipe, optimizer, schedule, params, per_batch, index, epoch)
+            accuracy = stage.validate()
+            record["val_accuracy"] = accuracy
+            improved = accuracy is not None and (outcome.best_accuracy is None or accuracy > outcome.best_accuracy)
+            if improved:
+                outcome.best_accuracy, outcome.best_epoch, bad = accuracy, epoch, 0
+                if patience is not None:
+                    best = run.snapshot()
+            elif accuracy is not None:
+                bad += 1
+            outcome.history.append(record)
+            stop = patience is not None and accuracy is not None and bad >= patience
+            run.reporter.epoch(_line(stage.label, epoch, epochs, record, improved))
+            state = {"epoch": epoch, "history": outcome.history, "best_accuracy": outcome.best_accuracy,
+                     "best_epoch": outcome.best_epoch, "bad_epochs": bad, "schedule": schedule.state_dict(),
+                     "stopped": stop}
+            if run.dist.main:
+                save(state, optimizer, best, stage.extra_state())
+            run.dist.barrier()
+            if run.hooks.on_epoch_end is not None:
+                run.hooks.on_epoch_end(run, stage, epoch, record)
+            outcome.epochs_run = epoch + 1
+            if stop:
+                outcome.stopped_early = True
+                run.reporter.note(f"  early stop: no better validation accuracy for {patience} epochs; "
+                                  f"keeping epoch {outcome.best_epoch + 1}")
+                break
+    finally:
+        run.reporter.stop()
+        run.forward_module = None
+    if patience is not None and best is not None:
+        run.restore(best)
+    stage.end()
+    return outcome
+
+
+def _epoch(run: TaskRun, stage: Stage, recipe: TrainSection, optimizer: torch.optim.Optimizer,
+           schedule: LRSchedule, params: list[nn.Parameter], per_batch: int, index: int, epoch: int) -> dict[str, Any]:
+    run.model.train()
+    loader = run.train_loader(per_batch, index, epoch)
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    started = time.perf_counter()
+    total_loss, seen, steps, corrupt_before = 0.0, 0, 0, len(run.corrupt)
+    for step, (images, labels, bad) in enumerate(batches(loader, run.device)):
+        run.note_corrupt(bad)
+        if labels.numel() == 0:
+            continue
+        loss = stage.loss(images, labels)
+        if not torch.isfinite(loss):
+            from peftc.errors import PeftcError
+
+            raise PeftcError(f"task {run.task!r}, stage {stage.label!r}: the loss became {loss.item()} at epoch "
+                             f"{epoch + 1}, step {step + 1}; lower the learning rate (train.lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        value = float(loss.detach())
+        total_loss += value * len(labels)
+        seen += len(labels)
+        steps += 1
+        run.reporter.step(len(labels) * run.dist.world, value)
+        if run.hooks.on_step is not None:
+            run.hooks.on_step(run, stage, epoch, step, value)
+    loss_sum, count = run.dist.sum([total_loss, seen])
+    seconds = time.perf_counter() - started
+    return {"stage": stage.label, "epoch": epoch + 1, "loss": loss_sum / count if count else math.nan,
+            "lr": schedule.lr, "images": int(count), "steps": steps, "seconds": round(seconds, 3),
+            "images_per_second": round(count / seconds, 1) if seconds > 0 else None,
+            "corrupt_skipped": len(run.corrupt) - corrupt_before}
+
+
+def _line(label: str, epoch: int, epochs: int, record: dict[str, Any], improved: bool) -> str:
+    acc = record["val_accuracy"]
+    acc_text = f"  val acc {acc:.4f}{' *' if improved else ''}" if acc is not None else ""
+    skipped = f"  [yellow]{record['corrupt_skipped']} corrupt skipped[/]" if record["corrupt_skipped"] else ""
+    return (f"  {label} epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
+            f"  {record['images_per_second'] or 0:,.0f} img/s{acc_text}{skipped}")

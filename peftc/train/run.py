@@ -1,0 +1,192 @@
+"""One task's training run: the model, the data, the recipe, and what every stage needs from them.
+
+A :class:`TaskRun` is what stages (:mod:`peftc.train.stages`) and the epoch loop (:mod:`peftc.train.loop`)
+share: loaders built the same way on every process (seeded per stage and epoch, so an epoch replays exactly
+after a resume), the forward (through DistributedDataParallel when there is one), accuracy on the validation
+split, the corrupt-image tally, and snapshots of the task's state for early stopping.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.spec import TrainSection
+
+from .data import ImageDataset, TaskData, collate
+from .distributed import DistContext
+from .progress import Reporter
+from .transforms import backbone_stats, eval_transform, train_transform
+
+__all__ = ["Hooks", "TaskRun", "batches", "head_classes", "predict"]
+
+
+@dataclass
+class Hooks:
+    """Callbacks for tools and tests: ``on_step(run, stage, epoch, step, loss)``, ``on_epoch_end(run, stage,
+    epoch, record)``. Raising from one (KeyboardInterrupt, say) interrupts the run like Ctrl-C would."""
+
+    on_step: Callable[..., None] | None = None
+    on_epoch_end: Callable[..., None] | None = None
+
+
+class _Shard(torch.utils.data.Sampler[int]):
+    """Indices ``rank, rank + world, …`` without padding: every sample is evaluated exactly once in all."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class TaskRun:
+    """Everything a stage of one task's training can reach."""
+
+    model: Any  # peftc.model.Compiled
+    task: str
+    data: TaskData
+    recipe: TrainSection
+    dist: DistContext
+    reporter: Reporter
+    artifact: Path
+    seed: int = 0
+    image_size: int = 224
+    workers: int = 0
+    epochs_cap: int | None = None
+    hooks: Hooks = field(default_factory=Hooks)
+    replay: Any = None  # peftc.train.taer.ReplayBuffer when the recipe's head is taer
+    forward_module: nn.Module | None = None  # the DDP wrapper while a stage trains in parallel
+    corrupt: set[Path] = field(default_factory=set)
+    # Where this task's classes sit in the head's outputs: 0 for a per-task head; with one head shared by all
+    # tasks (class-incremental), after the classes of the tasks trained before it.
+    offset: int = 0
+    seen_tasks: list[str] = field(default_factory=list)  # tasks trained so far, this one last (task selection)
+
+    def __post_init__(self) -> None:
+        mean, std = backbone_stats(self.model.backbone.id)
+        self.mean, self.std = mean, std
+        augment = self.recipe.augment
+        self.train_set = ImageDataset(self.data.train, train_transform(self.image_size, augment, mean, std))
+        self.val_set = ImageDataset(self.data.val, eval_transform(self.image_size, augment, mean, std))
+        self.plain_train_set = ImageDataset(self.data.train, eval_transform(self.image_size, augment, mean, std))
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def classes(self) -> int:
+        return len(self.data.classes)
+
+    @property
+    def seen_classes(self) -> int:
+        return self.offset + self.classes
+
+    def task_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of this task's classes (a slice of a shared head; everything of a per-task one)."""
+        return logits[:, self.offset: self.offset + self.classes]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.forward_module or self.model)(images)
+
+    def epoch_seed(self, stage: int, epoch: int) -> int:
+        return zlib.crc32(f"{self.seed}/{self.task}/{stage}/{epoch}".encode())
+
+    def train_loader(self, batch_size: int, stage: int, epoch: int, plain: bool = False) -> torch.utils.data.DataLoader:
+        """The epoch's shuffled training batches (``plain``: without augmentation), this process's share."""
+        dataset = self.plain_train_set if plain else self.train_set
+        seed = self.epoch_seed(stage, epoch)
+        generator = torch.Generator().manual_seed(seed)
+        if self.dist.enabled:
+            sampler: torch.utils.data.Sampler[int] = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
+        else:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                           num_workers=self.workers, generator=generator,
+                                           pin_memory=self.device.type == "cuda")
+
+    def val_loader(self, batch_size: int) -> torch.utils.data.DataLoader:
+        sampler = _Shard(len(self.val_set), self.dist.rank, self.dist.world)
+        return torch.utils.data.DataLoader(self.val_set, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                           num_workers=self.workers)
+
+    def note_corrupt(self, paths: list[Path]) -> None:
+        self.corrupt.update(paths)
+
+    def validate(self, batch_size: int | None = None) -> float:
+        """Accuracy of the active task's head on the validation split (exact across processes)."""
+        correct, total = 0, 0
+        for images, labels, bad in batches(self.val_loader(batch_size or self.recipe.batch_size), self.device):
+            self.note_corrupt(bad)
+            logits = self.task_logits(predict(self.model, images))
+            correct += int((logits.argmax(1) == labels).sum())
+            total += len(labels)
+        correct, total = self.dist.sum([correct, total])
+        return correct / total if total else 0.0
+
+    # -- early-stopping snapshots -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of what training this task can change: its own tensors and the shared trained ones."""
+        out = {f"task/{k}": v.detach().clone() for k, v in self.model.bank.task_tensors(self.task).items()}
+        out.update({f"shared/{k}": v.detach().clone() for k, v in self.model.shared_state().items()})
+        return out
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        own = {k[5:]: v for k, v in snapshot.items() if k.startswith("task/")}
+        self.model.bank.load_task_tensors(self.task, own)
+        shared = self.model.shared_state()
+        with torch.no_grad():
+            for key, value in snapshot.items():
+                if key.startswith("shared/"):
+                    shared[key[7:]].copy_(value)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[Path]]
+
+
+def batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[Batch]:
+    """(images, labels, corrupt paths) on ``device``; batches with no good sample are skipped."""
+    for images, labels, bad in loader:
+        if labels.numel() == 0:
+            if bad:
+                yield images, labels, bad  # let the caller count them
+            continue
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), bad
+
+
+def head_classes(model: Any) -> int | None:
+    """Outputs of the model's classification head (the active task's), or None when it has none."""
+    from peftc.roles import head
+    from peftc.select import NodeIndex, block_positions
+
+    net = model.net
+    for cand in head(NodeIndex(net, block_positions(net))):
+        out = getattr(net.get_submodule(str(cand.node.target)), "out_features", None)
+        if isinstance(out, int):
+            return out
+    return None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits in eval mode (the model's mode is restored afterwards)."""
+    was = model.training
+    model.train(False)
+    try:
+        if images.numel() == 0:
+            return torch.empty(0, 1)
+        return model(images)
+    finally:
+        model.train(was)

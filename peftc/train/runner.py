@@ -1,0 +1,267 @@
+"""``peftc train DIR --task NAME --data PATH``: train one task of an artifact, stage by stage, resumably.
+
+The artifact directory is both input and output: it is loaded, the task is added (with a head for its
+classes), trained as the spec's ``train:`` recipe says, and saved back with the task's delta — only when the
+task has finished. Meanwhile ``DIR/train/<task>/checkpoint`` holds a complete checkpoint after every epoch
+(:mod:`peftc.train.checkpoint`); ``--resume`` continues from it with the recipe, classes and seed the run
+started with. ``DIR/train/tasks.json`` remembers each task's classes and history (:mod:`peftc.train.registry`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc.errors import PeftcError, TaskError
+from peftc.spec import StageDecl, TrainSection
+
+from .checkpoint import Checkpoint
+from .data import discover
+from .distributed import DistContext, setup
+from .loop import StageOutcome, run_stage
+from .progress import Reporter
+from .recipe import resolve, stage_recipe
+from .registry import TRAIN_DIR, Registry
+from .run import Hooks, TaskRun
+from .stages import make_stage
+
+__all__ = ["TaskResult", "TrainError", "TrainOptions", "train_task"]
+
+
+class TrainError(PeftcError):
+    """A training run cannot start or continue as asked."""
+
+
+@dataclass
+class TaskResult:
+    """What :func:`train_task` returns: a JSON-able summary and the trained model (still on its device)."""
+
+    summary: dict[str, Any]
+    model: Any
+
+
+@dataclass
+class TrainOptions:
+    """How to run: everything ``peftc train`` takes besides the artifact, the task and the data."""
+
+    classes: Sequence[str] | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # recipe keys (--recipe, --lr, --batch-size, ...)
+    epochs: int | None = None  # overrides the recipe's epochs and caps every stage's
+    device: str = "cpu"
+    resume: bool = False
+    seed: int = 0
+    image_size: int | None = None
+    workers: int = 0
+    val_fraction: float = 0.2
+    quiet: bool = False
+    hooks: Hooks = field(default_factory=Hooks)
+
+
+def _checkpoint(artifact: Path, task: str) -> Checkpoint:
+    return Checkpoint(artifact / TRAIN_DIR / task / "checkpoint")
+
+
+def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Reporter, model: Any
+                ) -> tuple[Any, TrainSection, dict[str, Any] | None]:
+    """(model, recipe, checkpoint state or None) for a fresh start or a resume; ``model``: already loaded."""
+    import peftc
+
+    ckpt = _checkpoint(artifact, task)
+    if options.resume and ckpt.exists:
+        state = ckpt.read_state()
+        model = ckpt.load_model()
+        recipe = TrainSection.model_validate(state["recipe"])
+        if options.overrides or options.epochs is not None:
+            reporter.note("resuming with the recipe the interrupted run started with (recipe flags ignored)")
+        return model, recipe, state
+    if ckpt.exists:
+        reporter.note(f"discarding the unfinished run of task {task!r} (pass --resume to continue it)")
+        ckpt.remove()
+    if model is None:
+        model = peftc.load(artifact)
+    overrides = dict(options.overrides)
+    if options.epochs is not None:
+        overrides["epochs"] = options.epochs
+    return model, resolve(model.spec.train, overrides), None
+
+
+def _label_offset(model: Any, task: str, classes: int, registry: Registry, before: list[str]) -> int:
+    """Where the task's classes start in the head's outputs (see TaskRun.offset)."""
+    from .run import head_classes
+
+    if model.bank.module_slots:
+        return 0  # every task has its own head
+    size = head_classes(model)
+    if size is None or size == classes:
+        return 0  # no head, or one label space shared by all tasks
+    offset = max([(registry.task(t) or {}).get("offset", 0) + len((registry.task(t) or {}).get("classes", []))
+                  for t in before] or [0])
+    if offset + classes > size:
+        raise TrainError(f"the head of spec {model.spec.name!r} is shared by all tasks and has {size} classes; the "
+                         f"tasks trained so far use {offset}, so task {task!r} does not fit its {classes} more "
+                         "(compile with num_classes set to the total number of classes)")
+    return offset
+
+
+def _add_task(model: Any, task: str, classes: int) -> None:
+    if task in model.bank:
+        if model.bank.classes(task) not in (None, classes):
+            raise TrainError(f"task {task!r} has a {model.bank.classes(task)}-class head but the data has {classes} "
+                             "classes")
+        return
+    if model.bank.module_slots:
+        model.add_task(task, num_classes=classes)
+        return
+    model.add_task(task)
+    have = model.bank.classes(task)
+    if have is not None and have != classes:
+        raise TrainError(f"spec {model.spec.name!r} has no per-task head: its head has {have} classes but the data "
+                         f"has {classes}; add a head rule with task_state: new, or set the spec's num_classes")
+
+
+def train_task(artifact: str | Path, task: str, data: str | Path, options: TrainOptions | None = None,
+               *, model: Any = None, dist: DistContext | None = None, reporter: Reporter | None = None
+               ) -> TaskResult:
+    """Train ``task`` of the artifact at ``artifact`` on the data at ``data``; returns a summary (JSON-able).
+
+    ``model`` may be the artifact already in memory (a sequence passes it on from task to task); it is
+    trained in place. Returns the JSON-able summary and the trained model.
+    """
+    options = options or TrainOptions()
+    artifact = Path(artifact)
+    dist = dist or setup(options.device)
+    reporter = reporter or Reporter(quiet=options.quiet or not dist.main)
+    registry = Registry(artifact)
+    if registry.finished(task):
+        if options.resume:
+            entry = registry.task(task) or {}
+            summary = {"task": task, "status": "already finished", "val_accuracy": entry.get("val_accuracy"),
+                       "classes": entry.get("classes"), "artifact": str(artifact)}
+            return TaskResult(summary, model)
+        raise TrainError(f"task {task!r} is already trained in {artifact}; train a new task name (a finished "
+                         "task's delta is never overwritten)")
+    started = time.perf_counter()
+    model, recipe, state = _load_start(artifact, task, options, reporter, model)
+    if state is None and task in model.bank:
+        raise TrainError(f"{artifact} already has a task named {task!r} that `peftc train` did not train; choose "
+                         "another name")
+    classes = state["classes"] if state else options.classes
+    if state and options.classes and list(options.classes) != list(state["classes"]):
+        raise TrainError(f"the interrupted run of {task!r} used classes {state['classes']}, not "
+                         f"{list(options.classes)}")
+    seed = state["seed"] if state else options.seed
+    task_data = discover(data, classes, val_fraction=options.val_fraction, seed=seed)
+    for note in task_data.notes:
+        reporter.note(note)
+    _add_task(model, task, len(task_data.classes))
+    model.set_task(task)
+    model.to(dist.device)
+    seen = [*(t for t in registry.trained_tasks() if t != task), task]
+    offset = (state or {}).get("offset")
+    if offset is None:
+        offset = _label_offset(model, task, len(task_data.classes), registry, seen[:-1])
+    image_size = (state or {}).get("image_size") or options.image_size or int(model.backbone.input_size[-1])
+    replay = None
+    if recipe.head == "taer":
+        from .taer import REPLAY, ReplayBuffer
+
+        replay = ReplayBuffer.load(artifact / TRAIN_DIR / REPLAY, recipe.replay.memory)
+    run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
+                  workers=options.workers, epochs_cap=options.epochs, hooks=options.hooks, replay=replay,
+                  offset=offset, seen_tasks=seen)
+    info = {"classes": list(task_data.classes), "data": str(Path(data)), "recipe": recipe.model_dump(mode="json"),
+            "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset}
+    if dist.main and state is None:
+        registry.update(task, status="running", **info)
+    ckpt = _checkpoint(artifact, task)
+    decls = recipe.stages or [StageDecl(stage="fit")]
+    outcomes: list[dict[str, Any]] = list((state or {}).get("outcomes", []))
+    recipes = [stage_recipe(recipe, decl, options.epochs) for decl in decls]
+    stages = [make_stage(decl, run, r, where=model.spec.locate(("train", "stages", i, "stage")))
+              for i, (decl, r) in enumerate(zip(decls, recipes))]  # unknown stage names fail before training
+    if state is not None:
+        ckpt.restore_rng(state)
+        reporter.note(f"resuming task {task!r} after stage {state['stage'] + 1}, epoch {state['epoch'] + 1}")
+    else:
+        torch.manual_seed(seed)
+        random.seed(seed)
+    for i, (stage, srecipe) in enumerate(zip(stages, recipes)):
+        if state is not None and (i < state["stage"] or (i == state["stage"] and state.get("stage_done"))):
+            continue
+        resume = None
+        resume_tensors = None
+        if state is not None and i == state["stage"]:
+            resume = {**state, "optimizer_state": ckpt.optimizer_state(state)}
+            resume_tensors = (ckpt.best(), ckpt.extra())
+        base = {**info, "task": task, "stage": i, "stage_label": stage.label, "outcomes": outcomes}
+
+        def save(epoch_state: dict[str, Any], optimizer: Any, best: Any, extra: Any, base: dict = base) -> None:
+            ckpt.write(model, {**base, **epoch_state}, optimizer, best, extra)
+
+        outcome = run_stage(run, stage, srecipe, i, resume, save, resume_tensors)
+        outcomes.append(_outcome(outcome))
+        state = None
+        if dist.main:  # the stage is over: a resume starts with the next one
+            ckpt.write(model, {**base, "outcomes": outcomes, "epoch": -1, "stage_done": True})
+        dist.barrier()
+    accuracy = run.validate() if any(s.validates for s in stages) else None
+    summary = _summary(run, task_data, outcomes, accuracy, time.perf_counter() - started)
+    if dist.main:
+        if replay is not None:
+            from .taer import REPLAY
+
+            replay.add_task(task, task_data.train, len(task_data.classes), image_size, seed)
+            replay.save(artifact / TRAIN_DIR / REPLAY)
+        registry.update(task, status="finished", **info, val_accuracy=accuracy, stages=outcomes,
+                        corrupt_skipped=summary["corrupt_skipped"])
+        model.save(artifact)
+        ckpt.remove()
+    dist.barrier()
+    if run.corrupt:
+        example = sorted(run.corrupt)[0]
+        reporter.warn(f"skipped {len(run.corrupt)} corrupt image(s) that did not decode, e.g. {example}")
+    return TaskResult(summary, model)
+
+
+def _outcome(o: StageOutcome) -> dict[str, Any]:
+    return {"stage": o.label, "epochs": o.epochs_run, "best_accuracy": o.best_accuracy,
+            "best_epoch": None if o.best_epoch is None else o.best_epoch + 1, "stopped_early": o.stopped_early,
+            "history": o.history}
+
+
+def _summary(run: TaskRun, data: Any, outcomes: list[dict[str, Any]], accuracy: float, seconds: float
+             ) -> dict[str, Any]:
+    images = sum(r["images"] for o in outcomes for r in o["history"])
+    train_seconds = sum(r["seconds"] for o in outcomes for r in o["history"])
+    return {
+        "task": run.task,
+        "status": "finished",
+        "artifact": str(run.artifact),
+        "classes": list(data.classes),
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "val_accuracy": accuracy,
+        "chance": 1.0 / len(data.classes),
+        "stages": outcomes,
+        "lr": run.recipe.effective_lr(),
+        "batch_size": run.recipe.batch_size,
+        "image_size": run.image_size,
+        "device": str(run.device),
+        "world_size": run.dist.world,
+        "images_per_second": round(images / train_seconds, 1) if train_seconds else None,
+        "seconds": round(seconds, 2),
+        "corrupt_skipped": len(run.corrupt),
+        "corrupt_examples": [str(p) for p in sorted(run.corrupt)[:5]],
+    }
+
+
+def ensure_task_name(name: str) -> str:
+    if not name or "/" in name or name.startswith("."):
+        raise TaskError(f"task names are non-empty, without '/', and do not start with '.', got {name!r}")
+    return name

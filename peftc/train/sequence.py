@@ -1,0 +1,206 @@
+"""``peftc train DIR --sequence tasks.yaml``: train tasks in order and measure forgetting.
+
+The sequence file::
+
+    root: .                      # optional: where task folders are, relative to this file
+    epochs: 3                    # optional: for every task (a task's own `epochs` wins, --epochs wins over all)
+    tasks:
+      - {name: task1, data: task1, classes: [zero, one]}
+      - {name: task2, data: task2}
+
+After each task i every task j ≤ i is evaluated with its task given (the oracle protocol of task-incremental
+papers) — row i of the accuracy matrix. The matrix, the summary metrics (:mod:`peftc.train.metrics`) and a
+heat map go to ``DIR/train/accuracy.json`` and ``DIR/train/accuracy.png``, rewritten after every task, so
+``--resume`` continues an interrupted sequence with the rows it already has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from peftc.errors import PeftcError
+
+from .data import discover
+from .distributed import setup
+from .evaluate import evaluate_model
+from .metrics import continual_metrics, heatmap
+from .progress import Reporter
+from .registry import TRAIN_DIR, Registry
+from .runner import TrainError, TrainOptions, ensure_task_name, train_task
+
+__all__ = ["Sequence", "SequenceError", "read_sequence", "train_sequence"]
+
+ACCURACY_JSON = "accuracy.json"
+ACCURACY_PNG = "accuracy.png"
+
+
+class SequenceError(PeftcError):
+    """The sequence file is missing or malformed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SequenceTask(_Strict):
+    name: str
+    data: Path
+    classes: list[str] | None = None
+    epochs: int | None = Field(default=None, ge=1)
+
+
+class Sequence(_Strict):
+    root: Path = Path(".")
+    epochs: int | None = Field(default=None, ge=1)
+    tasks: list[SequenceTask] = Field(min_length=1)
+
+
+def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out[(*path, key.value)] = key.start_mark.line + 1
+            _positions(value, (*path, key.value), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _positions(item, (*path, i), out)
+
+
+def read_sequence(path: str | Path) -> Sequence:
+    """Parse and check a sequence file; task folders become absolute (relative to the file and ``root``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SequenceError(f"cannot read sequence file {path}: {exc.strerror or exc}") from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SequenceError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    was_list = isinstance(raw, list)  # a bare list of tasks is accepted too
+    if was_list:
+        raw = {"tasks": raw}
+    if not isinstance(raw, dict):
+        raise SequenceError(f"{path}: expected a mapping with 'tasks:' (a list of {{name, data}})")
+    try:
+        seq = Sequence.model_validate(raw)
+    except ValidationError as exc:
+        lines: dict[tuple[Any, ...], int] = {}
+        if node is not None:
+            _positions(node, ("tasks",) if was_list else (), lines)
+        errors = []
+        for err in exc.errors()[:3]:
+            loc = tuple(err["loc"])
+            line = next((lines[loc[:k]] for k in range(len(loc), -1, -1) if loc[:k] in lines), None)
+            key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+            errors.append(f"{path}{f':{line}' if line else ''}: {key}: {err['msg']}")
+        raise SequenceError("\n".join(errors)) from None
+    base = (path.parent / seq.root).resolve()
+    names = [t.name for t in seq.tasks]
+    for t in seq.tasks:
+        ensure_task_name(t.name)
+        if names.count(t.name) > 1:
+            raise SequenceError(f"{path}: task {t.name!r} appears more than once")
+        t.data = t.data if t.data.is_absolute() else base / t.data
+    return seq
+
+
+def _write(directory: Path, record: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{ACCURACY_JSON}.partial"
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / ACCURACY_JSON)
+
+
+def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOptions | None = None,
+                   *, select: bool = False) -> dict[str, Any]:
+    """Train every task of ``sequence`` in order on the artifact; returns the accuracy matrix and metrics."""
+    options = options or TrainOptions()
+    artifact = Path(artifact)
+    seq = read_sequence(sequence)
+    dist = setup(options.device)
+    reporter = Reporter(quiet=options.quiet or not dist.main)
+    registry = Registry(artifact)
+    names = [t.name for t in seq.tasks]
+    out_dir = artifact / TRAIN_DIR
+    previous: dict[str, Any] = {}
+    if (out_dir / ACCURACY_JSON).is_file() and options.resume:
+        previous = json.loads((out_dir / ACCURACY_JSON).read_text(encoding="utf-8"))
+        if previous.get("tasks") != names:
+            raise SequenceError(f"{out_dir / ACCURACY_JSON} belongs to another sequence ({previous.get('tasks')})")
+    matrix: list[list[float | None]] = []
+    summaries: list[dict[str, Any]] = []
+    model = None
+    data = {}
+    settings: dict[str, tuple[int, str]] = {}
+    for i, task in enumerate(seq.tasks):
+        if registry.finished(task.name):
+            if not options.resume:
+                raise TrainError(f"task {task.name!r} of the sequence is already trained in {artifact}; pass "
+                                 "--resume to continue the sequence, or use a fresh artifact")
+            rows = previous.get("matrix") or []
+            if i >= len(rows):
+                raise SequenceError(f"task {task.name!r} is trained but {out_dir / ACCURACY_JSON} has no row for "
+                                    "it; the sequence cannot be resumed from this artifact")
+            matrix.append(rows[i])
+            entry = registry.task(task.name) or {}
+            data[task.name] = discover(task.data, entry.get("classes"), seed=entry.get("seed", options.seed))
+            settings[task.name] = (entry.get("image_size"), (entry.get("recipe") or {}).get("augment", "standard"))
+            reporter.note(f"task {i + 1}/{len(names)} {task.name}: already trained")
+            continue
+        epochs = options.epochs or task.epochs or seq.epochs
+        task_options = dataclasses.replace(options, classes=task.classes, epochs=epochs)
+        reporter.note(f"[bold]task {i + 1}/{len(names)}: {task.name}[/]")
+        result = train_task(artifact, task.name, task.data, task_options, model=model, dist=dist, reporter=reporter)
+        model = result.model
+        summaries.append(result.summary)
+        entry = Registry(artifact).task(task.name) or {}
+        data[task.name] = discover(task.data, result.summary["classes"], seed=entry.get("seed", options.seed))
+        settings[task.name] = (result.summary["image_size"], (entry.get("recipe") or {}).get("augment", "standard"))
+        row: list[float | None] = []
+        current = Registry(artifact)
+        for j, other in enumerate(names):
+            if j > i:
+                row.append(None)
+                continue
+            size, augment = settings[other]
+            acc = evaluate_model(model, {other: data[other]}, registry=current, image_size=size, augment=augment,
+                                 workers=options.workers, dist=dist)["tasks"][other]["accuracy"]
+            row.append(acc)
+        matrix.append(row)
+        reporter.note("  accuracy after " + task.name + ": "
+                      + "  ".join(f"{n} {a:.3f}" for n, a in zip(names, row) if a is not None))
+        if dist.main:
+            _write(out_dir, {"tasks": names, "matrix": matrix, **continual_metrics(matrix)})
+    record: dict[str, Any] = {"artifact": str(artifact), "tasks": names, "matrix": matrix,
+                              **continual_metrics(matrix), "trained": [s["task"] for s in summaries]}
+    if select:
+        import peftc
+
+        model = model or peftc.load(artifact).to(dist.device)
+        size, augment = settings[names[-1]]
+        chosen = evaluate_model(model, data, registry=Registry(artifact), select=True, image_size=size,
+                                augment=augment, workers=options.workers, dist=dist)
+        record["select"] = {"average_accuracy": chosen["average_accuracy"],
+                            "task_selection_accuracy": chosen["task_selection_accuracy"],
+                            "tasks": chosen["tasks"]}
+    record["heatmap"] = None
+    if dist.main:
+        png = heatmap(matrix, names, out_dir / ACCURACY_PNG, f"{artifact.name}: accuracy a[i][j]")
+        record["heatmap"] = str(png) if png else None
+        if png is None:
+            reporter.warn("matplotlib is not installed: no heat map (pip install 'peftc[plot]')")
+        _write(out_dir, {k: v for k, v in record.items() if k != "artifact"})
+    record["json"] = str(out_dir / ACCURACY_JSON)
+    record["runs"] = summaries
+    return record

@@ -1,0 +1,236 @@
+"""Training stages: the steps of a method's per-task procedure, named in a spec's ``train.stages``.
+
+Most methods have one stage, ``fit``: cross-entropy on the task's classes over everything the spec trains (and,
+when the spec has a ``schedule:``, only what the active phase trains — ConFiT's hierarchical fine-tuning,
+applied through ``model.schedule_at(epoch / epochs)`` at the start of every epoch). Methods whose papers train
+in several steps list them, e.g. LayerNorm tuning's keys → LN rows → head rectification.
+
+A stage is a class registered under a name with :func:`register_stage`; the epoch loop asks it which
+parameters to optimise, the loss of a batch, and whether it validates (stages that validate get early stopping
+and the best-epoch restore). Stages that belong to one method live with that method and register themselves
+when their module is imported (listed in ``_PROVIDERS``), so a spec naming them works without the trainer
+importing every method up front. Third-party stages register from Python, like blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftc.errors import SpecError, did_you_mean
+from peftc.spec import StageDecl, TrainSection
+
+from .run import TaskRun
+
+__all__ = ["FitStage", "Stage", "make_stage", "register_stage", "stage_names"]
+
+_STAGES: dict[str, Callable[[StageDecl, TaskRun, TrainSection], Stage]] = {}
+
+# Stages provided by method modules, imported on first use: stage name -> module that registers it.
+_PROVIDERS: dict[str, str] = {
+    "task_keys": "peftc.train.ln_stages",
+    "rectify_head": "peftc.train.ln_stages",
+    "distill": "peftc.train.distill_stage",
+}
+
+
+class Stage:
+    """One stage of a task's training. Subclasses override what differs from plain supervised fitting."""
+
+    name: ClassVar[str] = "stage"
+    validates: ClassVar[bool] = True  # has a validation accuracy: early stopping and best-epoch restore apply
+
+    def __init__(self, decl: StageDecl, run: TaskRun, recipe: TrainSection):
+        self.decl = decl
+        self.run = run
+        self.recipe = recipe
+
+    @property
+    def label(self) -> str:
+        return self.decl.label or self.decl.stage
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What this stage's optimizer updates."""
+        return list(self.run.model.trainable_parameters())
+
+    def begin(self) -> None:
+        """Called once before the first epoch this process runs (also after a resume)."""
+
+    def begin_epoch(self, epoch: int, epochs: int) -> bool:
+        """Called before each epoch; returns True when the set of trainable parameters changed."""
+        return False
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self) -> float | None:
+        return self.run.validate() if self.validates else None
+
+    def end(self) -> None:
+        """Called once after the last epoch (after the best epoch was restored)."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors this stage keeps outside the model (a temporary head, say) that a checkpoint must hold."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state` returned (on resume)."""
+
+
+def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator: make a Stage subclass available to specs as ``stage: name``."""
+
+    def deco(cls: type[Stage]) -> type[Stage]:
+        cls.name = name
+        _STAGES[name] = cls
+        return cls
+
+    return deco
+
+
+def stage_names() -> list[str]:
+    return sorted(set(_STAGES) | set(_PROVIDERS))
+
+
+def make_stage(decl: StageDecl, run: TaskRun, recipe: TrainSection, where: Any = None) -> Stage:
+    """Build the stage a spec names; an unknown name (or a method module that is not there) is a SpecError."""
+    if decl.stage not in _STAGES and decl.stage in _PROVIDERS:
+        module = _PROVIDERS[decl.stage]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("peftc"):
+                raise
+            raise SpecError(f"stage {decl.stage!r} comes from {module}, which this peftc does not have",
+                            where) from None
+    if decl.stage not in _STAGES:
+        raise SpecError(f"unknown training stage {decl.stage!r}" + did_you_mean(decl.stage, stage_names())
+                        + f"; stages: {', '.join(stage_names())}", where)
+    return _STAGES[decl.stage](decl, run, recipe)
+
+
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: TrainSection) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+
+
+@register_stage("fit")
+class FitStage(Stage):
+    """Cross-entropy on the task's own head over what the spec trains (TaER when ``train.head`` is taer).
+
+    With a ``schedule:`` in the spec, the optimizer covers every tensor any phase trains and each epoch starts
+    with ``model.schedule_at(epoch / epochs)``, which switches ``requires_grad`` for the phase.
+    """
+
+    def __init__(self, decl: StageDecl, run: TaskRun, recipe: TrainSection):
+        super().__init__(decl, run, recipe)
+        unknown = sorted(set(decl.args) - {"temporary_head"})
+        if unknown:
+            raise SpecError(f"stage 'fit' takes args temporary_head, not {', '.join(unknown)}")
+        self.taer = None
+        self._temporary: TemporaryHead | None = None
+        if recipe.head == "taer":
+            from .taer import TaerObjective
+
+            self.taer = TaerObjective(run, recipe)
+
+    @property
+    def _scheduled(self) -> bool:
+        model = self.run.model
+        return bool(model.spec.schedule) and hasattr(model, "schedule_at")
+
+    def parameters(self) -> list[nn.Parameter]:
+        model = self.run.model
+        if self._scheduled:
+            return list(model.schedule.parameters(model.net))
+        params = super().parameters()
+        if self.taer is not None:  # old tasks' heads enter detached: keep them out of the optimizer too
+            frozen = {id(p) for p in self.taer.frozen_parameters()}
+            params = [p for p in params if id(p) not in frozen]
+        return params
+
+    def begin(self) -> None:
+        if self.decl.args.get("temporary_head"):
+            self._temporary = TemporaryHead(self.run.model)
+        if self.taer is not None:
+            self.taer.begin()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self._temporary.state() if self._temporary is not None else {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._temporary is not None and tensors:
+            self._temporary.load(tensors)
+
+    def begin_epoch(self, epoch: int, epochs: int) -> bool:
+        if not self._scheduled:
+            return False
+        change = self.run.model.schedule_at(min(1.0, epoch / max(1, epochs)))
+        if change.changed:
+            self.run.reporter.note(f"  schedule phase {change.label!r} from epoch {epoch + 1}: "
+                                   f"+{len(change.trained)} / -{len(change.frozen)} trainable tensors")
+        return change.changed
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.taer is not None:
+            return self.taer.loss(images, labels)
+        return supervised_loss(self.run.task_logits(self.run.forward(images)), labels, self.recipe)
+
+    def validate(self) -> float | None:
+        return self.taer.validate() if self.taer is not None else super().validate()
+
+    def end(self) -> None:
+        if self._temporary is not None:
+            self._temporary.remove()
+            self._temporary = None
+        if self.taer is not None:
+            self.taer.end()
+        if self._scheduled:
+            self.run.model.schedule_at(1.0)  # leave the model as the rules made it (every phase's tensors)
+
+
+class TemporaryHead:
+    """A trainable copy of the classification head(s) in place of the real one(s), for one stage.
+
+    LayerNorm tuning fits each task's LN rows with a temporary head and trains the real, shared head in a later
+    stage; the real head is untouched meanwhile and comes back by :meth:`remove`.
+    """
+
+    def __init__(self, model: Any):
+        from peftc.roles import head
+        from peftc.select import NodeIndex, block_positions
+
+        self.model = model
+        net = model.net
+        self.paths = [str(c.node.target) for c in head(NodeIndex(net, block_positions(net)))]
+        if not self.paths:
+            raise SpecError(f"temporary_head: spec {model.spec.name!r} has no classification head to copy")
+        self.originals = {p: net.get_submodule(p) for p in self.paths}
+        self.copies = {p: copy.deepcopy(m) for p, m in self.originals.items()}
+        for module in self.copies.values():
+            module.requires_grad_(True)
+        for path, module in self.copies.items():
+            _set_module(net, path, module)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{p}.{k}": v for p, m in self.copies.items() for k, v in m.state_dict().items()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for path, module in self.copies.items():
+            prefix = f"{path}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def remove(self) -> None:
+        for path, module in self.originals.items():
+            _set_module(self.model.net, path, module)
+
+
+def _set_module(net: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    setattr(parent, attr, module)
