@@ -28,7 +28,7 @@ import peftc
 from peftc.backbones import Backbone, build_backbone
 from peftc.blocks import BlockArgs, Site, register_block
 from peftc.cli import app
-from peftc.diff import SCHEMA, GraphDiff
+from peftc.diff import KINDS, SCHEMA, GraphDiff
 from peftc.render.style import STATUS
 from peftc.spec import builtin_specs
 
@@ -333,6 +333,17 @@ def test_dot_is_valid_graphviz(clr18: GraphDiff, tmp_path: Path) -> None:
         return
     (graph,) = pydot.graph_from_dot_data(text)
     assert len(graph.get_edges()) == len(edges)
+
+
+def test_json_schema_is_documented(clr18: GraphDiff) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "diff.md").read_text(encoding="utf-8")
+    data = clr18.to_json(include_graph=True)
+    keys = set(data) | set(data["summary"]) | set(data["folded"]) | set(data["folded"]["added"][0])
+    keys |= {k for kind in KINDS for change in data[kind] for k in change} | set(data["graph"]["b"][0])
+    keys |= {k for change in data["ownership"] for t in change["tensors"] for k in t}
+    missing = sorted(k for k in keys if not re.search(rf"\b{re.escape(k)}\b", doc))
+    assert not missing, f"docs/diff.md does not document {missing}"
+    assert f'"schema": "{SCHEMA}"' in doc
 
 
 def test_html_is_one_self_contained_file(clr18: GraphDiff) -> None:

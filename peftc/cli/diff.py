@@ -247,6 +247,8 @@ def select_cmd(
                 root.add(f"{head} → [{colour}]no match{note}[/]: {escape(m.error)}")
                 continue
             branch = root.add(f"{head} → [green]{len(m.matches)} node{'s' if len(m.matches) != 1 else ''}[/]")
+            if m.selector == "all":
+                continue  # every node: listing them says nothing
             pairs = list(zip(m.matches, m.types))
             for f in fold(pairs, lambda p: p[0], lambda p: p[1])[:40]:
                 times = f" ({f.count}×)" if f.count > 1 else ""
