@@ -58,6 +58,12 @@ def compile_cmd(
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Download the library's weights.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pt/.pth file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random init (when not pretrained).")] = 0,
+    base: Annotated[Optional[Path], typer.Option(
+        "--base", help="Attach the spec to this downstream artifact (same backbone): its rules and delta first.")
+    ] = None,
+    delta: Annotated[Optional[Path], typer.Option(
+        "--delta", help="With --base: load the spec's trained tensors from this artifact (e.g. a distilled ToCom).")
+    ] = None,
     plugin: PluginOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -66,8 +72,15 @@ def compile_cmd(
     from peftc.spec import parse_overrides
 
     load_plugins(plugin)
-    model = peftc.compile(spec, backbone, params=parse_overrides(set_), pretrained=pretrained, weights=weights,
-                          seed=seed)
+    if base is not None:
+        from peftc.distill import attach
+
+        model = attach(spec, base, delta=delta, backbone=backbone, params=parse_overrides(set_))
+    elif delta is not None:
+        raise peftc.PeftcError("--delta needs --base (to use an artifact on its own: peftc.load(DIR))")
+    else:
+        model = peftc.compile(spec, backbone, params=parse_overrides(set_), pretrained=pretrained,
+                              weights=weights, seed=seed)
     if output is not None:
         model.save(output)
     if json_:
