@@ -1,0 +1,175 @@
+"""``python -m benchmarks [suite …] [--quick]``: run benchmark suites, then plots and docs/benchmarks.md.
+
+Each suite runs as its own ``python -m benchmarks.<script>`` process, one after the other, so no suite's memory,
+threads or allocator state leaks into the next and each prints its own tables as it goes. Afterwards every
+``benchmarks/results/*.json`` (those just written and older ones of suites not run this time) is collected into
+``summary.json`` and PNG plots, and docs/benchmarks.md is regenerated from them. A missing suite, a suite without
+a quick mode, a failure or a timeout is a visible note, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.suites import SUITES, Suite, quick_args
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+QUICK_BUDGET_S = 300.0
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def run_suite(suite: Suite, quick: bool, timeout: float | None) -> dict[str, Any]:
+    """Run one suite's script in a child process; its output goes straight to ours."""
+    record: dict[str, Any] = {"module": f"benchmarks.{suite.module}", "args": [], "status": "skipped", "note": ""}
+    if not suite.exists():
+        record["note"] = f"benchmarks/{suite.module}.py does not exist yet"
+        return record
+    args: tuple[str, ...] | None = ()
+    if quick:
+        args = quick_args(suite)
+        if args is None:
+            record["note"] = "the script has no --quick mode and no reduced arguments are known"
+            return record
+        if "--quick" not in args:
+            record["note"] = "no --quick in the script; ran with reduced arguments"
+    record["args"] = list(args)
+    cmd = [sys.executable, "-m", f"benchmarks.{suite.module}", *args]
+    print(f"\n── {suite.name}: {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    load_before, start = _load(), time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+        record["status"] = "ok" if rc == 0 else "failed"
+        if rc:
+            record["note"] = f"exit status {rc}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the suite and the children it started, nothing else
+        proc.wait()
+        record.update(status="timeout", note=f"stopped after {timeout:.0f} s")
+    record["wall_s"] = time.perf_counter() - start
+    record["load_avg"] = [load_before, _load()]
+    return record
+
+
+def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, results_dir: Path = RESULTS,
+           doc: Path = DOC) -> dict[str, Any]:
+    """Collect the result files into summary.json, draw the plots, write the docs page; returns the summary."""
+    from benchmarks import plots, report
+
+    results = report.load_results(results_dir)
+    results.pop(report.SUMMARY, None)
+    loads = [v for r in run.values() for v in r.get("load_avg", []) if v is not None]
+    machine = next((d["machine"] for d in results.values() if "machine" in d), {})
+    summary = {
+        "machine": machine,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": quick,
+        "suites": run,
+        "total_s": total_s,
+        "quick_budget_s": QUICK_BUDGET_S if quick else None,
+        "within_quick_budget": (total_s <= QUICK_BUDGET_S) if quick and total_s is not None else None,
+        "load_avg": [min(loads), max(loads)] if loads else None,
+        "cpus": os.cpu_count(),
+        "checks": report.collect_checks(results),
+    }
+    if not run:  # --report-only: keep the last run's record of what ran
+        previous = report.load_results(results_dir).get(report.SUMMARY, {})
+        summary.update({k: previous.get(k, summary[k]) for k in
+                        ("measured_at", "quick", "suites", "total_s", "quick_budget_s",
+                                                           "within_quick_budget", "load_avg")})
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{report.SUMMARY}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    drawn = plots.draw_all(results, results_dir)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(report.render(results, summary, drawn, doc), encoding="utf-8")
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    if summary["suites"]:
+        table = Table(title="suites", header_style="bold")
+        for col in ("suite", "status", "wall", "note"):
+            table.add_column(col)
+        for name, r in summary["suites"].items():
+            colour = {"ok": "green", "failed": "red", "timeout": "red"}.get(r["status"], "yellow")
+            table.add_row(name, f"[{colour}]{r['status']}[/]", f"{r['wall_s']:.0f} s" if "wall_s" in r else "",
+                          r.get("note", ""))
+        console.print(table)
+    checks = Table(title="targets", header_style="bold")
+    for col in ("suite", "target", "value", "goal", ""):
+        checks.add_column(col)
+    from benchmarks.report import fmt_target, fmt_value
+
+    for c in summary["checks"]:
+        colour = "green" if c["verdict"] == "PASS" else "red"
+        checks.add_row(c["suite"], c["name"], fmt_value(c["value"], c["unit"]), fmt_target(c),
+                       f"[{colour}]{c['verdict']}[/]")
+    console.print(checks)
+    if summary.get("total_s") is not None and summary.get("quick"):
+        ok = summary["within_quick_budget"]
+        console.print(f"--quick took {summary['total_s']:.0f} s (budget {QUICK_BUDGET_S:.0f} s"
+                      f"{'' if ok else ', exceeded'}; load average {summary.get('load_avg')})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run peftc's benchmark suites (each in its own process), write benchmarks/results/*.json and "
+                    "PNG plots, and regenerate docs/benchmarks.md.")
+    parser.add_argument("suites", nargs="*", metavar="suite", help=f"any of: {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smaller configuration of every suite (target: under {QUICK_BUDGET_S / 60:.0f} "
+                             "minutes on 2 CPU cores)")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: redraw plots and docs/benchmarks.md from the stored results")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per suite before it is stopped (default: 600 with --quick, none otherwise)")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    if args.list:
+        for suite in SUITES.values():
+            state = "" if suite.exists() else "  (script missing)"
+            print(f"{suite.name:12} benchmarks/{suite.module}.py  {suite.title}{state}")
+        return 0
+    run: dict[str, dict[str, Any]] = {}
+    total = None
+    if not args.report_only:
+        timeout = args.timeout if args.timeout is not None else (600.0 if args.quick else None)
+        start = time.perf_counter()
+        for name in args.suites or list(SUITES):
+            run[name] = run_suite(SUITES[name], args.quick, timeout)
+            if run[name]["status"] != "ok":
+                print(f"!! {name}: {run[name]['status']}: {run[name]['note']}", flush=True)
+        total = time.perf_counter() - start
+    summary = finish(run, args.quick, total)
+    print_summary(summary)
+    print(f"wrote {RESULTS / 'summary.json'}, plots in {RESULTS}, and {DOC}")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in run.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

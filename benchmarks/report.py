@@ -1,0 +1,338 @@
+"""docs/benchmarks.md, regenerated from ``benchmarks/results/*.json``: targets with PASS/MISS, one section per suite
+(its tables and plots), and why each missed target misses.
+
+Nothing here measures anything: the page is a pure function of the result files, the run summary and the plots,
+so it can be rebuilt at any time (``python -m benchmarks --report-only``). Each suite has a renderer that knows
+its file's layout; a file a renderer cannot read (a suite changed its layout) falls back to a generic rendering of
+its tables instead of breaking the page.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.suites import SUITES, Suite
+
+__all__ = ["EXPLANATIONS", "collect_checks", "fmt_target", "fmt_value", "load_results", "render"]
+
+SUMMARY = "summary"
+
+# Why a target misses, by check id (prefix match), written after profiling; shown only while the check misses.
+EXPLANATIONS: dict[str, str] = {}
+
+
+def load_results(folder: Path) -> dict[str, dict[str, Any]]:
+    """Result-file stem → parsed JSON, for every ``*.json`` in ``folder`` (unreadable files are skipped)."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def collect_checks(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every target of every result file, normalised to ``{suite, id, name, value, target, unit, verdict}``.
+
+    Reads the ``checks`` list (:func:`benchmarks.common.check`) and, for suites that predate it, a ``targets``
+    list of ``{name, value, target, verdict}`` records."""
+    out = []
+    for stem, data in results.items():
+        if stem == SUMMARY:
+            continue
+        records = data.get("checks")
+        if not isinstance(records, list):
+            records = [t for t in data.get("targets", []) if isinstance(t, dict)] if isinstance(
+                data.get("targets"), list) else []
+        for rec in records:
+            if not isinstance(rec, dict) or "verdict" not in rec:
+                continue
+            out.append({"suite": stem, "id": rec.get("id", rec.get("name", "")), "name": rec.get("name", ""),
+                        "value": rec.get("value"), "target": rec.get("target"), "unit": rec.get("unit", ""),
+                        "lower_is_better": rec.get("lower_is_better", True), "verdict": rec["verdict"]})
+    return out
+
+
+# -- formatting -------------------------------------------------------------------------------------------------
+def fmt_value(value: Any, unit: str = "") -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if unit == "s":
+        return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+    if unit == "x":
+        return f"{value:.4f}×"
+    if unit == "bytes":
+        return f"{value:,.0f} B"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def fmt_target(check: dict[str, Any]) -> str:
+    target = check["target"]
+    if isinstance(target, str):
+        return target
+    return ("≤ " if check.get("lower_is_better", True) else "≥ ") + fmt_value(target, check.get("unit", ""))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(summary: dict[str, Any]) -> str:
+    return f"{summary['median'] * 1e3:.1f}"
+
+
+def _docstring(suite: Suite) -> str:
+    """The suite script's docstring without its usage line (read from source; the suite is never imported)."""
+    try:
+        doc = ast.get_docstring(ast.parse(suite.source())) or ""
+    except SyntaxError:
+        return ""
+    paras = [p for p in doc.split("\n\n")[1:] if not p.strip().startswith(("python -m", "    python -m"))]
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paras).strip()
+
+
+# -- per-suite renderers ----------------------------------------------------------------------------------------
+def _compile(data: dict[str, Any]) -> str:
+    targets = data.get("targets", {}).get("trace_and_passes_s", {})
+    rows = []
+    for name, s in data["trace_and_passes_s"].items():
+        target = targets.get(name.split(" on ", 1)[-1]) if isinstance(targets, dict) else None
+        verdict = "" if target is None else ("PASS" if s["median"] <= target else "MISS")
+        rows.append([name, _ms(s), f"{s['min'] * 1e3:.1f}", f"{s['max'] * 1e3:.1f}", s.get("runs", ""),
+                     f"{target * 1e3:.0f}" if target else "", verdict])
+    cli = data.get("cli_end_to_end_s")
+    if cli:
+        rows.append(["`peftc compile clr -b resnet50` (CLI, end to end)", f"{cli['median'] * 1e3:.0f}",
+                     f"{cli['min'] * 1e3:.0f}", f"{cli['max'] * 1e3:.0f}", cli.get("runs", ""),
+                     f"{data.get('targets', {}).get('cli_s', 0) * 1e3:.0f}", data.get("verdicts", {}).get("cli", "")])
+    text = _table(["trace + passes", "median ms", "min", "max", "runs", "target ms", ""], rows)
+    if data.get("not_applicable"):
+        text += "\n\nNot applicable (the spec's selectors match nothing there): " + ", ".join(
+            data["not_applicable"]) + "."
+    return text
+
+
+def _train_step(data: dict[str, Any]) -> str:
+    cfg = data.get("config", {})
+    rows = []
+    for key, v in data["variants"].items():
+        rows.append([f"`{key}`", f"{v['backbone']} @ {v['image']}", f"{v['trainable_params']:,}", _ms(v["step_s"]),
+                     f"{v['step_s']['min'] * 1e3:.0f}–{v['step_s']['max'] * 1e3:.0f}", _ms(v["forward_s"]),
+                     f"{v.get('model_mb', 0):.0f}", f"{v['peak_mb']['median']:.0f}"])
+    text = (f"Batch {cfg.get('batch', '?')}, {cfg.get('rounds', '?')} interleaved rounds of {cfg.get('steps', '?')} "
+            f"timed steps, {cfg.get('threads', '?')} threads, one process per measurement.\n\n")
+    text += _table(["variant", "backbone", "trainable", "step ms", "range", "eval fwd ms", "model MiB",
+                    "peak MiB"], rows)
+    checks = {c["id"]: c for c in data.get("checks", [])}
+    ratio_rows = []
+    for name, r in data.get("ratios", {}).items():
+        c = checks.get(r.get("check", ""))
+        ratio_rows.append([name, f"{r['median']:.3f}", f"{r['min']:.3f}–{r['max']:.3f}", r.get("rounds", ""),
+                           fmt_target(c) if c else "", c["verdict"] if c else ""])
+    if ratio_rows:
+        text += "\n\nRatios (median of the per-round ratios; below 1 means peftc is cheaper):\n\n"
+        text += _table(["ratio", "median", "range", "rounds", "target", ""], ratio_rows)
+    notes = {**data.get("skipped", {}), **data.get("failed", {})}
+    if notes:
+        text += "\n\nNot measured: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + "."
+    return text
+
+
+def _storage(data: dict[str, Any]) -> str:
+    rows = []
+    for key, row in data["rows"].items():
+        ours, theirs = row["peftc"], row.get("peft")
+        rows.append([key, f"{ours['trainable_params']:,}", f"{ours['delta']['elements']:,}",
+                     f"{ours['delta']['bytes']:,}", f"{ours['per_added_task_bytes']:,}",
+                     f"{theirs['delta']['bytes']:,}" if theirs else "", f"{row['ratio']:.4f}" if theirs else ""])
+    text = _table(["method on backbone", "trainable", "elements stored", "peftc delta B", "+1 task B",
+                   "PEFT adapter B", "peftc / PEFT"], rows)
+    if data.get("skipped"):
+        text += "\n\nNot measured: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items()) + "."
+    return text
+
+
+def _tome(data: dict[str, Any]) -> str:
+    from benchmarks.plots import throughput_curves
+
+    curves = throughput_curves(data)
+    backends = list(curves)
+    results = data["results"]
+    tokens = results.get("tokens_after_last_block", {})
+    rows = []
+    for r in sorted({r for pts in curves.values() for r, _ in pts}):
+        row: list[Any] = [r, tokens.get(str(r), "")]
+        for b in backends:
+            cell = results[b][str(r)]
+            row += [f"{cell['images_per_s']:.1f}", f"{cell.get('speedup', float('nan')):.2f}×"]
+        rows.append(row)
+    header = ["r", "tokens out"] + [h for b in backends for h in (f"{b} images/s", "× r=0")]
+    cfg = data.get("config", {})
+    return (f"{cfg.get('backbone', '')}, batch {cfg.get('batch', '?')}, {cfg.get('rounds', '?')} interleaved rounds."
+            f"\n\n" + _table(header, rows))
+
+
+def _deploy(data: dict[str, Any]) -> str:
+    parts = []
+    for res in data["results"]:
+        rows = res["rows"]
+        backends = sorted({r["backend"] for r in rows}, key=["eager", "compile", "ort"].index)
+        cells = {(r["variant"], r["backend"], r["batch"]): r["median_ms"] for r in rows}
+        table = []
+        for batch in sorted({r["batch"] for r in rows}):
+            for variant in ("plain", "unfolded", "folded"):
+                row: list[Any] = [batch, variant]
+                for b in backends:
+                    ms, base = cells.get((variant, b, batch)), cells.get(("plain", b, batch))
+                    row.append("" if ms is None else f"{ms:.1f}" + (
+                        "" if variant == "plain" or not base else f" ({ms / base:.2f}×)"))
+                table.append(row)
+        parts.append(f"**{res['model']}** (median ms; ratio to plain under the same backend)\n\n"
+                     + _table(["batch", "graph", *backends], table))
+    return "\n\n".join(parts)
+
+
+def _replacement(data: dict[str, Any]) -> str:
+    rows = []
+    for name, res in data["results"].items():
+        for label in ("end_to_end", "replacement"):
+            m = res[label]
+            rows.append([f"{name} ({res['backbone']} @ {res['image']})", label.replace("_", "-"),
+                         f"{m['params']:,}", f"{m['trainable']:,}", f"{m['peak_bytes'] / 2**20:.0f}",
+                         f"{m['step_s'] * 1e3:.0f}"])
+        r = res["ratios"]
+        rows.append(["", "ratio", f"{r['params']:.3f}×", f"{r['trainable']:.3f}×", f"{r['peak_memory']:.3f}×",
+                     f"{r['step_time']:.3f}×"])
+    return _table(["backbone", "variant", "params", "trainable", "peak MiB", "step ms"], rows)
+
+
+def _generic(data: dict[str, Any]) -> str:
+    """Tables of whatever flat records the file holds: lists of flat dicts, and dicts of timing summaries."""
+    parts = []
+
+    def flat(d: Any) -> bool:
+        return isinstance(d, dict) and all(isinstance(v, (int, float, str, bool)) or v is None for v in d.values())
+
+    def walk(node: Any, path: str, depth: int) -> None:
+        if depth > 4 or len(parts) > 6:
+            return
+        if isinstance(node, list) and node and all(flat(x) for x in node):
+            header = list(dict.fromkeys(k for x in node for k in x))
+            body = [[fmt_value(x.get(k, "")) for k in header] for x in node[:40]]
+            parts.append(f"`{path}`\n\n" + _table(header, body))
+        elif isinstance(node, dict):
+            stats = {k: v for k, v in node.items() if isinstance(v, dict) and "median" in v and flat(v)}
+            if stats:
+                body = [[k, fmt_value(v["median"]), fmt_value(v.get("min", "")), fmt_value(v.get("max", ""))]
+                        for k, v in stats.items()]
+                parts.append(f"`{path}`\n\n" + _table(["", "median", "min", "max"], body))
+            for k, v in node.items():
+                if k not in stats and k not in ("machine", "checks", "targets"):
+                    walk(v, f"{path}.{k}" if path else k, depth + 1)
+
+    walk(data, "", 0)
+    return "\n\n".join(parts) or "(no tables in this result file)"
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "compile_time": _compile, "train_step": _train_step, "storage": _storage, "tome": _tome, "deploy": _deploy,
+    "replacement": _replacement}
+PLOTS_OF = {"compile_time": ["compile_time"], "train_step": ["ratios", "memory"], "tome": ["tome_throughput"],
+            "storage": []}
+
+
+def _section(suite: Suite, data: dict[str, Any] | None, plots: dict[str, Path], doc_dir: Path,
+             run: dict[str, Any]) -> str:
+    head = f"## {suite.title}\n\n`python -m benchmarks {suite.name}` (script `benchmarks/{suite.module}.py`)"
+    status = run.get(suite.name)
+    if data is None:
+        why = status["note"] if status and status.get("note") else (
+            "the suite script does not exist yet" if not suite.exists() else "not run yet")
+        return f"{head}\n\nNo results: {why}."
+    text = [head]
+    stamp = data.get("measured_at", "")
+    machine = data.get("machine", {})
+    text.append(f"Measured {stamp or '(time not recorded)'} on {machine.get('cpus', '?')} CPUs"
+                f"{', ' + machine['cuda'] if machine.get('cuda') else ''}, torch {machine.get('torch', '?')}"
+                + (f"; this run: {status['status']}" + (f" ({status['note']})" if status.get("note") else "")
+                   if status else "") + ".")
+    doc = _docstring(suite)
+    if doc:
+        text.append(doc)
+    renderer = RENDERERS.get(suite.result, _generic)
+    try:
+        text.append(renderer(data))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        text.append(f"(this file's layout is not the one the page knows — {type(exc).__name__}: {exc}; "
+                    f"generic rendering)\n\n" + _generic(data))
+    for name in PLOTS_OF.get(suite.result, []):
+        if name in plots:
+            rel = Path(os.path.relpath(plots[name], doc_dir))
+            text.append(f"![{name}]({rel.as_posix()})")
+    return "\n\n".join(text)
+
+
+def _explanations(checks: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> str:
+    misses = [c for c in checks if c["verdict"] != "PASS"]
+    if not misses:
+        return "Every target is met in these results."
+    parts = []
+    for c in misses:
+        own = results.get(c["suite"], {}).get("explanations", {})
+        text = own.get(c["id"]) or next((v for k, v in EXPLANATIONS.items() if str(c["id"]).startswith(k)), None)
+        parts.append(f"- **{c['name']}** ({c['suite']}: {fmt_value(c['value'], c['unit'])}, target {fmt_target(c)}): "
+                     + (text or "not analysed yet — profile it (`python -m cProfile`, `torch.profiler`) and record "
+                                "the cause here (benchmarks/report.py EXPLANATIONS) or fix it."))
+    return "\n".join(parts)
+
+
+def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], plots: dict[str, Path],
+           doc_path: Path) -> str:
+    """The whole of docs/benchmarks.md."""
+    checks = collect_checks(results)
+    run = summary.get("suites", {})
+    load = summary.get("load_avg")
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python -m benchmarks` from benchmarks/results/*.json; edit benchmarks/report.py, "
+        "not this file. -->",
+        "",
+        "How peftc compares with its peers — HF PEFT, module-level wrapper implementations, the plain backbone — "
+        "measured side by side on one machine in one run. Regenerate with `python -m benchmarks` (all suites), "
+        "`python -m benchmarks train-step storage` (some), `--quick` (a smaller configuration of each; under five "
+        "minutes on two idle CPU cores) or `--report-only` (redraw this page from the stored JSON). "
+        "HF PEFT comes with `pip install -e '.[bench]'`.",
+        "",
+        "**Reading the numbers.** "
+        + (f"The last run took {summary['total_s']:.0f} s{' (--quick)' if summary.get('quick') else ''}"
+           + (f" while the machine's load average was {load[0]:.1f}–{load[1]:.1f} on {summary.get('cpus', '?')} "
+              "CPUs" if load else "") + ". " if summary.get("total_s") else "")
+        + "The machine is shared with other engineers' jobs, so absolute times are inflated and noisy; "
+        "compare the *ratios*, which come from variants measured interleaved (round-robin, alternating order) in "
+        "the same run, and the ranges beside each median. Memory and bytes on disk are not affected by load.",
+        "",
+        "## Targets",
+        "",
+    ]
+    if checks:
+        lines.append(_table(["suite", "target", "measured", "goal", ""], [
+            [c["suite"], c["name"], fmt_value(c["value"], c["unit"]), fmt_target(c), f"**{c['verdict']}**"]
+            for c in checks]))
+    else:
+        lines.append("No results yet.")
+    for suite in SUITES.values():
+        lines += ["", _section(suite, results.get(suite.result), plots, doc_path.parent, run)]
+    if not plots and importlib.util.find_spec("matplotlib") is None:
+        lines += ["", "(Plots need matplotlib: `pip install -e '.[bench]'`.)"]
+    lines += ["", "## Why targets are missed", "", _explanations(checks, results), ""]
+    return "\n".join(lines)

@@ -1,0 +1,352 @@
+"""Training step time and peak memory: full fine-tuning vs each method, and peftc vs its peers, batch 8.
+
+    python -m benchmarks.train_step [--quick] [--rounds 3] [--steps 5] [--batch 8] [--threads N]
+
+Two groups, each on one backbone: a ViT (timm deit_small_patch16_224; vit_tiny with --quick) for the transformer
+methods, with LoRA and LN tuning also built by HF PEFT on the same timm module (same targets, rank, alpha and
+trained head); and a CNN (torchvision resnet50) for CLR, also built as module-level wrappers (each conv replaced
+by a module holding the conv and its depthwise conv, the design of the official code). Full fine-tuning of each
+backbone is the baseline; without --quick every built-in spec that compiles on the backbone is measured too.
+
+Every measurement runs in its own process (forked, so imports are paid once), which builds the model, takes
+warm-up steps, then times ``steps`` training steps (zero_grad, forward, cross-entropy, backward, AdamW) and
+``steps`` no-grad eval forwards, and reports its peak memory over the timed steps (CPU: resident-set high-water
+mark above the process's size before the model was built, i.e. weights + gradients + optimiser state +
+activations; GPU: ``torch.cuda.max_memory_allocated``). Variants run interleaved, ``rounds`` times, in
+alternating order, so load that drifts on a shared machine hits all of them alike; ratios are the median over
+rounds of each round's peftc/peer ratio. Targets: peftc LoRA step time and peak memory ≤ 1.0× HF PEFT's; peftc
+CLR eager forward ≤ 1.0× the wrapper implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.common import check, summary, write_result
+from benchmarks.isolate import IsolatedError, Peak, rss_bytes, run_isolated
+
+BATCH = 8
+TARGETS = {"lora_step": 1.0, "lora_memory": 1.0, "clr_forward": 1.0}
+CHECKS = {  # ratio name -> (check id, label)
+    "lora step peftc/peft": ("lora_step", "LoRA train step, peftc / HF PEFT"),
+    "lora memory peftc/peft": ("lora_memory", "LoRA peak training memory, peftc / HF PEFT"),
+    "clr forward peftc/wrapper": ("clr_forward", "CLR eager forward, peftc / module-level wrappers"),
+}
+# method -> spec params used here (ln_tuning without per-task keys: the same trainables as PEFT's LN tuning)
+PARAMS: dict[str, dict[str, Any]] = {"ln_tuning": {"keys": False}}
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    backbone: str
+    image: int
+    methods: tuple[str, ...]  # the specs measured (others are added without --quick)
+
+
+QUICK_GROUPS = (Group("vit", "timm:vit_tiny_patch16_224", 224, ("lora", "ln_tuning")),
+                Group("cnn", "resnet50", 112, ("clr",)))
+FULL_GROUPS = (Group("vit", "timm:deit_small_patch16_224", 224, ("lora", "ln_tuning")),
+               Group("cnn", "resnet50", 224, ("clr",)))
+
+
+@dataclass
+class Job:
+    """One measured configuration (what a child process builds and times)."""
+
+    group: str
+    kind: str  # full | peftc | peft | wrapper
+    backbone: str
+    image: int
+    method: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    peer_plan: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.kind}" + (f":{self.method}" if self.method else "")
+
+
+# -- child side -------------------------------------------------------------------------------------------------
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _plan_group(group: Group, extra_specs: bool, peft_ok: bool) -> dict[str, Any]:
+    """Which specs compile on the group's backbone (and why not), and what each peer must adapt."""
+    import peftc
+    from benchmarks.peers import PEERS, plan
+    from peftc.errors import PeftcError
+    from peftc.spec import builtin_specs
+
+    available = builtin_specs()
+    wanted = list(group.methods)
+    if extra_specs:
+        wanted += sorted(s for s in available if s not in wanted)
+    out: dict[str, Any] = {"methods": {}, "skipped": {}}
+    for method in wanted:
+        if method not in available:
+            out["skipped"][method] = f"spec {method!r} is not built in (yet)"
+            continue
+        try:
+            model = peftc.compile(method, group.backbone, **PARAMS.get(method, {}))
+        except PeftcError as exc:
+            out["skipped"][method] = f"does not apply to {group.backbone}: {str(exc).splitlines()[0]}"
+            continue
+        peers = {}
+        for kind in PEERS.get(method, ()):
+            if kind == "peft" and not peft_ok:
+                out["skipped"][f"peft:{method}"] = "HF PEFT is not installed (pip install 'peftc[bench]')"
+                continue
+            peers[kind] = plan(model, method)
+        out["methods"][method] = {"trainable": sum(p.numel() for p in model.trainable_parameters()), "peers": peers}
+    return out
+
+
+def _build(job: Job) -> Any:
+    """The model of ``job`` (its trainable parameters have ``requires_grad``)."""
+    import peftc
+    from peftc.backbones import build_backbone
+
+    if job.kind == "peftc":
+        return peftc.compile(job.method, job.backbone, **job.params)
+    module = build_backbone(job.backbone).module
+    if job.kind == "full":
+        return module.requires_grad_(True)
+    from benchmarks.peers import build_peer
+
+    return build_peer(job.kind, job.method, module, job.peer_plan)
+
+
+def measure(job: Job, steps: int, warmup: int, batch: int, threads: int) -> dict[str, Any]:
+    """Build ``job``'s model, time training steps and eval forwards, and read the peak memory (in a child)."""
+    import torch
+    import torch.nn.functional as F
+
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD fixed: big tensors are mmapped and return to the OS
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    base = rss_bytes() if device == "cpu" else 0
+    model = _build(job).to(device)
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)
+    model_bytes = (rss_bytes() or 0) - base if device == "cpu" else torch.cuda.memory_allocated()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(batch, 3, job.image, job.image, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    model.train()
+    for _ in range(warmup):  # allocates gradients and optimiser state
+        step()
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)
+    peak = Peak(device)
+    peak.reset()
+    step_s = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        step_s.append(time.perf_counter() - start)
+    peak_bytes = peak.bytes() - (base or 0)
+    model.eval()
+    forward_s = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            forward_s.append(time.perf_counter() - start)
+    return {"step_s": step_s, "forward_s": forward_s, "peak_bytes": peak_bytes, "model_bytes": model_bytes,
+            "memory_method": peak.method,
+            "trainable": sum(p.numel() for p in params), "device": device}
+
+
+# -- parent side ------------------------------------------------------------------------------------------------
+def _jobs(group: Group, planned: dict[str, Any]) -> list[Job]:
+    jobs = [Job(group.name, "full", group.backbone, group.image)]
+    for method, info in planned["methods"].items():
+        jobs.append(Job(group.name, "peftc", group.backbone, group.image, method, PARAMS.get(method, {})))
+        for kind, peer_plan in info["peers"].items():
+            jobs.append(Job(group.name, kind, group.backbone, group.image, method, {}, peer_plan))
+    return jobs
+
+
+def _ratio(rounds: list[dict[str, dict[str, Any]]], a: str, b: str, metric: str) -> dict[str, float] | None:
+    """Median over rounds of round-wise ``a/b`` (medians within a round), with its min and max."""
+    values = []
+    for r in rounds:
+        if a in r and b in r:
+            num, den = r[a][metric], r[b][metric]
+            if metric != "peak_bytes":
+                num, den = statistics.median(num), statistics.median(den)
+            if den:
+                values.append(num / den)
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
+
+
+def run(groups: tuple[Group, ...], *, extra_specs: bool, rounds: int, steps: int, warmup: int, batch: int,
+        threads: int, console: Console) -> dict[str, Any]:
+    import timm  # noqa: F401  (imported once here, shared by every forked child)
+    import torch  # noqa: F401
+
+    import peftc  # noqa: F401
+
+    peft_ok = importlib.util.find_spec("peft") is not None
+    if peft_ok:
+        import peft  # noqa: F401
+
+    jobs: list[Job] = []
+    skipped: dict[str, str] = {}
+    trainable: dict[str, int] = {}
+    for group in groups:
+        planned = run_isolated(_plan_group, group, extra_specs, peft_ok)
+        skipped.update({f"{group.name}/{k}": v for k, v in planned["skipped"].items()})
+        jobs += _jobs(group, planned)
+        trainable.update({f"{group.name}/peftc:{m}": i["trainable"] for m, i in planned["methods"].items()})
+    per_round: list[dict[str, dict[str, Any]]] = []
+    failed: dict[str, str] = {}
+    for r in range(rounds):
+        order = jobs if r % 2 == 0 else list(reversed(jobs))
+        results: dict[str, dict[str, Any]] = {}
+        for job in order:
+            if job.key in failed:
+                continue
+            console.print(f"[dim]round {r + 1}/{rounds}: {job.key} on {job.backbone}[/dim]")
+            try:
+                results[job.key] = measure_isolated(job, steps, warmup, batch, threads)
+            except IsolatedError as exc:
+                failed[job.key] = str(exc)
+                console.print(f"[yellow]{job.key} failed: {exc}[/yellow]")
+        per_round.append(results)
+    return _aggregate(jobs, per_round, skipped, failed, trainable)
+
+
+def measure_isolated(job: Job, steps: int, warmup: int, batch: int, threads: int) -> dict[str, Any]:
+    return run_isolated(measure, job, steps, warmup, batch, threads, timeout=900)
+
+
+def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skipped: dict[str, str],
+               failed: dict[str, str], trainable: dict[str, int]) -> dict[str, Any]:
+    variants: dict[str, Any] = {}
+    for job in jobs:
+        samples = [r[job.key] for r in per_round if job.key in r]
+        if not samples:
+            continue
+        peaks = [s["peak_bytes"] for s in samples]
+        variants[job.key] = {
+            **{k: v for k, v in asdict(job).items() if k in ("group", "kind", "backbone", "image", "method", "params")},
+            "trainable_params": samples[0]["trainable"],
+            "step_s": summary([t for s in samples for t in s["step_s"]]),
+            "forward_s": summary([t for s in samples for t in s["forward_s"]]),
+            "peak_mb": {"median": statistics.median(peaks) / 2**20, "min": min(peaks) / 2**20,
+                        "max": max(peaks) / 2**20},
+            "model_mb": statistics.median(s["model_bytes"] for s in samples) / 2**20,
+            "memory_method": samples[0]["memory_method"],
+            "device": samples[0]["device"],
+        }
+    ratios: dict[str, Any] = {}
+    for job in jobs:
+        if job.kind in ("peft", "wrapper"):
+            group = job.group
+            ours, theirs = f"{group}/peftc:{job.method}", job.key
+            for metric, name in (("step_s", "step"), ("forward_s", "forward"), ("peak_bytes", "memory")):
+                value = _ratio(per_round, ours, theirs, metric)
+                if value:
+                    ratios[f"{job.method} {name} peftc/{job.kind}"] = {**value, "method": job.method,
+                                                                       "peer": job.kind, "metric": name}
+        elif job.kind == "peftc":
+            for metric, name in (("step_s", "step"), ("peak_bytes", "memory")):
+                value = _ratio(per_round, job.key, f"{job.group}/full", metric)
+                if value:
+                    ratios[f"{job.group} {job.method} {name} vs full"] = {**value, "method": job.method,
+                                                                          "peer": "full", "metric": name}
+    checks = []
+    for key, (cid, label) in CHECKS.items():
+        if key in ratios:
+            ratios[key]["check"] = cid
+            checks.append(check(cid, label, ratios[key]["median"], TARGETS[cid], unit="x"))
+    return {"variants": variants, "ratios": ratios, "checks": checks, "skipped": skipped, "failed": failed}
+
+
+def print_table(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"train step, batch {result['config']['batch']} (medians; "
+                        f"{result['config']['rounds']} interleaved rounds)", header_style="bold")
+    for col in ("variant", "backbone", "trainable", "step", "eval fwd", "model mem", "peak mem"):
+        table.add_column(col, justify="left" if col in ("variant", "backbone") else "right")
+    for key, v in result["variants"].items():
+        table.add_row(key, f"{v['backbone']}@{v['image']}", f"{v['trainable_params']:,}",
+                      f"{v['step_s']['median'] * 1e3:.0f} ms", f"{v['forward_s']['median'] * 1e3:.0f} ms",
+                      f"{v['model_mb']:.0f} MiB", f"{v['peak_mb']['median']:.0f} MiB")
+    console.print(table)
+    ratios = Table(title="ratios (median of per-round ratios; < 1 means peftc is cheaper)", header_style="bold")
+    for col in ("ratio", "median", "min", "max", "target", ""):
+        ratios.add_column(col, justify="left" if col == "ratio" else "right")
+    targets = {c["id"]: c for c in result["checks"]}
+    for name, r in result["ratios"].items():
+        c = targets.get(r.get("check", ""))
+        ratios.add_row(name, f"{r['median']:.3f}", f"{r['min']:.3f}", f"{r['max']:.3f}",
+                       f"≤ {c['target']:.2f}" if c else "", c["verdict"] if c else "")
+    console.print(ratios)
+    for key, why in {**result["skipped"], **result["failed"]}.items():
+        console.print(f"[dim]not measured: {key}: {why}[/dim]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="vit_tiny and resnet50@112, 2 rounds of 3 steps")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 2 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per process (default 5; 3 with --quick)")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 3)
+    steps = args.steps or (3 if args.quick else 5)
+    warmup = 1 if args.quick else 2
+    groups = QUICK_GROUPS if args.quick else FULL_GROUPS
+    console = Console()
+    start = time.perf_counter()
+    result = run(groups, extra_specs=not args.quick, rounds=rounds, steps=steps, warmup=warmup, batch=args.batch,
+                 threads=args.threads, console=console)
+    result["config"] = {"quick": args.quick, "batch": args.batch, "rounds": rounds, "steps": steps,
+                        "warmup": warmup, "threads": args.threads, "groups": [asdict(g) for g in groups],
+                        "wall_s": time.perf_counter() - start}
+    print_table(result, console)
+    path = write_result("train_step", result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
