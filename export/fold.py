@@ -189,6 +189,12 @@ class _Folder:
             return f"{target} is called more than once"
         if self.tied(self.module(node)):
             return f"{target} shares tensors with another module"
+        return self.read_directly(target)
+
+    def read_directly(self, target: str) -> str | None:
+        """Why not, when other nodes read ``target``'s tensors as graph inputs (``get_attr``: tied layers)."""
+        if any(n.op == "get_attr" and str(n.target).startswith(target + ".") for n in self.gm.graph.nodes):
+            return f"{target}'s tensors are read directly by other layers (tied)"
         return None
 
     def erase(self, node: fx.Node) -> None:
@@ -347,7 +353,7 @@ class _Folder:
         if len(prev.users) != 1:
             self.skipped[path] = f"{prev.target}'s output is also read elsewhere"
             return False
-        why = self.not_editable(prev)
+        why = self.not_editable(prev) or self.read_directly(path)
         if self.calls(path) != 1:
             why = f"{path} is called more than once"
         if why is not None:
@@ -483,7 +489,7 @@ def _looks_like_block(m: nn.Module) -> bool:
 def _why_not(m: nn.Module) -> str:
     if callable(getattr(m, "delta_weight", None)) or callable(getattr(m, "folded", None)):
         return "not in a foldable position"
-    return f"{type(m).__name__} is not linear in a frozen layer's input (no delta_weight/folded)"
+    return f"{type(m).__name__} defines neither delta_weight nor folded(): it runs as it is"
 
 
 def describe(report: FoldReport) -> Mapping[str, Any]:

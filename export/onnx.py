@@ -15,6 +15,7 @@ and the previous file, if any, untouched.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ExportError, ParityError
+from .onnx_ops import custom_translations
 from .source import Deployable, prepare, resolve_model
 
 __all__ = ["ExportResult", "Parity", "check_parity", "export_onnx", "write_onnx"]
@@ -191,11 +193,22 @@ def _export(deployable: Deployable, opset: int | None) -> Any:
             return torch.onnx.export(
                 deployable.module.eval(), example, dynamo=True, dynamic_shapes=dynamic, input_names=names,
                 output_names=["logits"], opset_version=opset, verbose=False,
+                custom_translation_table=custom_translations(),
             )
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        first = next((line for line in text if line.strip()), type(exc).__name__)
-        raise ExportError(f"torch.onnx.export failed for {deployable.spec} on {deployable.backbone}: {first}") from None
+        raise ExportError(
+            f"torch.onnx.export failed for {deployable.spec} on {deployable.backbone}: {_cause(exc)}"
+        ) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """The informative line of an exporter error (its 'Exception summary', not the generic preamble)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    summary = [line for line in lines if line.startswith("<class ")]
+    if summary:
+        return summary[0]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _annotate(program: Any, deployable: Deployable) -> None:

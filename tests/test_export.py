@@ -16,7 +16,7 @@ import pytest
 import torch
 from peftc.export.compile import compile_module
 from peftc.export.errors import BackendUnavailable, ParityError
-from peftc.export.onnx import write_onnx
+from peftc.export.onnx import ExportResult, write_onnx
 from peftc.export.ort import OrtRunner, cuda_status, resolve_providers
 from peftc.export.source import Deployable
 from peftc.export.triton import triton_config
@@ -25,9 +25,10 @@ from typer.testing import CliRunner
 
 import peftc
 from peftc.cli import app
+from peftc.model import Compiled
 
 from .conftest import synthetic_task, train_steps
-from .test_fold import Tiny
+from .test_fold import VIT_TINY, Tiny, perturb
 
 runner = CliRunner()
 SIZE = 64
@@ -122,6 +123,45 @@ def test_all_tasks_graph_routes_each_sample(artifact: Path, tmp_path: Path) -> N
     assert np.abs(got[[0, 2]] - b[[0, 2]]).max() <= 1e-4 * scale
     assert np.abs(got[1, :3] - default[1]).max() <= 1e-4 * scale and got[1, 3] == -np.inf  # 3-class task padded
     assert np.isnan(got[3]).all()  # an unknown task id is never answered by another task
+
+
+def vit_parity(model: Compiled, path: Path, task: str | None = None) -> ExportResult:
+    """Export (batch 2), then check a batch of 3 again here, independently of the exporter's own check."""
+    result = peftc.export_onnx(model, path, task=task)
+    assert result.parity is not None and result.parity.batch == 3 and result.parity.ok
+    if task is not None:
+        model.set_task(task)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = OrtRunner(str(path), "cpu")(x)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    return result
+
+
+def test_lora_vit_tiny_folds_to_the_backbone_and_exports(tmp_path: Path) -> None:
+    model = peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=["qkv", "proj", "fc1", "fc2"])
+    perturb(model)
+    result = vit_parity(model, tmp_path / "lora.onnx")
+    assert result.fold is not None and result.fold["counts"] == {"bypass": 48}
+    assert result.fold["params_after"] == VIT_TINY
+
+
+def test_ln_tuning_forced_task_exports(tmp_path: Path) -> None:
+    model = peftc.compile("ln_tuning", "timm:vit_tiny_patch16_224")
+    model.add_task("b")
+    model.set_task("b")  # forced: no per-sample key selection
+    perturb(model)
+    model.set_task("default")
+    result = vit_parity(model, tmp_path / "ln.onnx", task="b")
+    assert result.task == "b" and result.fold is not None and result.fold["remaining"] == {}
+    assert result.fold["params_after"] == VIT_TINY  # 25 LN rows folded into plain LayerNorms, key gone
+
+
+def test_tome_deit_tiny_exports(tmp_path: Path) -> None:
+    model = peftc.compile("tome", "timm:deit_tiny_patch16_224", r=8)
+    result = vit_parity(model, tmp_path / "tome.onnx")  # needs the stable-sort translation (ONNX TopK)
+    assert result.fold is not None and len(result.fold["remaining"]) == 12  # token merging runs as it is
 
 
 def test_bad_input_is_one_message_and_leaves_no_file(artifact: Path, tmp_path: Path) -> None:

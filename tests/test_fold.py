@@ -18,6 +18,7 @@ import peftc
 from peftc.blocks import BlockArgs, Site, register_block
 from peftc.blocks.channel_conv import ChannelConv
 from peftc.errors import TaskError
+from peftc.model import Compiled
 
 from .conftest import synthetic_task, train_steps
 
@@ -229,17 +230,24 @@ def test_bypass_protocol_on_conv_and_linear_with_scale() -> None:
         assert_close(result.module(x), model(x))
 
 
-def test_vit_low_rank_bypass_folds_to_backbone_size() -> None:
-    spec = tiny_spec(
-        {"parallel": {"to": {"type": "Linear", "exclude": {"role": "head"}}, "block": "test_lowrank",
-                      "scale": 2.0}},
-        {"head": {"classes": 5}},
-    )
+def perturb(model: Compiled, std: float = 0.05) -> None:
+    """Move every trainable tensor off its init (as training would), so no fold is trivially exact."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(std * torch.randn(p.shape, generator=gen))
+
+
+VIT_TINY = 5_717_416  # timm vit_tiny_patch16_224 with its 1000-class head
+
+
+@pytest.mark.parametrize(("spec", "merged"), [("fact", {"bypass": 48}), ("bitfit", {})])
+def test_vit_methods_fold_to_exactly_the_backbone(spec: str, merged: dict[str, int]) -> None:
     model = peftc.compile(spec, "timm:vit_tiny_patch16_224")
+    perturb(model)
     result = fold(model)
-    assert result.report.counts() == {"bypass": 48}
-    # vit_tiny: 5,717,416 parameters with its 1000-class head (193,000); the new head has 965
-    assert result.report.params_after == 5_717_416 - 193_000 + 965
+    assert result.report.counts() == merged and result.report.remaining == {}
+    assert result.report.params_after == VIT_TINY  # FacT's shared U/V and cores are gone; BitFit biases stay
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert_close(result.module(x), model(x))
