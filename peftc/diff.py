@@ -531,6 +531,7 @@ def diff(
     image_size: int | tuple[int, int] | None = None,
     seed: int = 0,
     leaves: Iterable[type[nn.Module]] = (),
+    reference: GraphView | None = None,
 ) -> GraphDiff:
     """What a rewrite changes, as a :class:`GraphDiff`.
 
@@ -540,6 +541,8 @@ def diff(
     - ``diff("out/a", "out/b")`` — two artifact directories, including which saved tensors differ.
 
     Shapes and FLOPs come from one example batch at the backbone's input size, or ``image_size``.
+    ``reference`` is a view of the backbone made earlier with :func:`peftc.shapes.view_backbone` at the same
+    input: diffing many specs against one backbone then traces and runs the backbone only once.
     """
     from .compiler import compile as compile_model
     from .compiler import resolve_backbone
@@ -597,7 +600,13 @@ def diff(
     views = []
     for s in (left, right):
         shape = input_shape(tuple(s.backbone.input_size), image_size)  # type: ignore[arg-type]
-        if s.model is None:
+        if s.model is None and reference is not None:
+            if reference.source.get("kind") != "backbone" or reference.source.get("backbone") != s.backbone.id \
+                    or reference.input != shape:
+                raise PeftcError(f"reference= is a view of {reference.label} at {list(reference.input)}, "
+                                 f"not of backbone {s.backbone.id} at {list(shape)}")
+            views.append(reference)
+        elif s.model is None:
             views.append(view_backbone(s.backbone, shape, leaves=leaves))
         else:
             views.append(

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import PeftcError
 from .select import block_positions
@@ -143,6 +142,8 @@ class _Propagator(fx.Interpreter):
         self.stats: dict[fx.Node, NodeStats] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        from torch.utils.flop_counter import FlopCounterMode  # imported on first use: `import peftc` stays light
+
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         flops = int(counter.get_total_flops())

@@ -30,6 +30,7 @@ from peftc.blocks import BlockArgs, Site, register_block
 from peftc.cli import app
 from peftc.diff import KINDS, SCHEMA, GraphDiff
 from peftc.render.style import STATUS
+from peftc.shapes import GraphView, input_shape, view_backbone
 from peftc.spec import builtin_specs
 
 from .conftest import synthetic_task, train_steps
@@ -43,19 +44,22 @@ runner = CliRunner()
 
 # -- golden diffs -----------------------------------------------------------------------------------------------
 
-_BUILT: dict[str, Backbone] = {}
+_BUILT: dict[str, tuple[Backbone, GraphView]] = {}
 
 
-def _backbone(name: str) -> Backbone:
+def _backbone(name: str) -> tuple[Backbone, GraphView]:
+    """Each golden backbone is built, traced and run once (the reference view) for all specs."""
     if name not in _BUILT:
-        _BUILT[name] = build_backbone(name)
+        bb = build_backbone(name)
+        _BUILT[name] = bb, view_backbone(bb, input_shape(bb.input_size, GOLDEN_BACKBONES[name]))
     return _BUILT[name]
 
 
 def _golden_payload(spec: str, backbone: str) -> dict[str, Any]:
     """The JSON diff of ``spec`` on ``backbone``, or the error that says the spec does not apply there."""
+    bb, reference = _backbone(backbone)
     try:
-        return peftc.diff(spec, backbone=_backbone(backbone), image_size=GOLDEN_BACKBONES[backbone]).to_json()
+        return peftc.diff(spec, backbone=bb, image_size=GOLDEN_BACKBONES[backbone], reference=reference).to_json()
     except peftc.PeftcError as exc:
         message = str(exc).replace(SPECS_DIR + os.sep, "specs/")
         return {"schema": SCHEMA, "spec": spec, "backbone": backbone,
@@ -104,6 +108,13 @@ def test_golden_diff(spec: str, backbone: str, update_golden: bool) -> None:
         f"{spec} on {backbone} no longer matches {path.name}: {difference}. If the change is intended, "
         "regenerate with `pytest tests/test_diff.py --update-golden` and commit the new reference."
     )
+
+
+def test_a_reference_view_changes_nothing_but_cost() -> None:
+    bb, reference = _backbone("resnet18")
+    assert peftc.diff("bitfit", backbone=bb, image_size=64).to_json() == _golden_payload("bitfit", "resnet18")
+    with pytest.raises(peftc.PeftcError, match="reference= is a view of resnet18 at"):
+        peftc.diff("bitfit", backbone=bb, image_size=32, reference=reference)
 
 
 def test_golden_files_have_a_spec() -> None:
@@ -231,19 +242,18 @@ def test_artifacts(tmp_path: Path) -> None:
     images, labels = synthetic_task()
     train_steps(model, images, labels, steps=2)
     model.save(tmp_path / "b")
-    d = peftc.diff(tmp_path / "a", tmp_path / "b", image_size=32)
-    assert not any(d.changes.values())  # the same spec: the same graph
-    assert d.tensors is not None and d.tensors["differ"] and not d.tensors["only_a"] and not d.tensors["only_b"]
-    changed = {entry["tensor"] for entry in d.tensors["changed"]}
-    assert "tasks/default/conv1.clr.weight" in changed
-    assert d.to_json()["a"]["kind"] == "artifact"
-    alone = peftc.diff(str(tmp_path / "a"), image_size=32)  # one artifact against its backbone
-    assert alone.a.source["kind"] == "backbone" and len(alone["added"]) == 17
-    assert {c.name: c for c in alone["replaced"]}["fc"].data["b"]["config"].endswith("out_features=3, bias=True")
     result = runner.invoke(app, ["diff", "--artifacts", str(tmp_path / "a"), str(tmp_path / "b"), "--json",
                                  "--image-size", "32"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["tensors"]["changed"]
+    d = json.loads(result.output)
+    assert not any(d["summary"]["changes"].values())  # the same spec: the same graph
+    assert d["a"]["kind"] == d["b"]["kind"] == "artifact" and d["a"]["spec"] == "clr"
+    tensors = d["tensors"]
+    assert tensors["differ"] and not tensors["only_a"] and not tensors["only_b"] and tensors["same"] >= 0
+    assert "tasks/default/conv1.clr.weight" in {entry["tensor"] for entry in tensors["changed"]}
+    alone = peftc.diff(str(tmp_path / "a"), image_size=32)  # one artifact against its backbone
+    assert alone.a.source["kind"] == "backbone" and len(alone["added"]) == 17 and alone.tensors is None
+    assert {c.name: c for c in alone["replaced"]}["fc"].data["b"]["config"].endswith("out_features=3, bias=True")
 
 
 # -- renderers --------------------------------------------------------------------------------------------------
