@@ -126,6 +126,19 @@ def test_save_load_corrects_the_same_tasks(tmp_path: Path) -> None:
             assert torch.equal(loaded.set_task(task)(x), model.set_task(task)(x)), task
 
 
+def test_fold_for_deployment(resnet18: nn.Module) -> None:
+    from peftc.export import fold
+
+    model = peftc.compile("confit", resnet18, num_classes=3)
+    _two_tasks(model)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for task in ("t1", "t2"):
+        folded = fold(model, task=task)  # the old task folds with its corrected statistics
+        with torch.no_grad():
+            torch.testing.assert_close(folded.module(x), model.set_task(task)(x), rtol=1e-5, atol=1e-5)
+        assert not any(isinstance(m, (nn.BatchNorm2d, InputMean)) for m in folded.module.modules())
+
+
 def test_cross_conv_bn_needs_its_tracker(resnet18: nn.Module) -> None:
     doc = {"name": "t", "rules": [{"replace": {"target": {"role": "bn_after_conv"}, "block": "cross_conv_bn"}}]}
     with pytest.raises(peftc.PeftcError, match="needs an input_mean block right before 'conv1'"):

@@ -267,6 +267,19 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(p, q), n
 
 
+def test_fold_keeps_the_neighbours_that_tied_layers_read(resnet18: nn.Module) -> None:
+    from peftc.export import fold
+
+    model = peftc.compile("replacement", resnet18, num_classes=3)
+    folded = fold(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module(x), model(x), rtol=0, atol=1e-5)
+    modules = dict(folded.module.named_modules())
+    assert isinstance(modules["layer1.0.bn1"], nn.BatchNorm2d)  # read by layer1.1.bn1: not merged away
+    assert "layer2.0.bn1" not in modules  # an untied BN still folds into its conv
+
+
 def test_per_task_scalars(resnet18: nn.Module) -> None:
     doc = {"name": "t", "rules": [{"tie": {"task_state": "new", "init": [0.9, 0.1]}}]}
     model = peftc.compile(doc, resnet18)

@@ -77,6 +77,10 @@ class InputMean(nn.Module):
             self.update(x)
         return x
 
+    def folded(self) -> nn.Module:
+        """For deployment (``peftc.export.fold``): tracking is a training-time job; inference is the identity."""
+        return nn.Identity()
+
     def extra_repr(self) -> str:
         return f"{self.channels}, stride={self.stride}, momentum={self.momentum}"
 
@@ -128,6 +132,14 @@ class CrossConvBN(nn.BatchNorm2d):
         self.running_mean.copy_(mean.to(self.running_mean))
         self.measured_at.copy_(self.num_batches_tracked)
         return True
+
+    def folded(self) -> nn.BatchNorm2d:
+        """For deployment: a plain BatchNorm2d with copies of the active task's (corrected) state, which
+        ``peftc.export.fold`` then merges into the conv."""
+        plain = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats)
+        plain.to(device=self.running_mean.device, dtype=self.running_mean.dtype)
+        plain.load_state_dict({k: v for k, v in self.state_dict().items() if k != "measured_at"})
+        return plain.eval()
 
     # -- task bank hooks: the bank has already put the task's tensors in place ---------------------------------
     def peftc_add_task(self, name: str, source: str) -> None:
