@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import app
@@ -23,6 +24,13 @@ def _classes(values: list[str] | None) -> list[str] | None:
         return None
     out = [c.strip() for v in values for c in v.split(",") if c.strip()]
     return out or None
+
+
+def _not_main_process() -> bool:
+    """Under torchrun only rank 0 reports (every process computes the same summary)."""
+    import os
+
+    return os.environ.get("RANK", "0") != "0"
 
 
 def _pct(value: float | None) -> str:
@@ -78,6 +86,8 @@ def train_cmd(
         from peftc.train.sequence import train_sequence
 
         record = train_sequence(directory, sequence, options, select=select)
+        if _not_main_process():
+            return
         if json_:
             print_json(record)
             return
@@ -89,6 +99,8 @@ def train_cmd(
         raise TrainError("--task needs --data PATH (an ImageFolder, or a folder with train/ and val/)")
     assert task is not None
     result = train_task(directory, ensure_task_name(task), data, options)
+    if _not_main_process():
+        return
     if json_:
         print_json(result.summary)
         return
@@ -104,7 +116,7 @@ def train_cmd(
 
 def _render_sequence(record: dict[str, Any]) -> None:
     names = record["tasks"]
-    table = Table(title="accuracy a[i][j]: after training row i, on task j", title_justify="left",
+    table = Table(title=escape("accuracy a[i][j]: after training row i, on task j"), title_justify="left",
                   header_style="bold")
     table.add_column("trained through")
     for name in names:
@@ -144,6 +156,8 @@ def eval_cmd(
         raise EvalError(f"--split must be val or train, got {split!r}")
     result = evaluate(directory, data, task=task, select=select, device=device, batch_size=batch_size,
                       image_size=image_size, workers=workers, split=split)
+    if _not_main_process():
+        return
     if json_:
         print_json(result)
         return

@@ -1,7 +1,8 @@
 """Progress for long training runs: a rich bar with loss, throughput and ETA, plus one line per epoch.
 
-Everything goes to stderr, so ``--json`` keeps stdout machine-readable; ``quiet`` (other ranks, tests) draws
-nothing. The bar's total is the stage's remaining steps, so the ETA covers the whole stage, not one epoch.
+Everything goes to stderr, so ``--json`` keeps stdout machine-readable; ``quiet`` draws no bar and no notes
+but still prints warnings (corrupt images skipped, say) unless ``warnings`` is off (the other ranks under
+torchrun). The bar's total is the stage's remaining steps, so the ETA covers the whole stage, not one epoch.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ __all__ = ["Reporter"]
 class Reporter:
     """Draws the progress bar of one stage at a time and prints notes and epoch summaries."""
 
-    def __init__(self, quiet: bool = False, console: Console | None = None):
+    def __init__(self, quiet: bool = False, console: Console | None = None, warnings: bool = True):
         self.quiet = quiet
+        self.warnings = warnings
         self.console = console or Console(stderr=True, highlight=False)
         self._progress: Progress | None = None
         self._bar: Any = None
@@ -31,7 +33,7 @@ class Reporter:
             self.console.print(message, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        if not self.quiet:
+        if self.warnings:
             self.console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
     def start(self, title: str, total_steps: int, done_steps: int = 0) -> None:

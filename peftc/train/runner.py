@@ -67,19 +67,18 @@ def _checkpoint(artifact: Path, task: str) -> Checkpoint:
     return Checkpoint(artifact / TRAIN_DIR / task / "checkpoint")
 
 
-def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Reporter, model: Any
-                ) -> tuple[Any, TrainSection, dict[str, Any] | None]:
-    """(model, recipe, checkpoint state or None) for a fresh start or a resume; ``model``: already loaded."""
+def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Reporter, model: Any,
+                state: dict[str, Any] | None) -> tuple[Any, TrainSection]:
+    """(model, recipe) for a fresh start or a resume from ``state``; ``model``: the artifact, already loaded."""
     import peftc
 
     ckpt = _checkpoint(artifact, task)
-    if options.resume and ckpt.exists:
-        state = ckpt.read_state()
+    if state is not None:
         model = ckpt.load_model()
         recipe = TrainSection.model_validate(state["recipe"])
         if options.overrides or options.epochs is not None:
             reporter.note("resuming with the recipe the interrupted run started with (recipe flags ignored)")
-        return model, recipe, state
+        return model, recipe
     if ckpt.exists:
         reporter.note(f"discarding the unfinished run of task {task!r} (pass --resume to continue it)")
         ckpt.remove()
@@ -88,7 +87,7 @@ def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Repo
     overrides = dict(options.overrides)
     if options.epochs is not None:
         overrides["epochs"] = options.epochs
-    return model, resolve(model.spec.train, overrides), None
+    return model, resolve(model.spec.train, overrides)
 
 
 def _label_offset(model: Any, task: str, classes: int, registry: Registry, before: list[str]) -> int:
@@ -136,7 +135,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     options = options or TrainOptions()
     artifact = Path(artifact)
     dist = dist or setup(options.device)
-    reporter = reporter or Reporter(quiet=options.quiet or not dist.main)
+    reporter = reporter or Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
     registry = Registry(artifact)
     if registry.finished(task):
         if options.resume:
@@ -147,18 +146,23 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
         raise TrainError(f"task {task!r} is already trained in {artifact}; train a new task name (a finished "
                          "task's delta is never overwritten)")
     started = time.perf_counter()
-    model, recipe, state = _load_start(artifact, task, options, reporter, model)
-    if state is None and task in model.bank:
-        raise TrainError(f"{artifact} already has a task named {task!r} that `peftc train` did not train; choose "
-                         "another name")
+    ckpt = _checkpoint(artifact, task)
+    state = ckpt.read_state() if options.resume and ckpt.exists else None
     classes = state["classes"] if state else options.classes
     if state and options.classes and list(options.classes) != list(state["classes"]):
         raise TrainError(f"the interrupted run of {task!r} used classes {state['classes']}, not "
                          f"{list(options.classes)}")
     seed = state["seed"] if state else options.seed
-    task_data = discover(data, classes, val_fraction=options.val_fraction, seed=seed)
+    task_data = discover(data, classes, val_fraction=options.val_fraction, seed=seed)  # bad data fails fast
     for note in task_data.notes:
         reporter.note(note)
+    model, recipe = _load_start(artifact, task, options, reporter, model, state)
+    if state is None and task in model.bank:
+        raise TrainError(f"{artifact} already has a task named {task!r} that `peftc train` did not train; choose "
+                         "another name")
+    if state is None:  # the seed decides the new head's init, the shuffles and the augmentation
+        torch.manual_seed(seed)
+        random.seed(seed)
     _add_task(model, task, len(task_data.classes))
     model.set_task(task)
     model.to(dist.device)
@@ -177,20 +181,16 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
                   offset=offset, seen_tasks=seen)
     info = {"classes": list(task_data.classes), "data": str(Path(data)), "recipe": recipe.model_dump(mode="json"),
             "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset}
-    if dist.main and state is None:
-        registry.update(task, status="running", **info)
-    ckpt = _checkpoint(artifact, task)
     decls = recipe.stages or [StageDecl(stage="fit")]
     outcomes: list[dict[str, Any]] = list((state or {}).get("outcomes", []))
     recipes = [stage_recipe(recipe, decl, options.epochs) for decl in decls]
     stages = [make_stage(decl, run, r, where=model.spec.locate(("train", "stages", i, "stage")))
               for i, (decl, r) in enumerate(zip(decls, recipes))]  # unknown stage names fail before training
+    if dist.main and state is None:
+        registry.update(task, status="running", **info)
     if state is not None:
         ckpt.restore_rng(state)
         reporter.note(f"resuming task {task!r} after stage {state['stage'] + 1}, epoch {state['epoch'] + 1}")
-    else:
-        torch.manual_seed(seed)
-        random.seed(seed)
     for i, (stage, srecipe) in enumerate(zip(stages, recipes)):
         if state is not None and (i < state["stage"] or (i == state["stage"] and state.get("stage_done"))):
             continue

@@ -122,6 +122,21 @@ def _write(directory: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, directory / ACCURACY_JSON)
 
 
+def _row(model: Any, names: list[str], i: int, data: dict[str, Any], settings: dict[str, tuple[int, str]],
+         registry: Registry, workers: int, dist: Any) -> list[float | None]:
+    """Row i of the accuracy matrix: every task j <= i with its task given; None after i."""
+    row: list[float | None] = []
+    for j, other in enumerate(names):
+        if j > i:
+            row.append(None)
+            continue
+        size, augment = settings[other]
+        result = evaluate_model(model, {other: data[other]}, registry=registry, image_size=size, augment=augment,
+                                workers=workers, dist=dist)
+        row.append(result["tasks"][other]["accuracy"])
+    return row
+
+
 def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOptions | None = None,
                    *, select: bool = False) -> dict[str, Any]:
     """Train every task of ``sequence`` in order on the artifact; returns the accuracy matrix and metrics."""
@@ -129,7 +144,7 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
     artifact = Path(artifact)
     seq = read_sequence(sequence)
     dist = setup(options.device)
-    reporter = Reporter(quiet=options.quiet or not dist.main)
+    reporter = Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
     registry = Registry(artifact)
     names = [t.name for t in seq.tasks]
     out_dir = artifact / TRAIN_DIR
@@ -143,20 +158,27 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
     model = None
     data = {}
     settings: dict[str, tuple[int, str]] = {}
+    finished = [registry.finished(t.name) for t in seq.tasks]
     for i, task in enumerate(seq.tasks):
-        if registry.finished(task.name):
+        if finished[i]:
             if not options.resume:
                 raise TrainError(f"task {task.name!r} of the sequence is already trained in {artifact}; pass "
                                  "--resume to continue the sequence, or use a fresh artifact")
-            rows = previous.get("matrix") or []
-            if i >= len(rows):
-                raise SequenceError(f"task {task.name!r} is trained but {out_dir / ACCURACY_JSON} has no row for "
-                                    "it; the sequence cannot be resumed from this artifact")
-            matrix.append(rows[i])
             entry = registry.task(task.name) or {}
             data[task.name] = discover(task.data, entry.get("classes"), seed=entry.get("seed", options.seed))
             settings[task.name] = (entry.get("image_size"), (entry.get("recipe") or {}).get("augment", "standard"))
             reporter.note(f"task {i + 1}/{len(names)} {task.name}: already trained")
+            rows = previous.get("matrix") or []
+            if i < len(rows):
+                matrix.append(rows[i])
+                continue
+            if any(finished[i + 1:]):
+                raise SequenceError(f"task {task.name!r} is trained but {out_dir / ACCURACY_JSON} has no row for "
+                                    "it, and later tasks changed the model since; the sequence cannot be resumed")
+            import peftc  # the latest finished task (trained alone, say): the model is as it left it
+
+            model = model or peftc.load(artifact).to(dist.device)
+            matrix.append(_row(model, names, i, data, settings, Registry(artifact), options.workers, dist))
             continue
         epochs = options.epochs or task.epochs or seq.epochs
         task_options = dataclasses.replace(options, classes=task.classes, epochs=epochs)
@@ -167,16 +189,7 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
         entry = Registry(artifact).task(task.name) or {}
         data[task.name] = discover(task.data, result.summary["classes"], seed=entry.get("seed", options.seed))
         settings[task.name] = (result.summary["image_size"], (entry.get("recipe") or {}).get("augment", "standard"))
-        row: list[float | None] = []
-        current = Registry(artifact)
-        for j, other in enumerate(names):
-            if j > i:
-                row.append(None)
-                continue
-            size, augment = settings[other]
-            acc = evaluate_model(model, {other: data[other]}, registry=current, image_size=size, augment=augment,
-                                 workers=options.workers, dist=dist)["tasks"][other]["accuracy"]
-            row.append(acc)
+        row = _row(model, names, i, data, settings, Registry(artifact), options.workers, dist)
         matrix.append(row)
         reporter.note("  accuracy after " + task.name + ": "
                       + "  ".join(f"{n} {a:.3f}" for n, a in zip(names, row) if a is not None))
