@@ -38,7 +38,7 @@ import copy
 import numbers
 import operator
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -490,10 +490,3 @@ def _why_not(m: nn.Module) -> str:
     if callable(getattr(m, "delta_weight", None)) or callable(getattr(m, "folded", None)):
         return "not in a foldable position"
     return f"{type(m).__name__} defines neither delta_weight nor folded(): it runs as it is"
-
-
-def describe(report: FoldReport) -> Mapping[str, Any]:
-    """A short summary for CLIs: counts by kind and the blocks left in the graph."""
-    return {"task": report.task, "params_before": report.params_before, "params_after": report.params_after,
-            "merged": report.counts(), "remaining": report.remaining}
-
