@@ -55,7 +55,7 @@ def render_dot(d: GraphDiff) -> str:
             out.append(
                 f"{indent}{quote(name)} [label={quote(top + chr(10) + bottom)}, fillcolor={quote(fill)}, "
                 f"color={quote(outline)}, penwidth={width}, style={style}, "
-                f"class={quote(' '.join(['node', *attrs['kinds'], 'own-' + (info.state or 'none')]))}, "
+                f"class={quote(' '.join([*attrs['kinds'], 'own-' + (info.state or 'none')]))}, "
                 f"tooltip={quote(node_tooltip(info, attrs['before'], attrs['kinds']))}];"
             )
         if block is not None:
