@@ -217,18 +217,23 @@ def _replacement(info: NodeInfo) -> str | None:
 
 
 def compare(a: GraphView, b: GraphView) -> GraphDiff:
-    """All changes from view ``a`` to view ``b``, node identity by qualified name."""
+    """All changes from view ``a`` to view ``b``, node identity by qualified name.
+
+    Works on the views' networkx graphs: node sets give what was added and removed; for a node in both, its
+    ``info`` (type, configuration, ordered inputs, shape, tensors) gives what else changed.
+    """
+    ga, gb = a.graph, b.graph
     changes: dict[str, list[Change]] = {k: [] for k in KINDS}
-    added = [n for n in b.nodes if n not in a.nodes]
-    removed = [n for n in a.nodes if n not in b.nodes]
+    added = [n for n in gb.nodes if n not in ga]
+    removed = [n for n in ga.nodes if n not in gb]
     for root, members in _clusters(added, b.sites).items():
         changes["added"].append(_node_set_change("added", root, members, b))
     for root, members in _clusters(removed, a.sites).items():
         changes["removed"].append(_node_set_change("removed", root, members, a))
-    for name, nb in b.nodes.items():
-        na = a.nodes.get(name)
-        if na is None:
+    for name, nb in gb.nodes(data="info"):
+        if name not in ga:
             continue
+        na = ga.nodes[name]["info"]
         if (na.op, na.type, na.config, _replacement(na)) != (nb.op, nb.type, nb.config, _replacement(nb)):
             rule = nb.rule if nb.origin == "replaced" else na.rule
             changes["replaced"].append(
@@ -337,8 +342,7 @@ class GraphDiff:
                 "same",
             )
             g.add_node(name, info=info, before=self.a.nodes.get(name), status=status, kinds=node_kinds)
-        edges_a = {(i, n) for n, info in self.a.nodes.items() for i in info.inputs}
-        edges_b = {(i, n) for n, info in self.b.nodes.items() for i in info.inputs}
+        edges_a, edges_b = set(self.a.graph.edges), set(self.b.graph.edges)
         for u, v in sorted(edges_a | edges_b, key=lambda e: (order.index(e[1]), order.index(e[0]))):
             if u in g and v in g:
                 status = (

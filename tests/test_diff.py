@@ -184,6 +184,10 @@ def test_change_kinds_on_resnet18() -> None:
     # shapes and FLOPs come from a real forward: conv1 (7x7, stride 2) on 64x64 → 32x32
     conv1 = d.a.nodes["conv1"]
     assert conv1.shape == (1, 64, 32, 32) and conv1.flops == 2 * 64 * 32 * 32 * 3 * 49
+    # the views are networkx graphs: nodes by qualified name, an edge per input
+    assert set(d.b.graph.nodes) == set(d.b.nodes) and d.b.graph.has_edge("layer2.0.conv1.clr", "layer2.0.bn1")
+    assert not d.b.graph.has_edge("layer2.0.conv1", "layer2.0.bn1") and d.a.graph.has_edge("layer2.0.conv1",
+                                                                                          "layer2.0.bn1")
     # a ResNet block calls its relu twice: the second call is a node of its own
     assert "layer1.0.relu#2" in d.b.nodes and d.b.nodes["layer1.0.relu#2"].inputs == ("layer1.0.add",)
 
