@@ -216,7 +216,8 @@ class PassContext:
         self.ledger.inserted[path] = self.rule.label
         trainable = getattr(self.args, "trainable", True)
         for p in module.parameters():
-            p.requires_grad_(trainable)
+            if id(p) not in present:  # a tensor the block borrows from the model keeps its own flag
+                p.requires_grad_(trainable)
         self.own(path, module, skip=present)
         return sum(p.numel() for p in module.parameters() if id(p) not in present)
 

@@ -131,7 +131,10 @@ def assign_names(gm: fx.GraphModule) -> None:
             counts[node.meta["peftc_name"]] += 1
             continue
         if node.op in ("call_module", "get_attr"):
-            name = str(node.target)
+            # a module called twice (a ResNet block's relu) gets "#2", "#3" on its later calls
+            base = str(node.target)
+            name = base if counts[base] == 0 else f"{base}#{counts[base] + 1}"
+            counts[base] += 1
         elif node.op in ("placeholder", "output"):
             name = node.name
         else:
