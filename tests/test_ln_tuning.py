@@ -10,22 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.backbones import build_backbone
 from peftc.blocks.ln_bank import TaskKey, TaskLayerNorm
 from peftc.task_select import mask_logits, task_selector
 
+from .backbone_cache import backbone as cached
 from .conftest import synthetic_task
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
-SMALL = {"backbone_kwargs": {"img_size": 32}}  # vit_tiny on 2x2 patches: the same 25 LNs, cheap forwards
 
 
 def _tiny(**params: object) -> peftc.model.Compiled:
-    return peftc.compile("ln_tuning", "timm:vit_tiny_patch16_224", **SMALL, **params)
+    return peftc.compile("ln_tuning", cached("timm:vit_tiny_patch16_224", 32), **params)
 
 
 def test_vit_b_16_counts() -> None:
-    model = peftc.compile("ln_tuning", "timm:vit_base_patch16_224")
+    model = peftc.compile("ln_tuning", cached("timm:vit_base_patch16_224"))
     rules = {r.label: r for r in model.report.rules}
     assert rules["ln"].nodes == 25 and rules["ln"].task_params == 38_400
     assert rules["key"].task_params == 768
@@ -41,10 +40,10 @@ def test_vit_b_16_counts() -> None:
     ("timm:deit_small_patch16_224", 1),
 ])
 def test_identity_at_init(backbone: str, batch: int) -> None:
-    model = peftc.compile("ln_tuning", backbone)
+    model = peftc.compile("ln_tuning", cached(backbone))
     assert sum(isinstance(m, TaskLayerNorm) for m in model.modules()) == 25
     assert sum(isinstance(m, TaskKey) for m in model.modules()) == 1
-    reference = build_backbone(backbone).module
+    reference = cached(backbone)
     x = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
         assert (model(x) - reference(x)).abs().max().item() <= 1e-5
@@ -60,7 +59,7 @@ def test_ln_count_equals_hf_peft_ln_tuning() -> None:
     vit = timm.create_model("vit_tiny_patch16_224")
     config = peft.LNTuningConfig(target_modules=r"blocks\.\d+\.norm[12]|norm")
     theirs, _ = peft.get_peft_model(vit, config).get_nb_trainable_parameters()
-    rules = {r.label: r for r in peftc.compile("ln_tuning", "timm:vit_tiny_patch16_224").report.rules}
+    rules = {r.label: r for r in peftc.compile("ln_tuning", cached("timm:vit_tiny_patch16_224")).report.rules}
     assert rules["ln"].task_params == theirs == 9_600
 
 
@@ -129,7 +128,7 @@ def test_per_sample_selection_routes_each_sample_to_its_task() -> None:
 
 def test_query_is_the_frozen_pretrained_cls_token() -> None:
     model = _tiny()
-    reference = build_backbone("timm:vit_tiny_patch16_224", img_size=32).module
+    reference = cached("timm:vit_tiny_patch16_224", 32)
     _distinct_tasks(model, ["a"])  # trained rows must not change the query
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -200,7 +199,7 @@ def test_artifact_round_trip_keeps_keys_and_rows(tmp_path: object) -> None:
     with torch.no_grad():
         before = sel(x)
     model.save(tmp_path / "ln")
-    again = peftc.load(tmp_path / "ln")
+    again = peftc.load(tmp_path / "ln", backbone=cached("timm:vit_tiny_patch16_224", 32))
     sel2 = task_selector(again)
     assert torch.equal(sel2.keys(), sel.keys().detach())
     with torch.no_grad():
@@ -233,11 +232,11 @@ def test_folded_layernorm_equals_the_bank_row() -> None:
 
 def test_errors() -> None:
     with pytest.raises(peftc.PeftcError, match="ln_bank blocks"):
-        task_selector(peftc.compile("lora", "timm:vit_tiny_patch16_224", **SMALL))
+        task_selector(peftc.compile("lora", cached("timm:vit_tiny_patch16_224", 32)))
     model = _tiny(keys=False)
     with pytest.raises(peftc.PeftcError, match="no task keys"):
         task_selector(model).predict(torch.randn(1, 3, 32, 32))
     with pytest.raises(peftc.PeftcError, match="unknown task 'zz'"):
         task_selector(model)(torch.randn(1, 3, 32, 32), "zz")
     with pytest.raises(peftc.PeftcError, match="normalises differently"):
-        peftc.compile("ln_tuning", "timm:convnext_atto", keys=False)
+        peftc.compile("ln_tuning", cached("timm:convnext_atto"), keys=False)

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.backbones import build_backbone
 from peftc.blocks.lora import LoraConv, LoraLinear
 
+from .backbone_cache import backbone as cached
 from .conftest import synthetic_task, train_steps
 
 ALL = ["qkv", "proj", "fc1", "fc2"]
@@ -33,11 +33,11 @@ def _conv_formula(module: nn.Module, rank: int) -> int:
 
 @pytest.fixture(scope="module")
 def vit_b_16() -> peftc.model.Compiled:
-    return peftc.compile("lora", "vit_b_16", targets=ALL)
+    return peftc.compile("lora", cached("vit_b_16"), targets=ALL)
 
 
 def test_identity_at_init_torchvision_vit_b_16(vit_b_16: peftc.model.Compiled) -> None:
-    reference = build_backbone("vit_b_16").module
+    reference = cached("vit_b_16")
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (vit_b_16(x) - reference(x)).abs().max().item() <= 1e-5
@@ -49,8 +49,8 @@ def test_identity_at_init_torchvision_vit_b_16(vit_b_16: peftc.model.Compiled) -
     ("resnet18", 64),
 ])
 def test_identity_at_init(backbone: str, size: int) -> None:
-    model = peftc.compile("lora", backbone, targets=ALL)
-    reference = build_backbone(backbone).module
+    model = peftc.compile("lora", cached(backbone), targets=ALL)
+    reference = cached(backbone)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         assert (model(x) - reference(x)).abs().max().item() <= 1e-5
@@ -60,13 +60,13 @@ def test_identity_at_init(backbone: str, size: int) -> None:
 def test_vit_base_counts_are_the_same_on_both_libraries(vit_b_16: peftc.model.Compiled) -> None:
     assert vit_b_16.report.added_params == _linear_formula(768, 8, ALL) == 1_179_648
     assert {r.label: r.nodes for r in vit_b_16.report.rules}["lora"] == 48
-    timm_base = peftc.compile("lora", "timm:vit_base_patch16_224", targets=ALL)
+    timm_base = peftc.compile("lora", cached("timm:vit_base_patch16_224"), targets=ALL)
     assert timm_base.report.added_params == vit_b_16.report.added_params
     assert "lora_conv" not in {r.label for r in timm_base.report.rules}
 
 
 def test_default_targets_qkv() -> None:
-    model = peftc.compile("lora", "timm:vit_tiny_patch16_224")
+    model = peftc.compile("lora", cached("timm:vit_tiny_patch16_224"))
     assert model.report.added_params == _linear_formula(192, 8, ["qkv"])
 
 
@@ -74,7 +74,7 @@ def test_default_targets_qkv() -> None:
                                               ("timm:deit_small_patch16_224", 384),
                                               ("timm:deit_tiny_distilled_patch16_224", 192)])
 def test_one_spec_on_every_vit(backbone: str, dim: int) -> None:
-    model = peftc.compile("lora", backbone, targets=["qkv", "fc2"], rank=2)
+    model = peftc.compile("lora", cached(backbone), targets=["qkv", "fc2"], rank=2)
     assert model.report.added_params == _linear_formula(dim, 2, ["qkv", "fc2"])
     trainable = {n for n, p in model.named_trainable_parameters()}
     assert all(".lora." in n or n.startswith("head") for n in trainable)
@@ -82,8 +82,8 @@ def test_one_spec_on_every_vit(backbone: str, dim: int) -> None:
 
 
 def test_cnn_gets_conv_lora_with_peft_counts() -> None:
-    model = peftc.compile("lora", "resnet18", rank=4)
-    reference = build_backbone("resnet18").module
+    model = peftc.compile("lora", cached("resnet18"), rank=4)
+    reference = cached("resnet18")
     assert model.report.added_params == _conv_formula(reference, 4)
     blocks = [m for m in model.modules() if isinstance(m, LoraConv)]
     assert len(blocks) == 20  # 17 3x3 convs + the 7x7 stem ... + 3 downsample 1x1 convs
@@ -93,10 +93,10 @@ def test_cnn_gets_conv_lora_with_peft_counts() -> None:
 
 
 def test_grouped_convs_are_skipped_and_convs_switch() -> None:
-    model = peftc.compile("lora", "mobilenet_v3_small", rank=2)
-    reference = build_backbone("mobilenet_v3_small").module
+    model = peftc.compile("lora", cached("mobilenet_v3_small"), rank=2)
+    reference = cached("mobilenet_v3_small")
     assert model.report.added_params == _conv_formula(reference, 2)
-    assert peftc.compile("lora", "resnet18", convs=False).report.added_params == 0
+    assert peftc.compile("lora", cached("resnet18"), convs=False).report.added_params == 0
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="HF PEFT is not installed")
@@ -108,7 +108,7 @@ def test_counts_equal_hf_peft() -> None:
     vit = timm.create_model("vit_tiny_patch16_224")
     config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=r".*\.attn\.(qkv|proj)|.*\.mlp\.fc[12]")
     theirs, _ = peft.get_peft_model(vit, config).get_nb_trainable_parameters()
-    ours = peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=ALL).report.added_params
+    ours = peftc.compile("lora", cached("timm:vit_tiny_patch16_224"), targets=ALL).report.added_params
     assert ours == theirs == 294_912
 
     def small_tv_vit() -> nn.Module:  # torchvision's ViT (nn.MultiheadAttention), two small layers
@@ -124,12 +124,11 @@ def test_counts_equal_hf_peft() -> None:
     cnn = torchvision.models.resnet18()
     config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=r".*conv\d|.*downsample\.0|conv1")
     theirs, _ = peft.get_peft_model(cnn, config).get_nb_trainable_parameters()
-    assert peftc.compile("lora", "resnet18").report.added_params == theirs
+    assert peftc.compile("lora", cached("resnet18")).report.added_params == theirs
 
 
 def test_training_lowers_loss_and_keeps_frozen_tensors() -> None:
-    model = peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=ALL, rank=4, num_classes=3,
-                          backbone_kwargs={"img_size": 32})
+    model = peftc.compile("lora", cached("timm:vit_tiny_patch16_224", 32), targets=ALL, rank=4, num_classes=3)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     images, labels = synthetic_task(classes=3, n=12, size=32)
     losses = train_steps(model, images, labels, steps=5, lr=3e-3)
@@ -141,8 +140,25 @@ def test_training_lowers_loss_and_keeps_frozen_tensors() -> None:
     assert moved.abs().sum() > 0
 
 
+def test_each_task_owns_its_lora_weights() -> None:
+    model = peftc.compile("lora", cached("timm:vit_tiny_patch16_224", 32), rank=2)
+    assert model.report.task_state_without_head == model.report.added_params == _linear_formula(192, 2, ["qkv"])
+    images, labels = synthetic_task(classes=3, n=8, size=32)
+    model.add_task("a", num_classes=3).set_task("a")
+    train_steps(model, images, labels, steps=2)
+    with torch.no_grad():
+        out_a = model(images)
+    model.add_task("b", num_classes=3).set_task("b")
+    block = model.net.get_submodule("blocks.0.attn.qkv.lora")
+    assert torch.equal(block.B.weight, torch.zeros_like(block.B.weight))  # a new task starts at B = 0
+    train_steps(model, images, labels, steps=2)
+    model.set_task("a")
+    with torch.no_grad():
+        assert torch.equal(model(images), out_a)
+
+
 def test_conv_lora_trains() -> None:
-    model = peftc.compile("lora", "resnet18", num_classes=3, rank=2)
+    model = peftc.compile("lora", cached("resnet18"), num_classes=3, rank=2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     images, labels = synthetic_task(classes=3, n=12, size=32)
     losses = train_steps(model, images, labels, steps=6)
@@ -202,14 +218,14 @@ def test_grouped_conv_declines_to_fold() -> None:
 
 
 def test_dropout_and_rank_params() -> None:
-    model = peftc.compile("lora", "timm:vit_tiny_patch16_224", rank=3, alpha=12.0, dropout=0.1)
+    model = peftc.compile("lora", cached("timm:vit_tiny_patch16_224"), rank=3, alpha=12.0, dropout=0.1)
     block = model.net.get_submodule("blocks.5.attn.qkv.lora")
     assert block.rank == 3 and block.scaling == 4.0 and isinstance(block.dropout, nn.Dropout)
 
 
 def test_bad_targets_are_clear_errors() -> None:
     with pytest.raises(peftc.PeftcError, match="unknown role 'qkvv'"):
-        peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=["qkvv"])
+        peftc.compile("lora", cached("timm:vit_tiny_patch16_224"), targets=["qkvv"])
     with pytest.raises(peftc.PeftcError, match="LoRA bypasses a Linear or a convolution"):
-        peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=["attn_norm"])
-    assert peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=[]).report.added_params == 0
+        peftc.compile("lora", cached("timm:vit_tiny_patch16_224"), targets=["attn_norm"])
+    assert peftc.compile("lora", cached("timm:vit_tiny_patch16_224"), targets=[]).report.added_params == 0

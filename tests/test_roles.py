@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.backbones import build_backbone
 from peftc.blocks.attention import SelfAttention
 from peftc.canonical import canonicalize
 from peftc.select import NodeIndex, block_positions, role_names, select
 from peftc.spec import Selector
 from peftc.trace import trace
+
+from .backbone_cache import backbone as cached
 
 NOOP = {"name": "noop", "rules": []}
 PER_BLOCK = ["qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "attn_norm", "mlp_norm", "attn_out", "mlp_out",
@@ -59,7 +60,7 @@ def _names(model: peftc.model.Compiled, role: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, peftc.model.Compiled]:
-    return {bb: peftc.compile(NOOP, bb) for bb in EXPECTED}
+    return {bb: peftc.compile(NOOP, cached(bb)) for bb in EXPECTED}
 
 
 @pytest.mark.parametrize("backbone", list(EXPECTED))
@@ -89,25 +90,25 @@ def test_role_nodes_have_the_expected_shapes(compiled: dict, backbone: str) -> N
 
 def test_aliases_and_role_list() -> None:
     assert {*PER_BLOCK, "final_norm", "stem", "head", "proj", "fc1", "fc2"} <= set(role_names())
-    model = peftc.compile(NOOP, "timm:vit_tiny_patch16_224")
+    model = peftc.compile(NOOP, cached("timm:vit_tiny_patch16_224"))
     assert _names(model, "proj") == _names(model, "attn_proj")
     assert _names(model, "fc1") == _names(model, "mlp_fc1")
     assert _names(model, "fc2") == _names(model, "mlp_fc2")
 
 
 def test_distilled_deit_roles() -> None:
-    model = peftc.compile(NOOP, "timm:deit_tiny_distilled_patch16_224")
+    model = peftc.compile(NOOP, cached("timm:deit_tiny_distilled_patch16_224"))
     assert len(_names(model, "qkv")) == 12
     assert _names(model, "final_norm") == ["norm"]
     assert _names(model, "head") == ["head", "head_dist"]
 
 
 def test_cnn_plays_no_transformer_role() -> None:
-    model = peftc.compile(NOOP, "resnet18")
+    model = peftc.compile(NOOP, cached("resnet18"))
     for role in [*PER_BLOCK, "final_norm", "stem"]:
         assert _names(model, role) == [], role
     with pytest.raises(peftc.PeftcError, match="no node plays role 'qkv'"):
-        peftc.compile({"name": "x", "rules": [{"train": {"role": "qkv"}}]}, "resnet18")
+        peftc.compile({"name": "x", "rules": [{"train": {"role": "qkv"}}]}, cached("resnet18"))
 
 
 def test_roles_look_through_peftc_bypasses() -> None:
@@ -117,7 +118,7 @@ def test_roles_look_through_peftc_bypasses() -> None:
         {"parallel": {"to": {"role": "attn_out"}, "from": {"role": "attn_proj"}, "block": "lora",
                       "args": {"rank": 2}, "scale": 0.5}},
     ]}
-    model = peftc.compile(spec, "timm:vit_tiny_patch16_224")
+    model = peftc.compile(spec, cached("timm:vit_tiny_patch16_224"))
     assert _names(model, "qkv") == [f"blocks.{i}.attn.qkv" for i in range(12)]
     assert _names(model, "attn_out") == [f"blocks.{i}.drop_path1" for i in range(12)]
     assert _names(model, "attn_residual") == [f"blocks.{i}.add" for i in range(12)]
@@ -127,7 +128,8 @@ def test_roles_look_through_peftc_bypasses() -> None:
 
 def test_unknown_role_is_a_spec_error() -> None:
     with pytest.raises(peftc.PeftcError, match=r"unknown role 'qvk'.*did you mean 'qkv'"):
-        peftc.compile({"name": "x", "rules": [{"train": {"role": "qvk"}}]}, "timm:vit_tiny_patch16_224")
+        peftc.compile({"name": "x", "rules": [{"train": {"role": "qvk"}}]},
+                      cached("timm:vit_tiny_patch16_224"))
 
 
 # -- canonicalisation -----------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def test_unknown_role_is_a_spec_error() -> None:
 
 def test_vit_b_16_noop_compile_equals_original(compiled: dict) -> None:
     model = compiled["vit_b_16"]
-    reference = build_backbone("vit_b_16").module
+    reference = cached("vit_b_16")
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     qkv = [n for n, m in model.net.named_modules() if n.endswith("self_attention.qkv")]
     assert len(qkv) == 12 and all(isinstance(model.net.get_submodule(n), nn.Linear) for n in qkv)

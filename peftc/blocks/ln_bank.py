@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -107,13 +108,18 @@ def orthogonal_row(dim: int, index: int, seed: int = 0) -> torch.Tensor:
 
     Past ``dim`` rows there is no orthogonal direction left; a seeded random unit vector is returned.
     """
-    gen = torch.Generator().manual_seed(seed)
     if index < dim:
-        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
-        return q[index].float()
-    gen.manual_seed(seed + 1 + index)
+        return _orthogonal(dim, seed)[index].clone()
+    gen = torch.Generator().manual_seed(seed + 1 + index)
     v = torch.randn(dim, generator=gen)
     return v / v.norm()
+
+
+@lru_cache(maxsize=4)
+def _orthogonal(dim: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    return q.float()
 
 
 class TaskKey(nn.Module):
