@@ -119,6 +119,19 @@ def test_r_beyond_the_slices_is_an_error(deit) -> None:
         set_compression(peftc.compile("tome", deit, r=2), r_tgt=3)
 
 
+def test_plugins_follow_the_merge_of_their_own_block(deit) -> None:
+    late = {"peftc": 1, "name": "late", "rules": [
+        {"freeze": {}},
+        {"merge_tokens": {"r": 5, "target": {"role": "attn_residual", "blocks": "6:"}}},
+        {"parallel": {"to": {"role": "qkv"}, "block": "tocom", "scale": 0.1}},
+    ]}
+    model = peftc.compile(late, deit)
+    assert [p.r_tgt for p in compensators(model)] == [0] * 6 + [5] * 6
+    set_compression(model, r_tgt=[1, 2, 3, 4, 5, 6], r_src=1)
+    assert [p.r_tgt for p in compensators(model)] == [0] * 6 + [1, 2, 3, 4, 5, 6]
+    assert {p.r_src for p in compensators(model)} == {1}
+
+
 # -- self-distillation -------------------------------------------------------------------------------------
 def test_distillation_lowers_the_kl(images) -> None:
     torch.manual_seed(0)

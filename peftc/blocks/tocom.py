@@ -111,7 +111,7 @@ class ToCom(nn.Module):
 
 
 def _merge_of_block(site: Site) -> tuple[str, TokenMerge] | None:
-    """The TokenMerge this qkv feeds (the first merge downstream of it in graph order), if any."""
+    """The TokenMerge of the block this qkv belongs to (a merge downstream of it, inside the same block), if any."""
     gm = site.node.graph.owning_module
     if gm is None:
         return None
@@ -127,11 +127,12 @@ def _merge_of_block(site: Site) -> tuple[str, TokenMerge] | None:
             found.append(node)
             continue
         frontier.extend(node.users)
-    if not found:
-        return None
     order = {n: i for i, n in enumerate(site.node.graph.nodes)}
-    first = min(found, key=order.__getitem__)
-    return str(first.target), gm.get_submodule(str(first.target))
+    for node in sorted(found, key=order.__getitem__):
+        block = str(node.target).rpartition(".")[0]
+        if site.name.startswith(f"{block}."):  # the merge of this very block, not of a later one
+            return str(node.target), gm.get_submodule(str(node.target))
+    return None
 
 
 @register_block("tocom", args=ToComArgs, suffix="tocom")
@@ -178,6 +179,8 @@ def set_compression(model: nn.Module, r_tgt: int | Sequence[int] | None = None, 
     gm = next((m for m in model.modules() if isinstance(m, fx.GraphModule)), model)
     for plugin in plugins:
         target = None
-        if r_tgt is not None:
-            target = gm.get_submodule(plugin.merge).r if plugin.merge else r_tgt
+        if plugin.merge is not None and r_tgt is not None:
+            target = gm.get_submodule(plugin.merge).r  # the r its own block merges at
+        elif r_tgt is not None:
+            target = r_tgt if isinstance(r_tgt, int) else 0  # a block that merges nothing under a per-layer r
         plugin.set_r(r_tgt=target, r_src=r_src)

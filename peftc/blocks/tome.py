@@ -140,9 +140,9 @@ def merge_wavg(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``r`` tokens of ``x`` (B, N, C): size-weighted means, sizes added. Returns ``(x, size)``."""
     unm_idx, src_idx, dst_idx = bipartite_soft_matching(metric, r, protected)
-    merged = _merge(x * size, unm_idx, src_idx, dst_idx, protected)
-    size = _merge(size, unm_idx, src_idx, dst_idx, protected)
-    return merged / size, size
+    merged = _merge(torch.cat([x * size, size], dim=-1), unm_idx, src_idx, dst_idx, protected)  # one pass
+    size = merged[..., -1:]
+    return merged[..., :-1] / size, size
 
 
 class TokenMerge(nn.Module):
