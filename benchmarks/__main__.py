@@ -34,8 +34,10 @@ def _load() -> float | None:
         return None
 
 
-def run_suite(suite: Suite, quick: bool, timeout: float | None) -> dict[str, Any]:
-    """Run one suite's script in a child process; its output goes straight to ours."""
+def run_suite(suite: Suite, quick: bool, timeout: float | None, threads: int | None = None) -> dict[str, Any]:
+    """Run one suite's script in a child process; its output goes straight to ours.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` for the suite and is passed as ``--threads`` to scripts that take it."""
     record: dict[str, Any] = {"module": f"benchmarks.{suite.module}", "args": [], "status": "skipped", "note": ""}
     if not suite.exists():
         record["note"] = f"benchmarks/{suite.module}.py does not exist yet"
@@ -48,10 +50,14 @@ def run_suite(suite: Suite, quick: bool, timeout: float | None) -> dict[str, Any
             return record
         if "--quick" not in args:
             record["note"] = "no --quick in the script; ran with reduced arguments"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        if '"--threads"' in suite.source():
+            args = (*args, "--threads", str(threads))
     record["args"] = list(args)
     cmd = [sys.executable, "-m", f"benchmarks.{suite.module}", *args]
     print(f"\n── {suite.name}: {' '.join(cmd[1:])}", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     load_before, start = _load(), time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:
@@ -69,7 +75,7 @@ def run_suite(suite: Suite, quick: bool, timeout: float | None) -> dict[str, Any
 
 
 def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, results_dir: Path = RESULTS,
-           doc: Path = DOC) -> dict[str, Any]:
+           doc: Path = DOC, threads: int | None = None) -> dict[str, Any]:
     """Collect the result files into summary.json, draw the plots, write the docs page; returns the summary."""
     from benchmarks import plots, report
 
@@ -81,6 +87,7 @@ def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, r
         "machine": machine,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": quick,
+        "threads": threads,
         "suites": run,
         "total_s": total_s,
         "quick_budget_s": QUICK_BUDGET_S if quick else None,
@@ -92,7 +99,7 @@ def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, r
     if not run:  # --report-only: keep the last run's record of what ran
         previous = report.load_results(results_dir).get(report.SUMMARY, {})
         summary.update({k: previous.get(k, summary[k]) for k in
-                        ("measured_at", "quick", "suites", "total_s", "quick_budget_s",
+                        ("measured_at", "quick", "threads", "suites", "total_s", "quick_budget_s",
                                                            "within_quick_budget", "load_avg")})
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{report.SUMMARY}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -144,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: redraw plots and docs/benchmarks.md from the stored results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per suite (OMP_NUM_THREADS, and --threads where a script takes it); on a "
+                             "machine shared with other jobs, 1 avoids thread oversubscription")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per suite before it is stopped (default: 600 with --quick, none otherwise)")
     args = parser.parse_args(argv)
@@ -161,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout if args.timeout is not None else (600.0 if args.quick else None)
         start = time.perf_counter()
         for name in args.suites or list(SUITES):
-            run[name] = run_suite(SUITES[name], args.quick, timeout)
+            run[name] = run_suite(SUITES[name], args.quick, timeout, args.threads)
             if run[name]["status"] != "ok":
                 print(f"!! {name}: {run[name]['status']}: {run[name]['note']}", flush=True)
         total = time.perf_counter() - start
-    summary = finish(run, args.quick, total)
+    summary = finish(run, args.quick, total, threads=args.threads)
     print_summary(summary)
     print(f"wrote {RESULTS / 'summary.json'}, plots in {RESULTS}, and {DOC}")
     return 0 if all(r["status"] in ("ok", "skipped") for r in run.values()) else 1

@@ -23,8 +23,50 @@ __all__ = ["EXPLANATIONS", "collect_checks", "fmt_target", "fmt_value", "load_re
 
 SUMMARY = "summary"
 
-# Why a target misses, by check id (prefix match), written after profiling; shown only while the check misses.
-EXPLANATIONS: dict[str, str] = {}
+# Why a target misses, by check id (first prefix match), written after profiling; shown only while it misses.
+EXPLANATIONS: dict[str, str] = {
+    "compile cli": (
+        "imports, not compilation. `python -X importtime -m peftc compile clr --backbone resnet50` shows about "
+        "three quarters of the command's wall time in `import torch` and `import torchvision` (whose "
+        "`torchvision.ops.roi_align` imports all of `torch._dynamo`, several seconds on its own); trace + passes "
+        "is well under a second of it. peftc cannot avoid either import for a torchvision backbone. On a loaded "
+        "machine every import is several times slower, which is most of the gap here."),
+    "compile ": (
+        "profiled with cProfile and by timing each stage in one process, variants interleaved (CPU time, since "
+        "the machine was loaded). About half of `rewrite` is torch.fx's symbolic trace, and a third of the "
+        "trace is `GraphModule` code generation — which `CompileState.finish` repeats after the passes, so the "
+        "first one is thrown away. On ViTs, torch.fx's `Proxy.__iter__` disassembles the caller's whole "
+        "bytecode (`dis.get_instructions`) at every tuple unpack of a traced value (`B, N, C = x.shape` and "
+        "`q, k, v = qkv.unbind(0)` in each attention block: 25 per ViT-B trace). Two fixes in peftc/trace.py, "
+        "reported to its owner: caching that disassembly per code object during tracing cut LoRA on ViT-B "
+        "from 162 to 129 ms of CPU (median of 10, −20%), and skipping the first code generation cut CLR on "
+        "resnet50 from 72 to 67 ms (−8%); the graphs produced are identical. The rest is spread over the "
+        "passes (selection, per-block bookkeeping) and is inherent to fx. Wall times on this shared machine "
+        "are also inflated by load: an earlier run of this suite on a quieter machine measured 55 ms for CLR "
+        "on resnet50."),
+    "lora_memory": (
+        "a fixed overhead of the compiled model at rest, not training memory. Each measurement process reports "
+        "the model's resident size before training (model MiB) and the peak while training: on vit_tiny, "
+        "peftc's model is ~4.7 MiB larger than PEFT's, and peak minus model — activations, gradients and AdamW "
+        "state — is the same to within 0.5 MiB. The extra: the task bank's snapshot of the initial trainable "
+        "state (head and LoRA tensors, 1.0 MiB, kept so that `add_task` can start a task from the "
+        "initialisation), the fx graph and its generated code (~0.7 MiB of Python objects by tracemalloc) and "
+        "allocator residue from compilation. The ratio shrinks as the model and batch grow; snapshotting only "
+        "tensors whose task_state needs it (the LoRA blocks are shared in the lora spec) would remove part of "
+        "it (peftc/tasks.py, reported to its owner)."),
+}
+
+
+# Why a peftc/peer ratio without a target is above 1 (by ratio name prefix); shown only while it is.
+RATIO_NOTES: dict[str, str] = {
+    "ln_tuning": (
+        "peftc's `ln_bank` block normalises without an affine and then applies the task's row as `y * w + b`, "
+        "two extra element-wise passes and one extra saved activation per LayerNorm (25 in a ViT: 8×197×192 "
+        "floats each on vit_tiny at batch 8, ~30 MiB in all — the measured gap). PEFT's LN tuning runs a "
+        "LayerNorm copy with its fused affine. Passing the active row to `F.layer_norm(x, shape, w, b)` when "
+        "one row serves the whole batch would make them equal (peftc/blocks/ln_bank.py, reported to its "
+        "owner); the per-sample routed path needs the explicit form."),
+}
 
 
 def load_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -141,6 +183,11 @@ def _train_step(data: dict[str, Any]) -> str:
     if ratio_rows:
         text += "\n\nRatios (median of the per-round ratios; below 1 means peftc is cheaper):\n\n"
         text += _table(["ratio", "median", "range", "rounds", "target", ""], ratio_rows)
+        above = {r.get("method") for r in data.get("ratios", {}).values()
+                 if r.get("peer") in ("peft", "wrapper") and not r.get("check") and r["median"] > 1.0}
+        notes = [f"*{m} above 1:* {RATIO_NOTES[m]}" for m in sorted(above - {None}) if m in RATIO_NOTES]
+        if notes:
+            text += "\n\n" + "\n\n".join(notes)
     notes = {**data.get("skipped", {}), **data.get("failed", {})}
     if notes:
         text += "\n\nNot measured: " + "; ".join(f"`{k}`: {v}" for k, v in notes.items()) + "."
@@ -317,6 +364,7 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], plots: d
         + (f"The last run took {summary['total_s']:.0f} s{' (--quick)' if summary.get('quick') else ''}"
            + (f" while the machine's load average was {load[0]:.1f}–{load[1]:.1f} on {summary.get('cpus', '?')} "
               "CPUs" if load else "") + ". " if summary.get("total_s") else "")
+        + (f"Each suite ran with {summary['threads']} CPU thread(s). " if summary.get("threads") else "")
         + "The machine is shared with other engineers' jobs, so absolute times are inflated and noisy; "
         "compare the *ratios*, which come from variants measured interleaved (round-robin, alternating order) in "
         "the same run, and the ranges beside each median. Memory and bytes on disk are not affected by load.",
