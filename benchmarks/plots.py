@@ -33,7 +33,8 @@ def ratio_rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]
     for r in results.get("train_step", {}).get("ratios", {}).values():
         if r.get("peer") in ("peft", "wrapper"):
             peer = "HF PEFT" if r["peer"] == "peft" else "wrappers"
-            rows.append((f"{r['method']} {r['metric']} / {peer}", r["median"], r["min"], r["max"]))
+            group = f"{r['group']} " if r.get("group") else ""
+            rows.append((f"{group}{r['method']} {r['metric']} / {peer}", r["median"], r["min"], r["max"]))
     for row in results.get("storage", {}).get("rows", {}).values():
         if "ratio" in row:
             rows.append((f"{row['method']} bytes / HF PEFT", row["ratio"], row["ratio"], row["ratio"]))

@@ -40,9 +40,9 @@ from benchmarks.isolate import IsolatedError, Peak, rss_bytes, run_isolated
 BATCH = 8
 TARGETS = {"lora_step": 1.0, "lora_memory": 1.0, "clr_forward": 1.0}
 CHECKS = {  # ratio name -> (check id, label)
-    "lora step peftc/peft": ("lora_step", "LoRA train step, peftc / HF PEFT"),
-    "lora memory peftc/peft": ("lora_memory", "LoRA peak training memory, peftc / HF PEFT"),
-    "clr forward peftc/wrapper": ("clr_forward", "CLR eager forward, peftc / module-level wrappers"),
+    "vit lora step peftc/peft": ("lora_step", "LoRA train step, peftc / HF PEFT"),
+    "vit lora memory peftc/peft": ("lora_memory", "LoRA peak training memory, peftc / HF PEFT"),
+    "cnn clr forward peftc/wrapper": ("clr_forward", "CLR eager forward, peftc / module-level wrappers"),
 }
 # method -> spec params used here (ln_tuning without per-task keys: the same trainables as PEFT's LN tuning)
 PARAMS: dict[str, dict[str, Any]] = {"ln_tuning": {"keys": False}}
@@ -114,7 +114,11 @@ def _plan_group(group: Group, extra_specs: bool, peft_ok: bool) -> dict[str, Any
                 out["skipped"][f"peft:{method}"] = "HF PEFT is not installed (pip install 'peftc[bench]')"
                 continue
             peers[kind] = plan(model, method)
-        out["methods"][method] = {"trainable": sum(p.numel() for p in model.trainable_parameters()), "peers": peers}
+        trainable = sum(p.numel() for p in model.trainable_parameters())
+        if not trainable:
+            out["skipped"][method] = "trains nothing (an inference-time method; see its own suite)"
+            continue
+        out["methods"][method] = {"trainable": trainable, "peers": peers}
     return out
 
 
@@ -279,20 +283,20 @@ def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skip
         }
     ratios: dict[str, Any] = {}
     for job in jobs:
-        if job.kind in ("peft", "wrapper"):
-            group = job.group
-            ours, theirs = f"{group}/peftc:{job.method}", job.key
-            for metric, name in (("step_s", "step"), ("forward_s", "forward"), ("peak_bytes", "memory")):
+        if job.kind in ("peft", "wrapper"):  # peftc vs the peer implementation of the same method
+            pairs = [(f"{job.group}/peftc:{job.method}", job.key, f"peftc/{job.kind}", job.kind)]
+            metrics = (("step_s", "step"), ("forward_s", "forward"), ("peak_bytes", "memory"))
+        elif job.kind == "peftc":  # the method vs full fine-tuning
+            pairs = [(job.key, f"{job.group}/full", "vs full", "full")]
+            metrics = (("step_s", "step"), ("peak_bytes", "memory"))
+        else:
+            continue
+        for ours, theirs, suffix, peer in pairs:
+            for metric, name in metrics:
                 value = _ratio(per_round, ours, theirs, metric)
                 if value:
-                    ratios[f"{job.method} {name} peftc/{job.kind}"] = {**value, "method": job.method,
-                                                                       "peer": job.kind, "metric": name}
-        elif job.kind == "peftc":
-            for metric, name in (("step_s", "step"), ("peak_bytes", "memory")):
-                value = _ratio(per_round, job.key, f"{job.group}/full", metric)
-                if value:
-                    ratios[f"{job.group} {job.method} {name} vs full"] = {**value, "method": job.method,
-                                                                          "peer": "full", "metric": name}
+                    ratios[f"{job.group} {job.method} {name} {suffix}"] = {
+                        **value, "group": job.group, "method": job.method, "peer": peer, "metric": name}
     checks = []
     for key, (cid, label) in CHECKS.items():
         if key in ratios:

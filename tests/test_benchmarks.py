@@ -98,9 +98,9 @@ def test_ratios_are_paired_per_round_and_judged() -> None:
     rounds = [{"vit/full": _sample(4.0, 400), "vit/peftc:lora": _sample(1.0, 220), "vit/peft:lora": _sample(2.0, 200)},
               {"vit/full": _sample(8.0, 400), "vit/peftc:lora": _sample(2.0, 220), "vit/peft:lora": _sample(4.0, 200)}]
     out = _aggregate(jobs, rounds, {}, {}, {})
-    step = out["ratios"]["lora step peftc/peft"]
+    step = out["ratios"]["vit lora step peftc/peft"]
     assert step["median"] == pytest.approx(0.5) and step["rounds"] == 2  # load doubled in round 2: ratio holds
-    assert out["ratios"]["lora memory peftc/peft"]["median"] == pytest.approx(1.1)
+    assert out["ratios"]["vit lora memory peftc/peft"]["median"] == pytest.approx(1.1)
     verdicts = {c["id"]: c["verdict"] for c in out["checks"]}
     assert verdicts == {"lora_step": "PASS", "lora_memory": "MISS"}
     assert out["ratios"]["vit lora step vs full"]["median"] == pytest.approx(0.25)
