@@ -175,6 +175,47 @@ def test_resume_after_an_interruption_reaches_the_same_delta(tmp_path, demo):
     assert not (broken / "train" / "task1" / "checkpoint").exists()
     again = _run("train", broken, "--task", "task1", "--data", demo / "task1")
     assert again.exit_code == 1 and "already trained" in again.output
+    chosen = _run("eval", broken, "--select")
+    assert chosen.exit_code == 1 and "has no task selection" in chosen.output
+
+
+# -- ConFiT's phase schedule and ToCom's distillation stage ------------------------------------------------------
+
+def test_confit_schedule_switches_what_trains_per_epoch(tmp_path, demo):
+    art = _artifact("confit", tmp_path / "confit", num_classes=2)
+    seen: list[tuple[bool, bool, bool]] = []
+    conv = {}
+
+    def record(run, stage, epoch, _):
+        net = run.model.net
+        seen.append((net.fc.weight.requires_grad, net.bn1.weight.requires_grad, net.conv1.weight.requires_grad))
+        conv[epoch] = net.conv1.weight.detach().clone()
+
+    model = peftc.load(art)
+    before = model.net.conv1.weight.detach().clone()
+    options = TrainOptions(image_size=32, quiet=True, hooks=Hooks(on_epoch_end=record),
+                           overrides={**FAST, "lr": 0.01, "epochs": 5})
+    train_task(art, "task1", demo / "task1", options, model=model)
+    # progress 0, .2, .4, .6, .8 -> head | head+bn | head+bn | all | all (the spec's schedule: 0, 0.2, 0.5)
+    assert seen == [(True, False, False), (True, True, False), (True, True, False), (True, True, True),
+                    (True, True, True)]
+    assert torch.equal(conv[2], before) and not torch.equal(conv[3], before)  # the body trains from epoch 4 on
+    assert model.net.conv1.weight.requires_grad  # left as the rules made it
+
+
+def test_tocom_plugin_distils_as_a_stage(tmp_path, demo):
+    model = peftc.compile("tocom", "timm:vit_tiny_patch16_224", backbone_kwargs={"img_size": 32})
+    plugin = {k: v.clone() for k, v in model.shared_state().items() if ".tocom." in k}
+    assert plugin and all(".tocom." in k for k in model.shared_state())
+    art = tmp_path / "tocom"
+    model.save(art)
+    summary = train_task(art, "distill", demo / "task1", TrainOptions(quiet=True, overrides={"batch_size": 8,
+                                                                                            "epochs": 1})).summary
+    assert [s["stage"] for s in summary["stages"]] == ["distill"] and summary["val_accuracy"] is None
+    assert summary["stages"][0]["history"][0]["steps"] == 4
+    trained = _tensors(art, "shared/")
+    assert trained.keys() == {f"shared/{k}" for k in plugin}
+    assert any(not torch.equal(trained[f"shared/{k}"], v) for k, v in plugin.items())  # the plugin learned
 
 
 # -- LayerNorm tuning: keys -> LN rows -> head rectification, task selection --------------------------------------
@@ -437,6 +478,9 @@ def test_torchrun_environment_is_detected_and_checked():
     assert DistContext(world=4).per_process_batch(32) == 8
     with pytest.raises(DistributedError, match="must be cpu or cuda"):
         setup("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DistributedError, match="no CUDA device is available"):
+            setup("cuda")
 
 
 def test_two_cpu_processes_train_with_ddp(tmp_path, demo):

@@ -33,6 +33,7 @@ class TaskKeysStage(Stage):
     """Stage (a): pull the task's key towards the frozen queries of its images."""
 
     validates = False
+    ddp = False  # the query pass runs through the selector, not run.forward
 
     def parameters(self) -> list[nn.Parameter]:
         return task_selector(self.run.model).key_parameters()
@@ -44,6 +45,8 @@ class TaskKeysStage(Stage):
 @register_stage("rectify_head")
 class RectifyHeadStage(Stage):
     """Stage (c): the shared head on predicted-task features, over all classes seen so far."""
+
+    ddp = False  # features come from the selector's routed forward
 
     def _selector(self):  # type: ignore[no-untyped-def]
         sel = task_selector(self.run.model)

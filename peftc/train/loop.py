@@ -42,8 +42,8 @@ class StageOutcome:
     stopped_early: bool = False
 
 
-def _wrap(run: TaskRun) -> nn.Module | None:
-    if not run.dist.enabled:
+def _wrap(run: TaskRun, stage: Stage) -> nn.Module | None:
+    if not run.dist.enabled or not stage.ddp:
         return None
     device_ids = [run.device.index] if run.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids, find_unused_parameters=True)
@@ -76,14 +76,14 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
         best_tensors, extra = resume_tensors or ({}, {})
         best = best_tensors or None
         stage.load_extra_state(extra)
-    run.forward_module = _wrap(run)
+    run.forward_module = _wrap(run, stage)
     patience = recipe.early_stop
     title = f"{run.task} · {stage.label}"
     run.reporter.start(title, steps_per_epoch * (epochs - start))
     try:
         for epoch in range(start, epochs):
             if stage.begin_epoch(epoch, epochs) and run.dist.enabled:
-                run.forward_module = _wrap(run)  # DDP fixes its parameter set at construction
+                run.forward_module = _wrap(run, stage)  # DDP fixes its parameter set at construction
             record = _epoch(run, stage, recipe, optimizer, schedule, params, per_batch, index, epoch)
             accuracy = stage.validate()
             record["val_accuracy"] = accuracy
@@ -140,6 +140,8 @@ def _epoch(run: TaskRun, stage: Stage, recipe: TrainSection, optimizer: torch.op
                              f"{epoch + 1}, step {step + 1}; lower the learning rate (train.lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if run.dist.enabled and not stage.ddp:
+            _average_gradients(params, run)
         if recipe.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
@@ -157,6 +159,23 @@ def _epoch(run: TaskRun, stage: Stage, recipe: TrainSection, optimizer: torch.op
             "lr": schedule.lr, "images": int(count), "steps": steps, "seconds": round(seconds, 3),
             "images_per_second": round(count / seconds, 1) if seconds > 0 else None,
             "corrupt_skipped": len(run.corrupt) - corrupt_before}
+
+
+def _average_gradients(params: list[nn.Parameter], run: TaskRun) -> None:
+    """Mean of every gradient over the processes (for stages whose loss does not go through DDP).
+
+    A parameter without a gradient on some process joins with zeros; one without a gradient anywhere keeps
+    none, so the optimizer skips it as it would in a single process.
+    """
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=run.device)
+    torch.distributed.all_reduce(has)
+    for p, flag in zip(params, has.tolist()):
+        if not flag:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(run.dist.world)
 
 
 def _line(label: str, epoch: int, epochs: int, record: dict[str, Any], improved: bool) -> str:

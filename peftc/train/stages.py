@@ -45,6 +45,9 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     validates: ClassVar[bool] = True  # has a validation accuracy: early stopping and best-epoch restore apply
+    # The loss goes through ``run.forward`` (DistributedDataParallel syncs the gradients). A stage whose loss
+    # takes another path (a selector's routed forward, say) sets False: the loop then averages gradients itself.
+    ddp: ClassVar[bool] = True
 
     def __init__(self, decl: StageDecl, run: TaskRun, recipe: TrainSection):
         self.decl = decl
