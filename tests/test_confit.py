@@ -96,10 +96,18 @@ def _two_tasks(model: peftc.model.Compiled) -> dict[str, dict[str, dict[str, tor
     return state
 
 
-def test_switching_back_recomputes_running_means(resnet18: nn.Module) -> None:
-    model = peftc.compile("confit", resnet18, num_classes=3)
+@pytest.fixture(scope="module")
+def trained() -> tuple[peftc.model.Compiled, dict[str, dict[str, dict[str, torch.Tensor]]]]:
+    """ConFiT on resnet18 after task 1 then task 2 (shared by the tests below: they only switch tasks)."""
+    torch.manual_seed(0)
+    model = peftc.compile("confit", "resnet18", num_classes=3)
     state = _two_tasks(model)
     assert not any(bn.stale for bn in _pairs(model).values())
+    return model, state
+
+
+def test_switching_back_recomputes_running_means(trained) -> None:
+    model, state = trained
     model.set_task("t1")
     for name, bn in _pairs(model).items():
         old = state["t1"][name]
@@ -115,9 +123,9 @@ def test_switching_back_recomputes_running_means(resnet18: nn.Module) -> None:
         assert torch.equal(bn.tracker.input_mean, state["t2"][name]["input"])
 
 
-def test_save_load_corrects_the_same_tasks(tmp_path: Path) -> None:
-    model = peftc.compile("confit", "resnet18", num_classes=3)
-    _two_tasks(model)
+def test_save_load_corrects_the_same_tasks(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    model.set_task("t2")
     model.save(tmp_path / "confit")
     loaded = peftc.load(tmp_path / "confit")
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -126,11 +134,10 @@ def test_save_load_corrects_the_same_tasks(tmp_path: Path) -> None:
             assert torch.equal(loaded.set_task(task)(x), model.set_task(task)(x)), task
 
 
-def test_fold_for_deployment(resnet18: nn.Module) -> None:
+def test_fold_for_deployment(trained) -> None:
     from peftc.export import fold
 
-    model = peftc.compile("confit", resnet18, num_classes=3)
-    _two_tasks(model)
+    model, _ = trained
     x = torch.randn(2, 3, SIZE, SIZE)
     for task in ("t1", "t2"):
         folded = fold(model, task=task)  # the old task folds with its corrected statistics

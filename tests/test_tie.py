@@ -226,7 +226,7 @@ def resnet18() -> nn.Module:
 
 def test_training_lowers_loss_and_moves_the_scalars(resnet18: nn.Module) -> None:
     model = peftc.compile("replacement", resnet18, num_classes=3)
-    images, labels = synthetic_task(n=6)
+    images, labels = synthetic_task(n=6, size=16)
     losses = train_steps(model, images, labels, steps=5, lr=1e-3)
     assert losses[-1] < losses[0]
     a = dict(model.net.named_parameters())["layer1.1.tie.a"]
@@ -235,8 +235,8 @@ def test_training_lowers_loss_and_moves_the_scalars(resnet18: nn.Module) -> None
 
 def test_deepcopy_to_and_state_dict(resnet18: nn.Module) -> None:
     model = peftc.compile("replacement", resnet18, num_classes=3)
-    train_steps(model, *synthetic_task(n=6), steps=1)
-    x = torch.randn(2, 3, 32, 32)
+    train_steps(model, *synthetic_task(n=6, size=16), steps=1)
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = model(x)
         twin = copy.deepcopy(model)
@@ -256,10 +256,10 @@ def test_deepcopy_to_and_state_dict(resnet18: nn.Module) -> None:
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
     model = peftc.compile("replacement", "resnet18", num_classes=3)
-    train_steps(model, *synthetic_task(n=6), steps=2)
+    train_steps(model, *synthetic_task(n=6, size=16), steps=2)
     model.save(tmp_path / "rl")
     loaded = peftc.load(tmp_path / "rl")
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert set(loaded.state_dict()) == set(model.state_dict())
