@@ -142,9 +142,11 @@ def measure(job: Job, steps: int, warmup: int, batch: int, threads: int) -> dict
     import torch
     import torch.nn.functional as F
 
+    # The allocator keeps its default behaviour: fixing glibc's mmap threshold (so every freed tensor goes back
+    # to the OS) would make each forward page-fault its activations afresh, slowing graphs that free
+    # intermediates early (fx code does) by 10-15% and distorting the timings. malloc_trim before the measured
+    # region returns what compilation left free instead.
     libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD fixed: big tensors are mmapped and return to the OS
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -234,12 +236,10 @@ def run(groups: tuple[Group, ...], *, extra_specs: bool, rounds: int, steps: int
 
     jobs: list[Job] = []
     skipped: dict[str, str] = {}
-    trainable: dict[str, int] = {}
     for group in groups:
         planned = run_isolated(_plan_group, group, extra_specs, peft_ok)
         skipped.update({f"{group.name}/{k}": v for k, v in planned["skipped"].items()})
         jobs += _jobs(group, planned)
-        trainable.update({f"{group.name}/peftc:{m}": i["trainable"] for m, i in planned["methods"].items()})
     per_round: list[dict[str, dict[str, Any]]] = []
     failed: dict[str, str] = {}
     for r in range(rounds):
@@ -255,7 +255,7 @@ def run(groups: tuple[Group, ...], *, extra_specs: bool, rounds: int, steps: int
                 failed[job.key] = str(exc)
                 console.print(f"[yellow]{job.key} failed: {exc}[/yellow]")
         per_round.append(results)
-    return _aggregate(jobs, per_round, skipped, failed, trainable)
+    return _aggregate(jobs, per_round, skipped, failed)
 
 
 def measure_isolated(job: Job, steps: int, warmup: int, batch: int, threads: int) -> dict[str, Any]:
@@ -263,7 +263,7 @@ def measure_isolated(job: Job, steps: int, warmup: int, batch: int, threads: int
 
 
 def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skipped: dict[str, str],
-               failed: dict[str, str], trainable: dict[str, int]) -> dict[str, Any]:
+               failed: dict[str, str]) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     for job in jobs:
         samples = [r[job.key] for r in per_round if job.key in r]
@@ -292,6 +292,11 @@ def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skip
         else:
             continue
         for ours, theirs, suffix, peer in pairs:
+            if peer != "full" and ours in variants and theirs in variants and (
+                    variants[ours]["trainable_params"] != variants[theirs]["trainable_params"]):
+                failed[theirs] = (f"trains {variants[theirs]['trainable_params']:,} parameters, peftc "
+                                  f"{variants[ours]['trainable_params']:,}: not the same adaptation, not compared")
+                continue
             for metric, name in metrics:
                 value = _ratio(per_round, ours, theirs, metric)
                 if value:

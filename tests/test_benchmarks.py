@@ -97,7 +97,7 @@ def test_ratios_are_paired_per_round_and_judged() -> None:
             Job("vit", "peft", "b", 224, "lora")]
     rounds = [{"vit/full": _sample(4.0, 400), "vit/peftc:lora": _sample(1.0, 220), "vit/peft:lora": _sample(2.0, 200)},
               {"vit/full": _sample(8.0, 400), "vit/peftc:lora": _sample(2.0, 220), "vit/peft:lora": _sample(4.0, 200)}]
-    out = _aggregate(jobs, rounds, {}, {}, {})
+    out = _aggregate(jobs, rounds, {}, {})
     step = out["ratios"]["vit lora step peftc/peft"]
     assert step["median"] == pytest.approx(0.5) and step["rounds"] == 2  # load doubled in round 2: ratio holds
     assert out["ratios"]["vit lora memory peftc/peft"]["median"] == pytest.approx(1.1)
@@ -113,6 +113,13 @@ def _small_cnn() -> torch.nn.Module:
         torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+
+
+def test_a_peer_training_other_parameters_is_not_compared() -> None:
+    jobs = [Job("vit", "peftc", "b", 224, "lora"), Job("vit", "peft", "b", 224, "lora")]
+    other = {**_sample(1.0, 100), "trainable": 11}
+    out = _aggregate(jobs, [{"vit/peftc:lora": _sample(1.0, 100), "vit/peft:lora": other}], {}, {})
+    assert out["checks"] == [] and "not the same adaptation" in out["failed"]["vit/peft:lora"]
 
 
 def test_clr_wrappers_match_peftc() -> None:
