@@ -160,33 +160,6 @@ class HeadArgs(_Strict):
     trainable: bool = True
 
 
-class MergeTokensArgs(_Strict):
-    """Token merging (ToMe): merge ``r`` tokens in each selected block, between its attention and its MLP.
-
-    ``r`` is one int (``inflection`` makes it a linear schedule from ``int(r(1 - inflection))`` to ``2r`` minus
-    that) or a list with one value per selected block. ``protect`` counts the leading tokens that are never
-    merged (default: the learned tokens the embedding puts first, e.g. cls and DeiT's distillation token).
-    """
-
-    target: Selector = Field(default_factory=lambda: Selector(role="attn_residual"))
-    r: int | list[int] = 0
-    inflection: float = 0.0
-    prop_attn: bool = True
-    protect: int | None = Field(default=None, ge=0)
-    name: str = "tome"
-
-    @model_validator(mode="after")
-    def _check(self) -> MergeTokensArgs:
-        values = self.r if isinstance(self.r, list) else [self.r]
-        if any(v < 0 for v in values):
-            raise ValueError(f"r must be >= 0, got {self.r!r}")
-        if isinstance(self.r, list) and self.inflection:
-            raise ValueError("inflection applies to a single r, not to a per-layer list")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
-            raise ValueError(f"name must be an identifier (it becomes a module name), got {self.name!r}")
-        return self
-
-
 class TieArgs(_Strict):
     """Whole repeated blocks stop owning parameters: each layer computes with ``a·θ_prev + b·θ_next``.
 
@@ -661,9 +634,10 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
     for path, loc in doc.positions.items():
         if path and path[0] not in ("params", "rules", "include"):
             positions[path] = loc
+    root = doc.positions.get((), Location(doc.file))  # documents given as mappings have no positions
     for top in ("params", "rules"):
-        positions.setdefault((top,), doc.positions.get((top,), doc.positions[()]))
-    positions[()] = doc.positions[()]
+        positions.setdefault((top,), doc.positions.get((top,), root))
+    positions[()] = root
     return _Doc(data, positions, doc.file)
 
 
@@ -725,7 +699,7 @@ def _type_of(value: Any) -> str:
 
 def _bind(decls: dict[str, ParamDecl], overrides: Mapping[str, Any], doc: _Doc) -> dict[str, Any]:
     values = {}
-    for name, value in overrides.items():
+    for name in overrides:
         if name not in decls:
             raise SpecError(f"unknown param {name!r}" + did_you_mean(name, decls) + _known(decls), "--set")
     for name, decl in decls.items():
@@ -807,10 +781,9 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
     out: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            out.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        ):
             out.append(part)
             node = node[part]
         elif isinstance(node, dict) and isinstance(part, str) and part not in _UNION_TAGS:
@@ -871,13 +844,13 @@ def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -
         bad = next((k for k in ops if k not in PRIMITIVES), None)
         if bad is not None:
             msg = f"unknown primitive {bad!r}" + did_you_mean(bad, PRIMITIVES)
-            raise SpecError(msg + f"; primitives: {', '.join(PRIMITIVES)}", _locate(doc.positions, (*path, bad), doc.file))
+            where = _locate(doc.positions, (*path, bad), doc.file)
+            raise SpecError(msg + f"; primitives: {', '.join(PRIMITIVES)}", where)
         raise SpecError(f"a rule names exactly one primitive ({', '.join(PRIMITIVES)}), got {ops or 'none'}", where)
     op = ops[0]
     when = raw.get("when")
-    if when is not None:
-        if not _evaluate_when(when, values, _locate(doc.positions, (*path, "when"), doc.file)):
-            return None
+    if when is not None and not _evaluate_when(when, values, _locate(doc.positions, (*path, "when"), doc.file)):
+        return None
     label = raw.get("label")
     if label is not None and not isinstance(label, str):
         raise SpecError("label must be a string", _locate(doc.positions, (*path, "label"), doc.file))

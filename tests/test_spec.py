@@ -217,3 +217,8 @@ def test_selector_that_matches_nothing_points_at_rule(tmp_path: Path) -> None:
 def test_optional_selector_may_match_nothing() -> None:
     spec = {"name": "x", "rules": [{"train": {"type": "Conv3d", "optional": True}}]}
     assert peftc.compile(spec, "resnet18").report.trainable_params > 0
+
+
+def test_mapping_spec_may_include() -> None:
+    spec = load_spec({"name": "mine", "include": "clr", "rules": [{"head": {"classes": 4}}]})
+    assert [r.label for r in spec.rules] == ["freeze", "clr", "batchnorm", "head", "head#2"]
