@@ -353,6 +353,13 @@ def test_unknown_stage_is_a_spec_error(probe, task_copy):
     assert "rectify_head" in result.output  # the message lists the stages there are
 
 
+def test_select_without_task_selection_fails_before_training(probe, tmp_path, demo):
+    seq = _sequence(tmp_path / "seq.yaml", demo, ["task1", "task2"])
+    result = _run("train", probe, "--sequence", seq, "--select", "--image-size", 32)
+    assert result.exit_code == 1 and "has no task selection" in result.output
+    assert not (probe / "train").exists()  # nothing was trained
+
+
 # -- the train: section and the recipe ------------------------------------------------------------------------
 
 def test_builtin_specs_carry_their_papers_recipes():

@@ -52,6 +52,8 @@ def train_cmd(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (before the recipe's batch scaling)."
                                                 )] = None,
+    early_stop: Annotated[Optional[int], typer.Option("--early-stop", min=1, help="Stop after N epochs without a "
+                                                      "better validation accuracy (the best epoch is kept).")] = None,
     recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="Override a train: key, e.g. "
                                                         "scheduler=cosine or optimizer.name=sgd (repeatable).")] = None,
     device: DeviceOpt = "cpu",
@@ -77,6 +79,8 @@ def train_cmd(
         overrides["batch_size"] = batch_size
     if lr is not None:
         overrides["lr"] = lr
+    if early_stop is not None:
+        overrides["early_stop"] = early_stop
     options = TrainOptions(classes=_classes(classes), overrides=overrides, epochs=epochs, device=device,
                            resume=resume, seed=seed, image_size=image_size, workers=workers, val_fraction=val_split,
                            quiet=quiet)

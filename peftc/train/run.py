@@ -63,7 +63,6 @@ class TaskRun:
     seed: int = 0
     image_size: int = 224
     workers: int = 0
-    epochs_cap: int | None = None
     hooks: Hooks = field(default_factory=Hooks)
     replay: Any = None  # peftc.train.taer.ReplayBuffer when the recipe's head is taer
     forward_module: nn.Module | None = None  # the DDP wrapper while a stage trains in parallel
@@ -79,7 +78,6 @@ class TaskRun:
         augment = self.recipe.augment
         self.train_set = ImageDataset(self.data.train, train_transform(self.image_size, augment, mean, std))
         self.val_set = ImageDataset(self.data.val, eval_transform(self.image_size, augment, mean, std))
-        self.plain_train_set = ImageDataset(self.data.train, eval_transform(self.image_size, augment, mean, std))
 
     @property
     def device(self) -> torch.device:
@@ -103,9 +101,9 @@ class TaskRun:
     def epoch_seed(self, stage: int, epoch: int) -> int:
         return zlib.crc32(f"{self.seed}/{self.task}/{stage}/{epoch}".encode())
 
-    def train_loader(self, batch_size: int, stage: int, epoch: int, plain: bool = False) -> torch.utils.data.DataLoader:
-        """The epoch's shuffled training batches (``plain``: without augmentation), this process's share."""
-        dataset = self.plain_train_set if plain else self.train_set
+    def train_loader(self, batch_size: int, stage: int, epoch: int) -> torch.utils.data.DataLoader:
+        """The epoch's shuffled training batches (this process's share), seeded by stage and epoch."""
+        dataset = self.train_set
         seed = self.epoch_seed(stage, epoch)
         generator = torch.Generator().manual_seed(seed)
         if self.dist.enabled:

@@ -177,9 +177,10 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
 
         replay = ReplayBuffer.load(artifact / TRAIN_DIR / REPLAY, recipe.replay.memory)
     run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
-                  workers=options.workers, epochs_cap=options.epochs, hooks=options.hooks, replay=replay,
+                  workers=options.workers, hooks=options.hooks, replay=replay,
                   offset=offset, seen_tasks=seen)
-    info = {"classes": list(task_data.classes), "data": str(Path(data)), "recipe": recipe.model_dump(mode="json"),
+    info = {"classes": list(task_data.classes), "data": str(Path(data).resolve()),
+            "recipe": recipe.model_dump(mode="json"),
             "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset}
     decls = recipe.stages or [StageDecl(stage="fit")]
     outcomes: list[dict[str, Any]] = list((state or {}).get("outcomes", []))

@@ -122,6 +122,22 @@ def _write(directory: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, directory / ACCURACY_JSON)
 
 
+def _check_selection(artifact: Path, options: TrainOptions) -> None:
+    """Refuse ``select`` before training when the method has no task selection (not after the whole sequence)."""
+    from peftc.artifact import read_manifest
+    from peftc.spec import load_spec
+
+    from .evaluate import EvalError
+    from .recipe import resolve
+
+    spec = load_spec(read_manifest(artifact)["spec"])
+    if resolve(spec.train, options.overrides).head == "taer":
+        return
+    if any(getattr(rule.args, "block", None) == "task_key" for rule in spec.rules):
+        return
+    raise EvalError(f"spec {spec.name!r} has no task selection (LN-tuning keys, or train.head: taer); drop --select")
+
+
 def _row(model: Any, names: list[str], i: int, data: dict[str, Any], settings: dict[str, tuple[int, str]],
          registry: Registry, workers: int, dist: Any) -> list[float | None]:
     """Row i of the accuracy matrix: every task j <= i with its task given; None after i."""
@@ -143,6 +159,8 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
     options = options or TrainOptions()
     artifact = Path(artifact)
     seq = read_sequence(sequence)
+    if select:
+        _check_selection(artifact, options)
     dist = setup(options.device)
     reporter = Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
     registry = Registry(artifact)
