@@ -148,6 +148,8 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     started = time.perf_counter()
     ckpt = _checkpoint(artifact, task)
     state = ckpt.read_state() if options.resume and ckpt.exists else None
+    if options.resume and state is None:
+        reporter.note(f"no checkpoint of task {task!r} to resume: starting it from the beginning")
     classes = state["classes"] if state else options.classes
     if state and options.classes and list(options.classes) != list(state["classes"]):
         raise TrainError(f"the interrupted run of {task!r} used classes {state['classes']}, not "
