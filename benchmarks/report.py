@@ -342,12 +342,26 @@ def _explanations(checks: list[dict[str, Any]], results: dict[str, dict[str, Any
     return "\n".join(parts)
 
 
+def _complete_run(complete: dict[str, Any] | None, cpus: Any) -> str:
+    if not complete or complete.get("total_s") is None:
+        return ""
+    text = (f"The last run of all suites (`python -m benchmarks{' --quick' if complete.get('quick') else ''}"
+            f"{' --threads ' + str(complete['threads']) if complete.get('threads') else ''}`, {complete.get('at', '')})"
+            f" took {complete['total_s']:.0f} s")
+    load = complete.get("load_avg")
+    if load:
+        text += f" while the machine's load average was {load[0]:.1f}–{load[1]:.1f} on {cpus or '?'} CPUs"
+    if complete.get("budget_s"):
+        text += (f" (the --quick budget is {complete['budget_s']:.0f} s on two idle cores: "
+                 f"{'met' if complete.get('within_budget') else 'exceeded'})")
+    return text + ". "
+
+
 def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], plots: dict[str, Path],
            doc_path: Path) -> str:
     """The whole of docs/benchmarks.md."""
     checks = collect_checks(results)
     run = summary.get("suites", {})
-    load = summary.get("load_avg")
     lines = [
         "# Benchmarks",
         "",
@@ -360,11 +374,7 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], plots: d
         "minutes on two idle CPU cores) or `--report-only` (redraw this page from the stored JSON). "
         "HF PEFT comes with `pip install -e '.[bench]'`.",
         "",
-        "**Reading the numbers.** "
-        + (f"The last run took {summary['total_s']:.0f} s{' (--quick)' if summary.get('quick') else ''}"
-           + (f" while the machine's load average was {load[0]:.1f}–{load[1]:.1f} on {summary.get('cpus', '?')} "
-              "CPUs" if load else "") + ". " if summary.get("total_s") else "")
-        + (f"Each suite ran with {summary['threads']} CPU thread(s). " if summary.get("threads") else "")
+        "**Reading the numbers.** " + _complete_run(summary.get("complete_run"), summary.get("cpus"))
         + "The machine is shared with other engineers' jobs, so absolute times are inflated and noisy; "
         "compare the *ratios*, which come from variants measured interleaved (round-robin, alternating order) in "
         "the same run, and the ranges beside each median. Memory and bytes on disk are not affected by load.",
@@ -382,5 +392,15 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], plots: d
         lines += ["", _section(suite, results.get(suite.result), plots, doc_path.parent, run)]
     if not plots and importlib.util.find_spec("matplotlib") is None:
         lines += ["", "(Plots need matplotlib: `pip install -e '.[bench]'`.)"]
-    lines += ["", "## Why targets are missed", "", _explanations(checks, results), ""]
+    lines += ["", "## Why targets are missed", "", _explanations(checks, results)]
+    if run:
+        lines += ["", "## Runs", "", "The latest run of each suite (`python -m benchmarks` arguments passed to its "
+                  "script; load average of the machine before and after it):", "",
+                  _table(["suite", "script arguments", "status", "wall", "load average", "when"], [
+                      [name, " ".join(r.get("args", [])) or "(defaults)", r.get("status", "") + (
+                          f" — {r['note']}" if r.get("note") else ""),
+                       f"{r['wall_s']:.0f} s" if "wall_s" in r else "",
+                       "–".join(f"{v:.1f}" for v in r.get("load_avg", []) if v is not None), r.get("at", "")]
+                      for name, r in run.items()])]
+    lines.append("")
     return "\n".join(lines)

@@ -178,9 +178,12 @@ def _fixture_results(folder: Path) -> None:
 def test_docs_page_from_fixture_results(tmp_path: Path) -> None:
     results, doc = tmp_path / "results", tmp_path / "docs" / "benchmarks.md"
     _fixture_results(results)
-    summary = finish({"compile": {"status": "ok", "wall_s": 1.0, "load_avg": [1.0, 2.0]}}, True, 12.0,
-                     results_dir=results, doc=doc)
-    assert summary["within_quick_budget"] is True
+    ran = {name: {"status": "ok", "wall_s": 1.0, "load_avg": [1.0, 2.0], "args": ["--quick"]} for name in SUITES}
+    summary = finish(ran, True, 12.0, results_dir=results, doc=doc, threads=1)
+    assert summary["complete_run"]["within_budget"] is True
+    again = finish({"compile": {**ran["compile"], "wall_s": 3.0}}, True, 400.0, results_dir=results, doc=doc)
+    assert again["complete_run"]["total_s"] == 12.0  # a partial run keeps the last complete run's record
+    assert again["suites"]["compile"]["wall_s"] == 3.0 and again["suites"]["storage"]["wall_s"] == 1.0
     checks = {c["name"]: c["verdict"] for c in summary["checks"]}
     assert checks == {"trace + passes, clr on resnet50": "PASS", "peftc compile, end to end": "MISS",
                       "folded/plain": "MISS"}
@@ -192,6 +195,7 @@ def test_docs_page_from_fixture_results(tmp_path: Path) -> None:
     misses = text.split("## Why targets are missed", 1)[1]
     assert "peftc compile, end to end" in misses and "folded/plain" in misses
     assert "trace + passes, clr on resnet50" not in misses
+    assert "took 12 s" in text and "| compile | --quick | ok | 3 s |" in text
     saved = json.loads((results / "summary.json").read_text())
-    assert saved["suites"]["compile"]["status"] == "ok"
+    assert saved["invocation"]["suites"] == ["compile"]
     assert len(collect_checks({"summary": saved, "deploy": json.loads((results / "deploy.json").read_text())})) == 1
