@@ -123,17 +123,17 @@ def compile_times(results: dict[str, Any], out: Path) -> Path | None:
     plt = _pyplot()
     names = list(rows)[::-1]
     med = [rows[n]["median"] * 1e3 for n in names]
-    fig, ax = plt.subplots(figsize=(6.4, 0.28 * len(names) + 1.1), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.28 * len(names) + 1.1)), dpi=DPI)
     colours = []
     for n, m in zip(names, med):
         target = targets.get(n.split(" on ", 1)[-1]) if isinstance(targets, dict) else targets
         colours.append(NEUTRAL if target is None else (GOOD if m <= target * 1e3 else BAD))
     ax.barh(names, med, color=colours)
     if isinstance(targets, dict):
-        for backbone, t in targets.items():
-            ax.axvline(t * 1e3, color="black", lw=0.8, ls="--")
-            ax.text(t * 1e3, len(names) - 0.4, f" {backbone.split(':')[-1]}", fontsize=6, va="top")
-    ax.set_xlabel("trace + passes, ms (median; dashed: targets)")
+        for (backbone, t), style in zip(targets.items(), ("--", ":", "-.")):
+            ax.axvline(t * 1e3, color="black", lw=0.8, ls=style, label=f"target, {backbone.split(':')[-1]}")
+        ax.legend(fontsize=6, loc="lower right")
+    ax.set_xlabel("trace + passes, ms (median)")
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     path = out / "compile_time.png"
