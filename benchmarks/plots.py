@@ -37,7 +37,8 @@ def ratio_rows(results: dict[str, Any]) -> list[tuple[str, float, float, float]]
             rows.append((f"{group}{r['method']} {r['metric']} / {peer}", r["median"], r["min"], r["max"]))
     for row in results.get("storage", {}).get("rows", {}).values():
         if "ratio" in row:
-            rows.append((f"{row['method']} bytes / HF PEFT", row["ratio"], row["ratio"], row["ratio"]))
+            backbone = row.get("peftc", {}).get("backbone", "").split(":")[-1].split("_patch")[0]
+            rows.append((f"{row['method']} bytes, {backbone} / HF PEFT", row["ratio"], row["ratio"], row["ratio"]))
     return rows
 
 

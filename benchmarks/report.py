@@ -213,10 +213,12 @@ def _storage(data: dict[str, Any]) -> str:
     rows = []
     for key, row in data["rows"].items():
         ours, theirs = row["peftc"], row.get("peft")
+        frozen = ours.get("frozen_tensors_saved")
         rows.append([key, f"{ours['trainable_params']:,}", f"{ours['delta']['elements']:,}",
+                     "" if frozen is None else (f"**{len(frozen)}**" if frozen else "0"),
                      f"{ours['delta']['bytes']:,}", f"{ours['per_added_task_bytes']:,}",
                      f"{theirs['delta']['bytes']:,}" if theirs else "", fmt_value(row["ratio"], "x") if theirs else ""])
-    text = _table(["method on backbone", "trainable", "elements stored", "peftc delta B", "+1 task B",
+    text = _table(["method on backbone", "trainable", "elements stored", "frozen saved", "peftc delta B", "+1 task B",
                    "PEFT adapter B", "peftc / PEFT"], rows)
     if data.get("skipped"):
         text += "\n\nNot measured: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items()) + "."

@@ -7,8 +7,9 @@ beside it), then a second task is added and the artifact saved again: the growth
 costs. For LoRA and LN tuning, HF PEFT builds the same adapter on the same timm module (the same target layers,
 rank and trained head, read off the compiled peftc model) and ``save_pretrained`` writes
 ``adapter_model.safetensors`` (+ ``adapter_config.json``). Both files are safetensors holding the same tensors,
-so the comparison shows what the formats add (tensor names, headers) and that nothing frozen is duplicated: the
-element count of each file is checked against the trainable and per-task tensors. Sizes are deterministic.
+so the comparison shows what the formats add (tensor names, headers). Each delta's tensor names are checked
+against the frozen backbone parameters (none may be saved); elements stored beyond the trainable parameters are
+per-task statistics (BatchNorm running mean/var). Sizes are deterministic.
 Target: peftc's delta ≤ PEFT's adapter file, for the same method.
 """
 
@@ -34,19 +35,32 @@ PARAMS: dict[str, dict[str, Any]] = {"ln_tuning": {"keys": False}}  # PEFT's LN 
 TARGET_RATIO = 1.0
 
 
-def safetensors_elements(path: Path) -> tuple[int, int, int]:
-    """(tensors, elements, header bytes) of a safetensors file, read from its header only."""
+def _header(path: Path) -> tuple[dict[str, Any], int]:
     with path.open("rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
+    return header, size + 8
+
+
+def safetensors_elements(path: Path) -> tuple[int, int, int]:
+    """(tensors, elements, header bytes) of a safetensors file, read from its header only."""
+    header, header_bytes = _header(path)
     elements = 0
     for info in header.values():
         n = 1
         for d in info["shape"]:
             n *= d
         elements += n
-    return len(header), elements, size + 8
+    return len(header), elements, header_bytes
+
+
+def frozen_in_delta(model: Any, path: Path) -> list[str]:
+    """Names in a saved delta that are frozen backbone parameters (there should be none)."""
+    frozen = {n for n, p in model.net.named_parameters() if not p.requires_grad}
+    saved = {key.split(":", 1)[0].split("/", 2)[-1] if key.startswith("tasks/") else
+             key.split(":", 1)[0].removeprefix("shared/") for key in _header(path)[0]}
+    return sorted(saved & frozen)
 
 
 def _file_facts(path: Path) -> dict[str, int]:
@@ -62,6 +76,7 @@ def peftc_delta(method: str, backbone: str, tmp: Path) -> dict[str, Any]:
     model = peftc.compile(method, backbone, **PARAMS.get(method, {}))
     one = model.save(tmp / f"{method}-1")
     expected = sum(p.numel() for p in model.trainable_parameters())
+    frozen = frozen_in_delta(model, one / DELTA)
     model.add_task("second")
     two = model.save(tmp / f"{method}-2")
     delta = _file_facts(one / DELTA)
@@ -71,6 +86,7 @@ def peftc_delta(method: str, backbone: str, tmp: Path) -> dict[str, Any]:
         "manifest_bytes": (one / MANIFEST).stat().st_size,
         "per_added_task_bytes": (two / DELTA).stat().st_size - delta["bytes"],
         "trainable_params": expected,
+        "frozen_tensors_saved": frozen,
     }
 
 
@@ -128,11 +144,12 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
                 else:
                     skipped[f"peft {key}"] = "HF PEFT is not installed (pip install 'peftc[bench]')"
     checks = []
-    for row in rows.values():
+    for key, row in rows.items():
         if "peft" in row:
             ratio = row["peftc"]["delta"]["bytes"] / row["peft"]["delta"]["bytes"]
             row["ratio"] = ratio
-            checks.append(check(f"storage_{row['method']}", f"{row['method']} delta per task, peftc / HF PEFT",
+            backbone = row["peftc"]["backbone"].split(":")[-1]
+            checks.append(check(f"storage {key}", f"{row['method']} delta per task on {backbone}, peftc / HF PEFT",
                                 ratio, TARGET_RATIO, unit="x"))
     return {"rows": rows, "checks": checks, "skipped": skipped, "config": {"quick": quick}}
 
@@ -146,8 +163,7 @@ def print_table(result: dict[str, Any], console: Console) -> None:
         ours, theirs = row["peftc"], row.get("peft")
         table.add_row(key, f"{ours['trainable_params']:,}", f"{ours['delta']['bytes']:,}",
                       f"{ours['per_added_task_bytes']:,}", f"{theirs['delta']['bytes']:,}" if theirs else "",
-                      f"{row['ratio']:.3f}" if theirs else "", verdicts.get(f"storage_{row['method']}", "")
-                      if theirs else "")
+                      f"{row['ratio']:.4f}" if theirs else "", verdicts.get(f"storage {key}", ""))
     console.print(table)
     for key, why in result["skipped"].items():
         console.print(f"[dim]not measured: {key}: {why}[/dim]")

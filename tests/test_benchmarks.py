@@ -135,6 +135,21 @@ def test_clr_wrappers_match_peftc() -> None:
     assert check_same_function(model, peer, (3, 16, 16)) < 1e-5
 
 
+def test_storage_finds_frozen_tensors_in_a_delta(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from benchmarks.storage import frozen_in_delta, safetensors_elements
+
+    model = peftc.compile("clr", _small_cnn())
+    saved = model.save(tmp_path / "clr") / "delta.safetensors"
+    assert frozen_in_delta(model, saved) == []
+    assert safetensors_elements(saved)[1] >= sum(p.numel() for p in model.trainable_parameters())
+    bad = tmp_path / "bad.safetensors"
+    save_file({"tasks/default/0.weight": torch.zeros(8, 3, 3, 3), "shared/3.weight": torch.zeros(8, 8, 1, 1)},
+              str(bad))
+    assert frozen_in_delta(model, bad) == ["0.weight", "3.weight"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="HF PEFT is not installed")
 def test_peft_lora_adapts_the_same_layers() -> None:
     import timm
