@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def _load() -> float | None:
         return None
 
 
-def run_suite(suite: Suite, quick: bool, timeout: float | None, threads: int | None = None) -> dict[str, Any]:
+def run_suite(suite: Suite, quick: bool, timeout: float | None, threads: int | None = None,
+              extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one suite's script in a child process; its output goes straight to ours.
 
     ``threads`` sets ``OMP_NUM_THREADS`` for the suite and is passed as ``--threads`` to scripts that take it."""
@@ -57,6 +59,7 @@ def run_suite(suite: Suite, quick: bool, timeout: float | None, threads: int | N
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         if '"--threads"' in suite.source():
             args = (*args, "--threads", str(threads))
+    args = (*args, *extra)
     record["args"] = list(args)
     cmd = [sys.executable, "-m", f"benchmarks.{suite.module}", *args]
     print(f"\n── {suite.name}: {' '.join(cmd[1:])}", flush=True)
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per suite (OMP_NUM_THREADS, and --threads where a script takes it); on a "
                              "machine shared with other jobs, 1 avoids thread oversubscription")
+    parser.add_argument("--suite-args", default="", metavar="ARGS",
+                        help="more arguments for each suite's script, e.g. "
+                             "python -m benchmarks train-step --suite-args '--methods lora,clr'")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per suite before it is stopped (default: 600 with --quick, none otherwise)")
     args = parser.parse_args(argv)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout if args.timeout is not None else (600.0 if args.quick else None)
         start = time.perf_counter()
         for name in args.suites or list(SUITES):
-            run[name] = run_suite(SUITES[name], args.quick, timeout, args.threads)
+            run[name] = run_suite(SUITES[name], args.quick, timeout, args.threads, tuple(shlex.split(args.suite_args)))
             if run[name]["status"] != "ok":
                 print(f"!! {name}: {run[name]['status']}: {run[name]['note']}", flush=True)
         total = time.perf_counter() - start

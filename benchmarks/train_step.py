@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from rich.console import Console
@@ -340,15 +340,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per process (default 5; 3 with --quick)")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated specs to measure instead of the defaults (lora, ln_tuning, clr; every "
+                             "built-in spec without --quick), e.g. --methods lora,clr")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
     steps = args.steps or (3 if args.quick else 5)
     warmup = 1 if args.quick else 2
     groups = QUICK_GROUPS if args.quick else FULL_GROUPS
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if methods:
+        groups = tuple(replace(g, methods=tuple(methods)) for g in groups)
     console = Console()
     start = time.perf_counter()
-    result = run(groups, extra_specs=not args.quick, rounds=rounds, steps=steps, warmup=warmup, batch=args.batch,
-                 threads=args.threads, console=console)
+    result = run(groups, extra_specs=not args.quick and not methods, rounds=rounds, steps=steps, warmup=warmup,
+                 batch=args.batch, threads=args.threads, console=console)
     result["config"] = {"quick": args.quick, "batch": args.batch, "rounds": rounds, "steps": steps,
                         "warmup": warmup, "threads": args.threads, "groups": [asdict(g) for g in groups],
                         "wall_s": time.perf_counter() - start}
