@@ -1,10 +1,11 @@
-"""Run one measurement in its own process, and read that process's peak memory.
+"""Run measurements in their own processes, and read a process's peak memory.
 
 Memory numbers are only meaningful when nothing else has allocated in the same process: the CPU high-water
 mark (VmHWM) never goes down, and the CUDA caching allocator keeps what earlier models freed. So every
-measurement runs in a fresh child process. On Linux the child is *forked* from a parent that has imported torch
-but run no tensor op and never touched CUDA, so a child costs milliseconds instead of a second-long
-``import torch``; elsewhere (macOS, Windows) it is spawned.
+measurement runs in a fresh child process: :func:`run_isolated` for one call, :class:`Worker` for an object
+that lives in its own process and answers calls, so that several of them can be timed step by step in turn.
+On Linux children are *forked* from a parent that has imported torch but run no tensor op and never touched
+CUDA, so a child costs milliseconds instead of a second-long ``import torch``; elsewhere they are spawned.
 
 CPU peak memory is the resident-set high-water mark. On Linux it is reset just before the measured region
 (``/proc/self/clear_refs`` ← ``5``) and read from ``VmHWM``, so it covers only training, not model construction;
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IsolatedError", "Peak", "run_isolated"]
+__all__ = ["IsolatedError", "Peak", "Worker", "run_isolated"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -96,13 +97,17 @@ def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         conn.close()
 
 
+def _context() -> Any:
+    method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform.startswith("linux") else "spawn"
+    return mp.get_context(method)
+
+
 def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
     """``fn(*args)`` in a fresh child process; returns its (picklable) result or raises :class:`IsolatedError`.
 
     ``fn`` must be a module-level function. The parent must not have initialised CUDA (the child may).
     """
-    method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform.startswith("linux") else "spawn"
-    ctx = mp.get_context(method)
+    ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
     proc.start()
@@ -123,3 +128,74 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float | None = Non
     if message[0] == "ok":
         return message[1]
     raise IsolatedError(message[1], message[2])
+
+
+def _serve(conn: Any, factory: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        obj = factory(*args)
+        conn.send(("ok", getattr(obj, "ready", None)))
+        while True:
+            name, call_args = conn.recv()
+            if name == "stop":
+                conn.send(("ok", None))
+                return
+            conn.send(("ok", getattr(obj, name)(*call_args)))
+    except BaseException as exc:  # report everything to the parent, which decides what it means
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class Worker:
+    """``factory(*args)`` built in its own child process; ``call(name, *args)`` runs that method there.
+
+    The object's ``ready`` attribute (if any) comes back as :attr:`ready` once it is built. Calls are
+    synchronous, so several workers can be driven in turn (one timed step each, round-robin) while each keeps its
+    own memory. A failure in the child raises :class:`IsolatedError` and ends the worker.
+    """
+
+    def __init__(self, factory: Callable[..., Any], *args: Any, timeout: float | None = None):
+        ctx = _context()
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._proc.start()
+        child.close()
+        self.ready = self._reply(timeout)
+
+    def _reply(self, timeout: float | None) -> Any:
+        try:
+            if not self._conn.poll(timeout):
+                self.close()
+                raise IsolatedError(f"timed out after {timeout:.0f} s")
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            message = ("error", f"worker process died (exit code {self._proc.exitcode})", "")
+        if message[0] == "ok":
+            return message[1]
+        self.close()
+        raise IsolatedError(message[1], message[2])
+
+    def call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        self._conn.send((name, args))
+        return self._reply(timeout)
+
+    def close(self) -> None:
+        """Stop the child (politely, then by force) and release the pipe."""
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop", ()))
+                self._conn.poll(5)
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        self._conn.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

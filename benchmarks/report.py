@@ -184,9 +184,11 @@ def _train_step(data: dict[str, Any]) -> str:
         rows.append([f"`{key}`", f"{v['backbone']} @ {v['image']}", f"{v['trainable_params']:,}", _ms(v["step_s"]),
                      f"{v['step_s']['min'] * 1e3:.0f}–{v['step_s']['max'] * 1e3:.0f}", _ms(v["forward_s"]),
                      f"{v.get('model_mb', 0):.0f}", f"{v['peak_mb']['median']:.0f}"])
-    text = (f"Batch {cfg.get('batch', '?')}, {cfg.get('rounds', '?')} interleaved rounds of {cfg.get('steps', '?')} "
-            f"timed steps, {cfg.get('threads', '?')} thread{'' if cfg.get('threads') == 1 else 's'}, one process "
-            "per measurement.\n\n")
+    per_round = (f" of {cfg['steps']} timed steps" if "steps" in cfg else
+                 " (one training step and one eval forward per variant each)")
+    text = (f"Batch {cfg.get('batch', '?')}, {cfg.get('rounds', '?')} interleaved rounds{per_round}, "
+            f"{cfg.get('threads', '?')} thread{'' if cfg.get('threads') == 1 else 's'}, one process per variant."
+            "\n\n")
     text += _table(["variant", "backbone", "trainable", "step ms", "range", "eval fwd ms", "model MiB",
                     "peak MiB"], rows)
     checks = {c["id"]: c for c in data.get("checks", [])}

@@ -1,21 +1,23 @@
 """Training step time and peak memory: full fine-tuning vs each method, and peftc vs its peers, batch 8.
 
-    python -m benchmarks.train_step [--quick] [--rounds 3] [--steps 5] [--batch 8] [--threads N]
+    python -m benchmarks.train_step [--quick] [--rounds 10] [--batch 8] [--threads N] [--methods lora,clr]
 
 Two groups, each on one backbone: a ViT (timm deit_small_patch16_224; vit_tiny with --quick) for the transformer
 methods, with LoRA and LN tuning also built by HF PEFT on the same timm module (same targets, rank, alpha and
-trained head); and a CNN (torchvision resnet50) for CLR, also built as module-level wrappers (each conv replaced
-by a module holding the conv and its depthwise conv, the design of the official code). Full fine-tuning of each
-backbone is the baseline; without --quick every built-in spec that compiles on the backbone is measured too.
+trained head); and a CNN (torchvision resnet50; at 112 px with --quick) for CLR, also built as module-level
+wrappers (each conv replaced by a module holding the conv and its depthwise conv, the design of the official
+code). Full fine-tuning of each backbone is the baseline; without --quick every built-in spec that compiles on
+the backbone and trains something is measured too.
 
-Every measurement runs in its own process (forked, so imports are paid once), which builds the model, takes
-warm-up steps, then times ``steps`` training steps (zero_grad, forward, cross-entropy, backward, AdamW) and
-``steps`` no-grad eval forwards, and reports its peak memory over the timed steps (CPU: resident-set high-water
-mark above the process's size before the model was built, i.e. weights + gradients + optimiser state +
-activations; GPU: ``torch.cuda.max_memory_allocated``). Variants run interleaved, ``rounds`` times, in
-alternating order, so load that drifts on a shared machine hits all of them alike; ratios are the median over
-rounds of each round's peftc/peer ratio. Targets: peftc LoRA step time and peak memory ≤ 1.0× HF PEFT's; peftc
-CLR eager forward ≤ 1.0× the wrapper implementation.
+Every variant lives in its own process (forked, so imports are paid once), which builds the model and takes
+warm-up steps; its peak memory is read over the timed region (CPU: resident-set high-water mark above the
+process's size before the model was built, i.e. weights + gradients + optimiser state + activations; GPU:
+``torch.cuda.max_memory_allocated``), and "model" is its size at rest before training. The variants compared
+with each other (full fine-tuning, peftc, the peers of one method) are then timed step by step in turn: each
+round gives every process one training step (zero_grad, forward, cross-entropy, backward, AdamW) and one no-grad
+eval forward, in alternating order, so load that drifts on a shared machine hits all of them alike; a ratio is
+the median over rounds of that round's ratio. Targets: peftc LoRA step time and peak memory ≤ 1.0× HF PEFT's;
+peftc CLR eager forward ≤ 1.0× the wrapper implementation.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import check, summary, write_result
-from benchmarks.isolate import IsolatedError, Peak, rss_bytes, run_isolated
+from benchmarks.isolate import IsolatedError, Peak, Worker, rss_bytes, run_isolated
 
 BATCH = 8
 TARGETS = {"lora_step": 1.0, "lora_memory": 1.0, "clr_forward": 1.0}
@@ -137,75 +139,96 @@ def _build(job: Job) -> Any:
     return build_peer(job.kind, job.method, module, job.peer_plan)
 
 
-def measure(job: Job, steps: int, warmup: int, batch: int, threads: int) -> dict[str, Any]:
-    """Build ``job``'s model, time training steps and eval forwards, and read the peak memory (in a child)."""
-    import torch
-    import torch.nn.functional as F
+class StepSession:
+    """One model, built and warmed up in its own process, timed one call at a time (see :class:`Worker`).
 
-    # The allocator keeps its default behaviour: fixing glibc's mmap threshold (so every freed tensor goes back
-    # to the OS) would make each forward page-fault its activations afresh, slowing graphs that free
-    # intermediates early (fx code does) by 10-15% and distorting the timings. malloc_trim before the measured
-    # region returns what compilation left free instead.
-    libc = _libc()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    base = rss_bytes() if device == "cpu" else 0
-    model = _build(job).to(device)
-    gc.collect()
-    if libc is not None:
-        libc.malloc_trim(0)
-    model_bytes = (rss_bytes() or 0) - base if device == "cpu" else torch.cuda.memory_allocated()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randn(batch, 3, job.image, job.image, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
+    ``step()`` times one training step (zero_grad, forward, cross-entropy, backward, AdamW), ``forward()`` one
+    no-grad eval forward, ``peak()`` reads the peak memory since the warm-up ended. ``ready`` tells the model's
+    size at rest, its trainable parameters, the device and how memory is measured.
+    """
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    def __init__(self, job: Job, warmup: int, batch: int, threads: int):
+        import torch
 
-    model.train()
-    for _ in range(warmup):  # allocates gradients and optimiser state
-        step()
-    gc.collect()
-    if libc is not None:
-        libc.malloc_trim(0)
-    peak = Peak(device)
-    peak.reset()
-    step_s = []
-    for _ in range(steps):
-        sync()
+        # The allocator keeps its default behaviour: fixing glibc's mmap threshold (so every freed tensor goes
+        # back to the OS) would make each forward page-fault its activations afresh, slowing graphs that free
+        # intermediates early (fx code does) by 10-15% and distorting the timings. malloc_trim before the
+        # measured region returns what compilation left free instead.
+        self._libc = _libc()
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._base = (rss_bytes() or 0) if self.device == "cpu" else 0
+        self.model = _build(job).to(self.device)
+        self._settle()
+        model_bytes = (rss_bytes() or 0) - self._base if self.device == "cpu" else torch.cuda.memory_allocated()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.x = torch.randn(batch, 3, job.image, job.image, device=self.device)
+        self.y = torch.randint(0, 1000, (batch,), device=self.device)
+        self.model.train()
+        for _ in range(warmup):  # allocates gradients and optimiser state
+            self._step()
+        self.forward()  # first eval forward: one-off allocations
+        self._settle()
+        self._peak = Peak(self.device)
+        self._peak.reset()
+        self.ready = {"model_bytes": model_bytes, "trainable": sum(p.numel() for p in params),
+                      "device": self.device, "memory_method": self._peak.method}
+
+    def _settle(self) -> None:
+        gc.collect()
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _step(self) -> None:
+        import torch.nn.functional as F
+
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+
+    def step(self) -> float:
+        self._sync()
         start = time.perf_counter()
-        step()
-        sync()
-        step_s.append(time.perf_counter() - start)
-    peak_bytes = peak.bytes() - (base or 0)
-    model.eval()
-    forward_s = []
-    with torch.no_grad():
-        model(x)
-        for _ in range(steps):
-            sync()
+        self._step()
+        self._sync()
+        return time.perf_counter() - start
+
+    def forward(self) -> float:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad():
+            self._sync()
             start = time.perf_counter()
-            model(x)
-            sync()
-            forward_s.append(time.perf_counter() - start)
-    return {"step_s": step_s, "forward_s": forward_s, "peak_bytes": peak_bytes, "model_bytes": model_bytes,
-            "memory_method": peak.method,
-            "trainable": sum(p.numel() for p in params), "device": device}
+            self.model(self.x)
+            self._sync()
+            elapsed = time.perf_counter() - start
+        self.model.train()
+        return elapsed
+
+    def peak(self) -> int:
+        return self._peak.bytes() - self._base
 
 
 # -- parent side ------------------------------------------------------------------------------------------------
-def _jobs(group: Group, planned: dict[str, Any]) -> list[Job]:
-    jobs = [Job(group.name, "full", group.backbone, group.image)]
+def _blocks(group: Group, planned: dict[str, Any]) -> list[list[Job]]:
+    """What is measured side by side: per method, full fine-tuning, peftc and the method's peers."""
+    full = Job(group.name, "full", group.backbone, group.image)
+    blocks = []
     for method, info in planned["methods"].items():
-        jobs.append(Job(group.name, "peftc", group.backbone, group.image, method, PARAMS.get(method, {})))
-        for kind, peer_plan in info["peers"].items():
-            jobs.append(Job(group.name, kind, group.backbone, group.image, method, {}, peer_plan))
-    return jobs
+        block = [full, Job(group.name, "peftc", group.backbone, group.image, method, PARAMS.get(method, {}))]
+        block += [Job(group.name, kind, group.backbone, group.image, method, {}, peer_plan)
+                  for kind, peer_plan in info["peers"].items()]
+        blocks.append(block)
+    return blocks
 
 
 def _ratio(rounds: list[dict[str, dict[str, Any]]], a: str, b: str, metric: str) -> dict[str, float] | None:
@@ -223,8 +246,48 @@ def _ratio(rounds: list[dict[str, dict[str, Any]]], a: str, b: str, metric: str)
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
 
 
-def run(groups: tuple[Group, ...], *, extra_specs: bool, rounds: int, steps: int, warmup: int, batch: int,
-        threads: int, console: Console) -> dict[str, Any]:
+def measure_block(block: list[Job], *, rounds: int, warmup: int, batch: int, threads: int, console: Console,
+                  failed: dict[str, str]) -> list[dict[str, dict[str, Any]]]:
+    """Build each job of ``block`` in its own worker process, then time them in turn: each round gives every
+    worker one training step and one eval forward, in alternating order. Returns one record per round."""
+    workers: dict[str, Worker] = {}
+    try:
+        for job in block:
+            console.print(f"[dim]building {job.key} on {job.backbone} @ {job.image}[/dim]")
+            try:
+                workers[job.key] = Worker(StepSession, job, warmup, batch, threads, timeout=1800)
+            except IsolatedError as exc:
+                failed[job.key] = str(exc)
+                console.print(f"[yellow]{job.key} failed: {exc}[/yellow]")
+        records: list[dict[str, dict[str, Any]]] = [{} for _ in range(rounds)]
+        for r in range(rounds):
+            order = list(workers) if r % 2 == 0 else list(reversed(workers))
+            for phase in ("step", "forward"):
+                for key in order:
+                    if key in failed:
+                        continue
+                    try:
+                        t = workers[key].call(phase, timeout=1800)
+                    except IsolatedError as exc:
+                        failed[key] = str(exc)
+                        console.print(f"[yellow]{key} failed: {exc}[/yellow]")
+                        continue
+                    records[r].setdefault(key, {"step_s": [], "forward_s": []})[f"{phase}_s"].append(t)
+        for key, worker in workers.items():
+            if key in failed:
+                continue
+            peak = worker.call("peak")
+            for record in records:
+                if key in record:
+                    record[key].update(worker.ready, peak_bytes=peak)
+        return records
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def run(groups: tuple[Group, ...], *, extra_specs: bool, rounds: int, warmup: int, batch: int, threads: int,
+        console: Console) -> dict[str, Any]:
     import timm  # noqa: F401  (imported once here, shared by every forked child)
     import torch  # noqa: F401
 
@@ -235,31 +298,18 @@ def run(groups: tuple[Group, ...], *, extra_specs: bool, rounds: int, steps: int
         import peft  # noqa: F401
 
     jobs: list[Job] = []
+    per_round: list[dict[str, dict[str, Any]]] = []
     skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
     for group in groups:
         planned = run_isolated(_plan_group, group, extra_specs, peft_ok)
         skipped.update({f"{group.name}/{k}": v for k, v in planned["skipped"].items()})
-        jobs += _jobs(group, planned)
-    per_round: list[dict[str, dict[str, Any]]] = []
-    failed: dict[str, str] = {}
-    for r in range(rounds):
-        order = jobs if r % 2 == 0 else list(reversed(jobs))
-        results: dict[str, dict[str, Any]] = {}
-        for job in order:
-            if job.key in failed:
-                continue
-            console.print(f"[dim]round {r + 1}/{rounds}: {job.key} on {job.backbone}[/dim]")
-            try:
-                results[job.key] = measure_isolated(job, steps, warmup, batch, threads)
-            except IsolatedError as exc:
-                failed[job.key] = str(exc)
-                console.print(f"[yellow]{job.key} failed: {exc}[/yellow]")
-        per_round.append(results)
+        for block in _blocks(group, planned):
+            jobs += [j for j in block if j not in jobs]
+            console.print(f"[bold]{group.name}: {', '.join(j.key for j in block)}[/bold]")
+            per_round += measure_block(block, rounds=rounds, warmup=warmup, batch=batch, threads=threads,
+                                       console=console, failed=failed)
     return _aggregate(jobs, per_round, skipped, failed)
-
-
-def measure_isolated(job: Job, steps: int, warmup: int, batch: int, threads: int) -> dict[str, Any]:
-    return run_isolated(measure, job, steps, warmup, batch, threads, timeout=900)
 
 
 def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skipped: dict[str, str],
@@ -335,17 +385,17 @@ def print_table(result: dict[str, Any], console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="vit_tiny and resnet50@112, 2 rounds of 3 steps")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 2 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per process (default 5; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="vit_tiny and resnet50@112, LoRA, LN tuning and CLR, "
+                                                             "6 rounds")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds, one step and one forward per variant each (default 10; 6 --quick)")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per process")
     parser.add_argument("--methods", default=None,
                         help="comma-separated specs to measure instead of the defaults (lora, ln_tuning, clr; every "
                              "built-in spec without --quick), e.g. --methods lora,clr")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 3)
-    steps = args.steps or (3 if args.quick else 5)
+    rounds = args.rounds or (6 if args.quick else 10)
     warmup = 1 if args.quick else 2
     groups = QUICK_GROUPS if args.quick else FULL_GROUPS
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -353,9 +403,9 @@ def main(argv: list[str] | None = None) -> None:
         groups = tuple(replace(g, methods=tuple(methods)) for g in groups)
     console = Console()
     start = time.perf_counter()
-    result = run(groups, extra_specs=not args.quick and not methods, rounds=rounds, steps=steps, warmup=warmup,
+    result = run(groups, extra_specs=not args.quick and not methods, rounds=rounds, warmup=warmup,
                  batch=args.batch, threads=args.threads, console=console)
-    result["config"] = {"quick": args.quick, "batch": args.batch, "rounds": rounds, "steps": steps,
+    result["config"] = {"quick": args.quick, "batch": args.batch, "rounds": rounds,
                         "warmup": warmup, "threads": args.threads, "groups": [asdict(g) for g in groups],
                         "wall_s": time.perf_counter() - start}
     print_table(result, console)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import peftc
 from benchmarks.__main__ import finish, run_suite
 from benchmarks.common import check
-from benchmarks.isolate import IsolatedError, Peak, run_isolated
+from benchmarks.isolate import IsolatedError, Peak, Worker, run_isolated
 from benchmarks.report import collect_checks
 from benchmarks.suites import SUITES, Suite, quick_args
 from benchmarks.train_step import Job, _aggregate
@@ -90,6 +91,27 @@ def test_isolated_runs_return_results_errors_and_peaks() -> None:
         run_isolated(_fail)
     grown, method = run_isolated(_peak_of_allocation, 64)
     assert grown >= 60 * 2**20, (grown, method)
+
+
+class _Counter:
+    def __init__(self, start: int):
+        self.n = start
+        self.ready = {"pid": os.getpid()}
+
+    def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+    def fail(self) -> None:
+        raise RuntimeError("no")
+
+
+def test_worker_keeps_an_object_in_its_own_process() -> None:
+    with Worker(_Counter, 10, timeout=60) as worker:
+        assert worker.ready["pid"] != os.getpid()
+        assert worker.call("add", 5) == 15 and worker.call("add", 1) == 16  # state lives in the child
+        with pytest.raises(IsolatedError, match="RuntimeError: no"):
+            worker.call("fail")
 
 
 def _sample(step: float, mem: int) -> dict[str, object]:
