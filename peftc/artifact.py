@@ -98,7 +98,9 @@ def save(model: Any, directory: str | Path) -> Path:
     try:
         staging.mkdir()
         tensors, quantized = encode_delta(model.net, _delta_tensors(model))  # quantised tensors packed
-        save_file(tensors, str(staging / DELTA), metadata={"format": str(FORMAT), "spec": model.spec.name})
+        # One metadata key: safetensors writes a multi-key map in hash order, which would make equal saves differ.
+        stamp = json.dumps({"format": FORMAT, "spec": model.spec.name}, sort_keys=True)
+        save_file(tensors, str(staging / DELTA), metadata={"peftc": stamp})
         manifest = manifest_for(model, _sha256(staging / DELTA), len(tensors))
         if quantized:
             manifest["delta"]["quantized"] = quantized  # key -> bits, shape (peftc.blocks.quant)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftc.passes import PASSES, CompileState, PassContext
@@ -68,7 +69,9 @@ def compile(
     ``spec`` is a file path, a built-in name (``"clr"``), a document mapping or a loaded :class:`MethodSpec`;
     spec params come from ``params`` and/or keyword arguments (``compile("clr", "resnet50", variant="full")``).
     ``backbone`` is a name (``"resnet50"``, ``"timm:vit_tiny_patch16_224"``) or a module you built, which is
-    copied and never modified.
+    copied and never modified. ``seed`` seeds the backbone's random init and the inserted blocks' init (LoRA's
+    down projections, adapters), so the same call always gives the same model and a byte-identical artifact;
+    the caller's global RNG is left as it was.
     """
     overrides = {**dict(params or {}), **param_overrides}
     method = load_spec(spec, overrides)
@@ -76,7 +79,9 @@ def compile(
     canonicalize(bb.module)  # nn.MultiheadAttention -> traceable qkv/proj Linears (same tensors, same function)
     original_ids = {id(p) for p in bb.module.parameters()}
     backbone_params = sum(p.numel() for p in bb.module.parameters())
-    state = rewrite(method, bb, leaves=leaves)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = rewrite(method, bb, leaves=leaves)
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
                         tuple(sorted((backbone_kwargs or {}).items())))

@@ -57,7 +57,8 @@ def compile_cmd(
     set_: SetOpt = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Download the library's weights.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pt/.pth file.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random init (when not pretrained).")] = 0,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the random init: the backbone's (when not pretrained) and the inserted blocks'.")] = 0,
     base: Annotated[Optional[Path], typer.Option(
         "--base", help="Attach the spec to this downstream artifact (same backbone): its rules and delta first.")
     ] = None,

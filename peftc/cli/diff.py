@@ -27,7 +27,7 @@ ImageOpt = Annotated[
     Optional[int],
     typer.Option("--image-size", help="Example image size for shapes and FLOPs (default: the backbone's)."),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the backbone's random init.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random init (backbone and inserted blocks).")]
 PluginOpt = Annotated[Optional[list[str]], typer.Option("--plugin", help="Import a module that registers blocks.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
