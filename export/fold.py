@@ -6,8 +6,10 @@ merged into that layer's weights once, ahead of time. :func:`fold` does this on 
 graph for one task and returns a plain ``fx.GraphModule`` plus a :class:`FoldReport`; the model you pass is
 never changed.
 
-What folds (in this order, repeated until nothing changes):
+What folds (tied layers first, then the rest in this order, repeated until nothing changes):
 
+0. **Tied layers** (Replacement Learning's ``tie``) — ``a·θ_prev + b·θ_next`` is a constant at inference: each
+   tied layer becomes the plain layer it replaced, owning the mixed tensors, and the mixing scalars leave.
 1. **Parallel bypasses** — a block ``B`` attached by the ``parallel`` primitive reads the input of a layer
    ``L`` and its (optionally scaled) output is added to ``L``'s output::
 
@@ -57,7 +59,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class FoldAction:
     """One merge: ``kind`` of ``source`` into ``target`` (module paths)."""
 
-    kind: str  # "bypass" | "folded" | "plain" | "scale" | "batchnorm"
+    kind: str  # "tied" | "bypass" | "folded" | "plain" | "scale" | "batchnorm"
     source: str
     target: str
 
@@ -153,6 +155,8 @@ class _Folder:
         self.erased: set[fx.Node] = set()
 
     def run(self) -> None:
+        if self._untie():
+            self._cleanup()
         steps = (self._bypass, self._folded, self._channel_conv, self._scale, self._batchnorm)
         changed = True
         while changed:
@@ -218,6 +222,44 @@ class _Folder:
                 self.gm.delete_submodule(target)
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
+
+    # 0. tied layers (Replacement Learning) -> plain layers owning the mixed tensors -------------------------
+    def _untie(self) -> bool:
+        """Materialise ``a·θ_prev + b·θ_next`` once: every tied layer becomes the plain layer it replaced.
+
+        Done first: afterwards no layer reads its neighbours' tensors directly, so the neighbours become
+        editable for the merges below (a BatchNorm folded into a neighbour's conv no longer changes what the
+        tied layer computes, because it now owns its own copy).
+        """
+        from peftc.blocks.tied import TiedLayer, mix
+
+        changed = False
+        for node in list(self.gm.graph.nodes):
+            if node.op == "call_module" and isinstance(self.module(node), TiedLayer) and "tie" in node.kwargs:
+                path = str(node.target)
+                if path not in self.replaced:  # a layer called twice is materialised once
+                    tensors = [_attr(self.gm, str(n.target)) for n in node.kwargs["tie"]]
+                    self.swap(path, self.module(node).plain(tensors).eval())
+                    self.actions.append(FoldAction("tied", path, path))
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "tie"}
+                changed = True
+            elif node.op == "call_function" and node.target is mix:  # a tied parameter read outside any layer
+                with torch.no_grad():
+                    value = mix(*(_attr(self.gm, str(n.target)) for n in node.args))
+                name = str(node.meta.get("peftc_name", "tied")).removesuffix(".tied")
+                owner_path, _, attr = name.rpartition(".")
+                owner = self.gm.get_submodule(owner_path) if _exists(self.gm, owner_path) else self.gm
+                while hasattr(owner, attr):
+                    attr += "_"
+                owner.register_parameter(attr, nn.Parameter(value.detach().clone(), requires_grad=False))
+                target = f"{owner_path}.{attr}" if owner is not self.gm else attr
+                with self.gm.graph.inserting_before(node):
+                    read = self.gm.graph.get_attr(target)
+                node.replace_all_uses_with(read)
+                self.erase(node)
+                self.actions.append(FoldAction("tied", name, target))
+                changed = True
+        return changed
 
     # 1. parallel bypasses ----------------------------------------------------------------------------------
     def _bypass(self, node: fx.Node) -> bool:

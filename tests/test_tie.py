@@ -267,17 +267,47 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(p, q), n
 
 
-def test_fold_keeps_the_neighbours_that_tied_layers_read(resnet18: nn.Module) -> None:
+def test_fold_unties_every_layer_and_deploys_at_backbone_cost(resnet18: nn.Module) -> None:
     from peftc.export import fold
 
     model = peftc.compile("replacement", resnet18, num_classes=3)
+    train_steps(model, *synthetic_task(n=6, size=16), steps=2, lr=1e-2)  # moves scalars, neighbours, BN stats
+    model.eval()
     folded = fold(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(folded.module(x), model(x), rtol=0, atol=1e-5)
-    modules = dict(folded.module.named_modules())
-    assert isinstance(modules["layer1.0.bn1"], nn.BatchNorm2d)  # read by layer1.1.bn1: not merged away
-    assert "layer2.0.bn1" not in modules  # an untied BN still folds into its conv
+        torch.testing.assert_close(folded.module(x), model(x), rtol=1e-5, atol=1e-5)
+    kinds = {type(m) for m in folded.module.modules()}
+    assert not kinds & {TiedLayer, TieScalars, nn.BatchNorm2d}  # untied, then every BN merged into its conv
+    assert folded.report.counts() == {"tied": 4, "batchnorm": 20}
+    assert folded.report.remaining == {}
+    # a tied block deploys as what it replaced: the same parameter count as the untouched backbone, folded
+    probe = fold(peftc.compile("linear_probe", resnet18, num_classes=3))
+    assert folded.report.params_after == probe.report.params_after
+    assert folded.report.params_after > folded.report.params_before  # layer1.1 etc. own their mixed copies again
+
+
+def test_fold_materialises_a_parameter_read_outside_any_layer() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.gamma = nn.Parameter(torch.randn(4))  # read directly: a get_attr, mixed by a call_function
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.gamma * self.fc(x)
+
+    from peftc.export import fold
+
+    net = nn.Sequential(*(Block() for _ in range(3)))
+    model = peftc.compile({"name": "t", "rules": [{"tie": {"init": [0.3, 0.6]}}]}, net)
+    folded = fold(model)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module(x), model(x), rtol=0, atol=1e-6)
+    gamma = dict(folded.module.named_parameters())["1.gamma"]
+    torch.testing.assert_close(gamma, 0.3 * net[0].gamma + 0.6 * net[2].gamma)
+    assert sum(p.numel() for p in folded.module.parameters()) == _n(net)
 
 
 def test_per_task_scalars(resnet18: nn.Module) -> None:

@@ -97,5 +97,23 @@ class TiedLayer(nn.Module):
             t.train(self.training)
         return functional_call(t, {**p, **dict(self.named_buffers())}, args, kwargs, tie_weights=False)
 
+    def plain(self, tie: Sequence[torch.Tensor]) -> nn.Module:
+        """The original layer again, owning copies of the mixed parameters and of this layer's buffers.
+
+        For deployment (:mod:`peftc.export.fold`): at inference ``a·prev + b·next`` is a constant, so the tied
+        layer can be the plain layer it replaced and cost exactly what it did.
+        """
+        layer = copy.deepcopy(self.template)
+        with torch.no_grad():
+            tensors = {**self._mixed(tie), **dict(self.named_buffers())}
+            for name, value in tensors.items():
+                owner_path, _, attr = name.rpartition(".")
+                owner = layer.get_submodule(owner_path)
+                if attr in owner._parameters:
+                    owner._parameters[attr] = nn.Parameter(value.detach().clone(), requires_grad=False)
+                else:
+                    owner._buffers[attr] = value.detach().clone()
+        return layer.train(self.training)
+
     def extra_repr(self) -> str:
         return f"{self.kind}: {', '.join(self.names)} = a·prev + b·next"
