@@ -13,7 +13,7 @@ from peftc.blocks.adapter import Adapter
 from peftc.blocks.quant import QuantLinear
 from peftc.model import Compiled
 
-from ._vits import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
+from .cached import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
 from .conftest import synthetic_task, train_steps
 
 

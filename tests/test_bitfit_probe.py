@@ -9,7 +9,7 @@ import torch
 
 import peftc
 
-from .backbone_cache import backbone as cached
+from .cached import module as cached
 from .conftest import synthetic_task, train_steps
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import peftc
 from peftc.blocks.convpass import Convpass
 
-from ._vits import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
+from .cached import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
 from .conftest import synthetic_task, train_steps
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import peftc
 from peftc.blocks.fact import Fact, FactFactors
 
-from ._vits import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
+from .cached import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
 from .conftest import synthetic_task, train_steps
 
 

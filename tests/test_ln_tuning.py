@@ -13,7 +13,7 @@ import peftc
 from peftc.blocks.ln_bank import TaskKey, TaskLayerNorm
 from peftc.task_select import mask_logits, task_selector
 
-from .backbone_cache import backbone as cached
+from .cached import module as cached
 from .conftest import synthetic_task
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None

@@ -12,7 +12,7 @@ from torch import nn
 import peftc
 from peftc.blocks.lora import LoraConv, LoraLinear
 
-from .backbone_cache import backbone as cached
+from .cached import module as cached
 from .conftest import synthetic_task, train_steps
 
 ALL = ["qkv", "proj", "fc1", "fc2"]

@@ -13,7 +13,7 @@ from peftc.select import NodeIndex, block_positions, role_names, select
 from peftc.spec import Selector
 from peftc.trace import trace
 
-from .backbone_cache import backbone as cached
+from .cached import module as cached
 
 NOOP = {"name": "noop", "rules": []}
 PER_BLOCK = ["qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "attn_norm", "mlp_norm", "attn_out", "mlp_out",

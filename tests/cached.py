@@ -1,7 +1,10 @@
-"""ViT backbones shared by the transformer-method tests, built once per test session.
+"""Backbones shared by the tests, built once per test session.
 
-Building a randomly initialised ViT-B costs seconds on a small CPU; compiling from a module deep-copies it, so
-one build serves every test (``peftc.compile`` never modifies the module it is given).
+Building a randomly initialised ViT-B costs seconds on a small CPU (timm's truncated-normal init of 86M
+weights), and many tests need the same few backbones. ``peftc.compile`` works on a private deep copy of a module
+and never modifies the module it is given, so one build serves every test as compile input and as the untouched
+reference. Pass ``backbone(name).module`` (or :func:`module`), never the :class:`Backbone` itself: a Backbone is
+rewritten in place.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from functools import cache
 
 import torch
+from torch import nn
 
 from peftc.backbones import Backbone, build_backbone
 
@@ -20,6 +24,11 @@ IDENTITY_VITS = ("timm:vit_tiny_patch16_224", "timm:deit_small_patch16_224", "vi
 @cache
 def backbone(name: str, **kwargs: object) -> Backbone:
     return build_backbone(name, **kwargs)
+
+
+def module(name: str, img_size: int | None = None) -> nn.Module:
+    """The cached backbone's module (timm ViTs optionally built for ``img_size`` inputs), in eval mode."""
+    return backbone(name, **({"img_size": img_size} if img_size is not None else {})).module
 
 
 @cache
