@@ -12,6 +12,11 @@ Heads with different class counts are padded to the largest one with ``-inf`` (s
 zero probability); a task id outside ``0..T-1`` yields ``NaN`` rows rather than another task's answer.
 Per-sample routing is exact because every routed module treats samples independently at inference (BatchNorm
 uses its running statistics). Blocks that route tasks themselves (``peftc_set_task``) are not supported here.
+
+:func:`key_selected_graph` serves LayerNorm tuning the way the method infers, with no task input at all: a
+frozen pass (every LN at its pretrained γ/β, stopped after the final norm) gives each sample's query, the task
+is ``argmax cos(query, key_t)`` over the task keys, and a second pass takes each sample's LN rows from ``(T, C)``
+tables by that index — :class:`~peftc.task_select.TaskSelector`'s forward, as one exportable graph.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import fx, nn
 
 from .errors import ExportError
 
-__all__ = ["AllTasks", "TaskRouter", "all_tasks_graph"]
+__all__ = ["AllTasks", "KeySelected", "RoutedLayerNorm", "TaskRouter", "all_tasks_graph", "key_selected_graph"]
 
 
 class TaskRouter(nn.Module):
@@ -101,9 +106,7 @@ def all_tasks_graph(model: Any) -> AllTasks:
             module._modules.update(kept)
     _share_frozen(branches, bank)
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
-        task_input = graph.placeholder("task")
+    task_input = _task_placeholder(graph)
     for path in sorted(owners, key=lambda p: -p.count(".")):  # children before parents
         module = gm.get_submodule(path)
         router = TaskRouter(branches[path])
@@ -160,3 +163,107 @@ def _swap(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, attr, new)
+
+
+class RoutedLayerNorm(nn.Module):
+    """A LayerNorm taking each sample's affine row from ``(T, *shape)`` tables by its task index."""
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        view = (-1,) + (1,) * (y.dim() - 1 - len(self.normalized_shape)) + self.normalized_shape
+        return y * self.weight[task].reshape(view) + self.bias[task].reshape(view)
+
+
+class KeySelected(nn.Module):
+    """LN tuning's task-agnostic inference: pick each sample's task by its key, then run with that task's rows."""
+
+    def __init__(self, query: fx.GraphModule, keys: torch.Tensor, routed: fx.GraphModule):
+        super().__init__()
+        self.query = query
+        self.register_buffer("keys", F.normalize(keys.detach().clone(), dim=-1))
+        self.routed = routed
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        query = F.normalize(self.query(image), dim=-1)
+        return self.routed(image, task=(query @ self.keys.T).argmax(dim=-1))
+
+
+@dataclass
+class SelectedTasks:
+    """The key-selecting graph (input: image only) and the tasks it chooses among, in key order."""
+
+    module: KeySelected
+    tasks: list[str]
+
+
+def key_selected_graph(model: Any) -> SelectedTasks:
+    """One graph for a model compiled with ``ln_tuning`` (with keys) that selects every sample's task itself."""
+    from peftc.blocks.ln_bank import TaskKey, TaskLayerNorm
+    from peftc.errors import TaskError
+    from peftc.task_select import task_selector
+
+    from .fold import fold_graph
+
+    try:
+        selector = task_selector(model)
+        keys = selector.keys().detach()
+    except TaskError as exc:
+        raise ExportError(f"--select-task needs task keys (a model compiled with ln_tuning): {exc}") from None
+    tasks = selector.candidates
+    norms = selector.norm_paths
+    tables = selector.row_tables(tasks)
+    query = copy.deepcopy(model.net).eval()
+    routed = copy.deepcopy(model.net).eval()
+    for path in norms:
+        bank = query.get_submodule(path)
+        plain = nn.LayerNorm(bank.normalized_shape, eps=bank.eps).to(bank.weight)
+        with torch.no_grad():
+            plain.weight.copy_(bank.pretrained[0])
+            plain.bias.copy_(bank.pretrained[1])
+        _swap(query, path, _adopt(plain, bank))
+    key_node = next(n for n in query.graph.nodes
+                    if n.op == "call_module" and isinstance(query.get_submodule(str(n.target)), TaskKey))
+    with query.graph.inserting_after(key_node):
+        cls = query.graph.call_function(TaskKey.query_of, (key_node.args[0],))
+    output = next(n for n in query.graph.nodes if n.op == "output")
+    output.args = (cls,)
+    query.graph.eliminate_dead_code()
+    query.delete_all_unused_submodules()
+    query.recompile()
+    graph = routed.graph
+    task_input = _task_placeholder(graph)
+    for path, (weight, bias) in zip(norms, tables, strict=True):
+        bank = routed.get_submodule(path)
+        if not isinstance(bank, TaskLayerNorm):
+            raise ExportError(f"--select-task: {path} is not an LN bank")
+        _swap(routed, path, _adopt(RoutedLayerNorm(bank.normalized_shape, bank.eps, weight, bias), bank))
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target == path:
+                node.kwargs = {**node.kwargs, "task": task_input}
+    graph.lint()
+    routed.recompile()
+    for part in (query, routed):
+        fold_graph(part)  # the key becomes an identity; parameters frozen, eval mode
+    return SelectedTasks(KeySelected(query, keys, routed).eval(), tasks)
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` with ``old``'s children (blocks inserted after a layer live under it: ``norm.task_key``)."""
+    for name, child in old.named_children():
+        new.add_module(name, child)
+    return new
+
+
+def _task_placeholder(graph: fx.Graph) -> fx.Node:
+    """A ``task`` input right after the image: before the defaulted inputs timm's traced graphs carry
+    (``attn_mask=None``, ``is_causal=False``), so ``module(image, task)`` binds it."""
+    image = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(image):
+        return graph.placeholder("task")

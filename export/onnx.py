@@ -65,13 +65,14 @@ class ExportResult:
     opset: int | None
     spec: str
     backbone: str
-    task: str | None
+    task: str | None  # None: every task, chosen per sample (by the ``task`` input, or by the graph: ``selects_task``)
     tasks: list[str]
     classes: list[int | None]
     input_names: list[str]
     input_shape: list[Any]
     folded: bool
     fold: dict[str, Any] | None
+    selects_task: bool
     parity: Parity | None
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -87,6 +88,7 @@ def export_onnx(
     task: str | None = None,
     fold: bool = True,
     all_tasks: bool = False,
+    select_task: bool = False,
     opset: int | None = None,
     image_size: tuple[int, int] | None = None,
     provider: str | None = "auto",
@@ -96,7 +98,8 @@ def export_onnx(
     """Export a compiled model (or an artifact directory) to ``path`` and verify it with ONNX Runtime.
 
     ``task`` picks the task (default: the active one); ``all_tasks=True`` exports one graph with a ``task``
-    input (int64, one id per sample, in the order of ``result.tasks``). ``fold=False`` keeps peftc's blocks
+    input (int64, one id per sample, in the order of ``result.tasks``); ``select_task=True`` (LN tuning with
+    keys) exports one graph that picks each sample's task by its key, image in. ``fold=False`` keeps peftc's blocks
     as they are. Raises :class:`ParityError` when ONNX Runtime disagrees with eager by more than 1e-4 at unit
     output scale.
     """
@@ -108,7 +111,7 @@ def export_onnx(
     model = resolve_model(model_or_dir)
     say("folding" if fold and not all_tasks else "preparing the graph")
     deployable = prepare(model, task=task, fold_weights=fold and not all_tasks, all_tasks=all_tasks,
-                         image_size=image_size)
+                         select_task=select_task, image_size=image_size)
     result = write_onnx(deployable, target, opset=opset, provider=provider, check=check, progress=say)
     result.seconds = round(time.perf_counter() - start, 3)
     if all_tasks and fold:
@@ -167,7 +170,7 @@ def write_onnx(
         spec=deployable.spec, backbone=deployable.backbone, task=deployable.task, tasks=deployable.tasks,
         classes=deployable.classes, input_names=names, input_shape=["batch", *deployable.input_size],
         folded=deployable.fold is not None, fold=deployable.fold.to_dict() if deployable.fold else None,
-        parity=parity, seconds=0.0,
+        selects_task=deployable.selects_task, parity=parity, seconds=0.0,
     )
 
 
@@ -224,6 +227,7 @@ def _annotate(program: Any, deployable: Deployable) -> None:
         "peftc.classes": ",".join(str(c) for c in deployable.classes),
         "peftc.input_size": "x".join(str(v) for v in deployable.input_size),
         "peftc.folded": str(deployable.fold is not None).lower(),
+        "peftc.selects_task": str(deployable.selects_task).lower(),
     }
     model = getattr(program, "model", None)
     if model is not None and hasattr(model, "metadata_props"):

@@ -48,10 +48,12 @@ class Deployable:
     fold: FoldReport | None
     spec: str
     backbone: str
+    selects_task: bool = False  # the graph picks each sample's task itself (LN tuning's keys): no task input
 
     @property
     def all_tasks(self) -> bool:
-        return self.task is None
+        """True when a ``task`` input chooses each sample's task."""
+        return self.task is None and not self.selects_task
 
     def example(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """A seeded random input batch (with a task id per sample, cycling through tasks, when all tasks)."""
@@ -68,11 +70,13 @@ def prepare(
     task: str | None = None,
     fold_weights: bool = True,
     all_tasks: bool = False,
+    select_task: bool = False,
     image_size: tuple[int, int] | None = None,
 ) -> Deployable:
-    """The module a backend should run for ``task`` (default: the active one) or for all tasks at once."""
-    if all_tasks and task is not None:
-        raise ExportError("give either a task or all tasks, not both")
+    """The module a backend should run for ``task`` (default: the active one) or for all tasks at once —
+    chosen per sample by a ``task`` input (``all_tasks``) or by the model's task keys (``select_task``)."""
+    if sum((task is not None, all_tasks, select_task)) > 1:
+        raise ExportError("give one of a task, all tasks or task selection, not several")
     channels, height, width = model.backbone.input_size
     if image_size is not None:
         height, width = (int(v) for v in image_size)
@@ -87,6 +91,16 @@ def prepare(
 
         routed = all_tasks_graph(model)
         return Deployable(routed.module, task=None, reference=_per_sample(reference_model), fold=None, **info)
+    if select_task:
+        from peftc.task_select import task_selector
+
+        from .multitask import key_selected_graph
+
+        selected = key_selected_graph(model)
+        info["tasks"] = selected.tasks
+        info["classes"] = [model.bank.classes(t) for t in selected.tasks]
+        return Deployable(selected.module, task=None, reference=_no_grad(task_selector(reference_model)), fold=None,
+                          selects_task=True, **info)
     if task is not None:
         reference_model.set_task(task)  # TaskError lists the known tasks
     active = reference_model.active_task
@@ -100,7 +114,7 @@ def prepare(
     return Deployable(module, task=active, reference=_no_grad(reference_model), fold=report, **info)
 
 
-def _no_grad(model: nn.Module) -> Callable[..., torch.Tensor]:
+def _no_grad(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return model(x)

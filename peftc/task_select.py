@@ -206,7 +206,7 @@ class TaskSelector:
         """Within this context every forward of ``model.net`` on a batch like ``x`` uses per-sample rows;
         yields the task indices (into the task list used) of each sample."""
         names, index = self._resolve(x, tasks)
-        tables = self._row_tables(names)
+        tables = self.row_tables(names)
         with ExitStack() as stack:
             for (_, norm), (w, b) in zip(self._norms, tables):
                 stack.enter_context(norm.routed(w[index], b[index]))
@@ -234,7 +234,12 @@ class TaskSelector:
         lookup = {n: i for i, n in enumerate(names)}
         return names, torch.tensor([lookup[t] for t in tasks], dtype=torch.long, device=device)
 
-    def _row_tables(self, names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def norm_paths(self) -> list[str]:
+        """The module paths of the LN banks, in the order of :meth:`row_tables`."""
+        return [path for path, _ in self._norms]
+
+    def row_tables(self, names: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """For each LN bank, ``(T, C)`` weight and bias tables over ``names`` (the active task's rows live)."""
         active = self.model.active_task
         saved = {n: self.model.bank.task_tensors(n) for n in names if n != active}

@@ -158,6 +158,42 @@ def test_ln_tuning_forced_task_exports(tmp_path: Path) -> None:
     assert result.fold["params_after"] == VIT_TINY  # 25 LN rows folded into plain LayerNorms, key gone
 
 
+def test_ln_tuning_selects_each_samples_task_inside_one_graph(tmp_path: Path) -> None:
+    """LN tuning's task-agnostic inference exported: the graph picks each sample's task by its key."""
+    from peftc.export.multitask import all_tasks_graph
+
+    from peftc.task_select import task_selector
+
+    model = peftc.compile("ln_tuning", "timm:vit_tiny_patch16_224", backbone_kwargs={"img_size": 32})
+    selector = task_selector(model)
+    x = torch.randn(3, 3, 32, 32) * torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1) + torch.arange(-1.0, 2.0).view(
+        3, 1, 1, 1)
+    queries = selector.query(x)
+    for i, name in enumerate("abc"):
+        model.add_task(name)
+        model.set_task(name)
+        with torch.no_grad():
+            for p in selector.ln_parameters():
+                p.add_(0.3 * torch.randn(p.shape))
+            selector.key_parameters()[0].copy_(queries[i])  # sample i is nearest to task i's key
+    assert selector.predict(x).tolist() == [0, 1, 2]
+    model.save(tmp_path / "ln")
+    code, out = cli("export", str(tmp_path / "ln"), "--onnx", str(tmp_path / "ln.onnx"), "--select-task", "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["input_names"] == ["image"] and result["selects_task"] and result["tasks"] == ["a", "b", "c"]
+    got = OrtRunner(str(tmp_path / "ln.onnx"), "cpu")(x)
+    with torch.no_grad():
+        want, forced = selector(x).numpy(), model(x).numpy()  # forced: task c's rows for every sample
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert np.abs(got - forced)[:2].max() > 1e-2, "samples 0 and 1 ran with the active task's rows"
+    # the same rows behind a task input: --all-tasks routes a timm ViT (its graph has defaulted inputs)
+    routed = all_tasks_graph(model)
+    with torch.no_grad():
+        by_input = routed.module(x, torch.tensor([routed.tasks.index(t) for t in "abc"]))
+    torch.testing.assert_close(by_input, torch.from_numpy(want), rtol=0, atol=1e-5)
+
+
 def test_tome_deit_tiny_exports(tmp_path: Path) -> None:
     model = peftc.compile("tome", "timm:deit_tiny_patch16_224", r=8)
     result = vit_parity(model, tmp_path / "tome.onnx")  # needs the stable-sort translation (ONNX TopK)

@@ -19,6 +19,8 @@ from .common import console, err_console, fmt_int, handle_errors, load_plugins, 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task to deploy (default: the artifact's active task).")]
 AllTasksOpt = Annotated[bool, typer.Option("--all-tasks", help="One graph for all tasks; a 'task' input per sample.")]
+SelectTaskOpt = Annotated[bool, typer.Option(
+    "--select-task", help="LN tuning: one graph that picks each sample's task by its task key (image in only).")]
 NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Keep peftc's blocks instead of merging them into weights.")]
 SizeOpt = Annotated[
     Optional[tuple[int, int]], typer.Option("--image-size", help="Input height and width (default: the backbone's).")
@@ -47,6 +49,7 @@ def export_cmd(
     triton: Annotated[Optional[Path], typer.Option("--triton", help="Write a Triton model repository here.")] = None,
     task: TaskOpt = None,
     all_tasks: AllTasksOpt = False,
+    select_task: SelectTaskOpt = False,
     no_fold: NoFoldOpt = False,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
     image_size: SizeOpt = None,
@@ -70,12 +73,13 @@ def export_cmd(
         if target is None:
             target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peftc-export-"))) / "model.onnx"
         say = stack.enter_context(_progress(not json_))
-        result = export_onnx(artifact, target, task=task, fold=not no_fold, all_tasks=all_tasks, opset=opset,
-                             image_size=image_size, provider=provider, progress=say)
+        result = export_onnx(artifact, target, task=task, fold=not no_fold, all_tasks=all_tasks,
+                             select_task=select_task, opset=opset, image_size=image_size, provider=provider,
+                             progress=say)
         repo_dir = None
         if triton is not None:
             say("writing the Triton repository")
-            label = name or model_name(result.spec, result.backbone, result.task)
+            label = name or model_name(result.spec, result.backbone, "selected" if select_task else result.task)
             classes = max(c for c in result.classes if c) if any(result.classes) else 0
             config = triton_config(label, input_size=result.input_shape[1:], classes=classes, all_tasks=all_tasks,
                                    max_batch=max_batch, metadata={"peftc.spec": result.spec,
@@ -102,7 +106,8 @@ def _render_export(out: dict[str, Any]) -> None:
     if out["triton"]:
         table.add_row("triton", f"{out['triton']} (config.pbtxt + 1/model.onnx, dynamic batching)")
     table.add_row("model", f"{out['spec']} on {out['backbone']}")
-    table.add_row("task", out["task"] if out["task"] else f"all tasks via the 'task' input: {', '.join(out['tasks'])}")
+    how = "chosen per sample by the task keys" if out["selects_task"] else "via the 'task' input"
+    table.add_row("task", out["task"] if out["task"] else f"all tasks {how}: {', '.join(out['tasks'])}")
     shapes = {"image": out["input_shape"], "task": ["batch"]}
     table.add_row("inputs", ", ".join(f"{n} {shapes.get(n, '?')}" for n in out["input_names"]))
     fold = out["fold"]
