@@ -70,7 +70,7 @@ def _onnx_backend(path: Path, provider: str | None) -> Backend:
     return Backend("ort", f"ONNX Runtime ({describe_providers(runner.providers)})", size,  # type: ignore[arg-type]
                    meta.get("peftc.backbone", ""), all_tasks, prepare, lambda feed: runner.run_feed(feed)[0],
                    {"file": str(path), "providers": runner.providers, "metadata": meta,
-                    "task": meta.get("peftc.task") or None,
+                    "task": meta.get("peftc.task") or None, "selects_task": meta.get("peftc.selects_task") == "true",
                     "tasks": [t for t in meta.get("peftc.tasks", "").split(",") if t]})
 
 
@@ -81,6 +81,7 @@ def open_backend(
     task: str | None = None,
     fold: bool = True,
     all_tasks: bool = False,
+    select_task: bool = False,
     image_size: tuple[int, int] | None = None,
     provider: str | None = "auto",
     mode: str = "default",
@@ -103,8 +104,9 @@ def open_backend(
     model = resolve_model(source)
     say("folding" if fold and not all_tasks else "preparing the graph")
     deployable = prepare(model, task=task, fold_weights=fold and not all_tasks, all_tasks=all_tasks,
-                         image_size=image_size)
-    info: dict[str, Any] = {"task": deployable.task, "tasks": deployable.tasks, "folded": deployable.fold is not None}
+                         select_task=select_task, image_size=image_size)
+    info: dict[str, Any] = {"task": deployable.task, "tasks": deployable.tasks, "folded": deployable.fold is not None,
+                            "selects_task": deployable.selects_task}
     if deployable.fold is not None:
         info["params"] = deployable.fold.params_after
     else:

@@ -182,6 +182,8 @@ def test_ln_tuning_selects_each_samples_task_inside_one_graph(tmp_path: Path) ->
     assert code == 0, out
     result = json.loads(out)
     assert result["input_names"] == ["image"] and result["selects_task"] and result["tasks"] == ["a", "b", "c"]
+    code, out = cli("run", str(tmp_path / "ln.onnx"), "--backend", "ort", "--runs", "1", "--warmup", "0", "--json")
+    assert code == 0 and json.loads(out)["selects_task"] is True, out
     got = OrtRunner(str(tmp_path / "ln.onnx"), "cpu")(x)
     with torch.no_grad():
         want, forced = selector(x).numpy(), model(x).numpy()  # forced: task c's rows for every sample

@@ -141,6 +141,7 @@ def run_cmd(
     top: Annotated[int, typer.Option("--top", help="How many classes --input prints.")] = 5,
     task: TaskOpt = None,
     all_tasks: AllTasksOpt = False,
+    select_task: SelectTaskOpt = False,
     no_fold: NoFoldOpt = False,
     image_size: SizeOpt = None,
     provider: ProviderOpt = "auto",
@@ -166,7 +167,8 @@ def run_cmd(
         torch.set_num_threads(threads)
     with _progress(not json_) as say:
         model = open_backend(source, backend, task=None if all_tasks else task, fold=not no_fold, all_tasks=all_tasks,
-                             image_size=image_size, provider=provider, mode=mode, progress=say)
+                             select_task=select_task, image_size=image_size, provider=provider, mode=mode,
+                             progress=say)
         task_ids = _task_ids(model, task)
         if input_ is not None:
             image = load_image(input_, model.input_size[1:], model.backbone)
@@ -197,7 +199,10 @@ def run_cmd(
     if json_:
         print_json({**head, "timings": [t.to_dict() for t in rows]})
         return
-    title = f"{model.detail} — " + ("all tasks" if model.all_tasks else f"task {head.get('task') or '?'}")
+    which = "all tasks" if model.all_tasks else f"task {head.get('task') or '?'}"
+    if head.get("selects_task"):
+        which = "task chosen per sample by its key"
+    title = f"{model.detail} — {which}"
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("batch", "median ms", "p90 ms", "images/s"):
         table.add_column(col, justify="right")
