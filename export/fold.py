@@ -206,9 +206,7 @@ class _Folder:
         self.erased.add(node)
 
     def swap(self, path: str, new: nn.Module) -> None:
-        parent_path, _, attr = path.rpartition(".")
-        parent = self.gm.get_submodule(parent_path) if parent_path else self.gm
-        setattr(parent, attr, new)
+        self.gm.set_submodule(path, new)
         self.replaced.add(path)
 
     def _cleanup(self) -> None:

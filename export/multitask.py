@@ -112,7 +112,7 @@ def all_tasks_graph(model: Any) -> AllTasks:
         router = TaskRouter(branches[path])
         for name in children[path]:
             router.add_module(name, module.get_submodule(name))
-        _swap(gm, path, router)
+        gm.set_submodule(path, router)
         for node in graph.nodes:
             if node.op == "call_module" and node.target == path:
                 node.kwargs = {**node.kwargs, "task": task_input}
@@ -157,12 +157,6 @@ def _share_frozen(branches: dict[str, list[nn.Module]], bank: Any) -> None:
                     full = ".".join(x for x in (path, sub_name, attr) if x)
                     if full not in owned and sub._buffers[attr] is not None:
                         sub._buffers[attr] = ref._buffers[attr]
-
-
-def _swap(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, attr, new)
 
 
 class RoutedLayerNorm(nn.Module):
@@ -227,7 +221,7 @@ def key_selected_graph(model: Any) -> SelectedTasks:
         with torch.no_grad():
             plain.weight.copy_(bank.pretrained[0])
             plain.bias.copy_(bank.pretrained[1])
-        _swap(query, path, _adopt(plain, bank))
+        query.set_submodule(path, _adopt(plain, bank))
     key_node = next(n for n in query.graph.nodes
                     if n.op == "call_module" and isinstance(query.get_submodule(str(n.target)), TaskKey))
     with query.graph.inserting_after(key_node):
@@ -243,7 +237,7 @@ def key_selected_graph(model: Any) -> SelectedTasks:
         bank = routed.get_submodule(path)
         if not isinstance(bank, TaskLayerNorm):
             raise ExportError(f"--select-task: {path} is not an LN bank")
-        _swap(routed, path, _adopt(RoutedLayerNorm(bank.normalized_shape, bank.eps, weight, bias), bank))
+        routed.set_submodule(path, _adopt(RoutedLayerNorm(bank.normalized_shape, bank.eps, weight, bias), bank))
         for node in graph.nodes:
             if node.op == "call_module" and node.target == path:
                 node.kwargs = {**node.kwargs, "task": task_input}

@@ -15,9 +15,7 @@ from .base import ModuleSlot, PassContext, count_params
 def _swap(ctx: PassContext, path: str, new: nn.Module) -> int:
     """Put ``new`` at ``path``; returns how many of the old module's parameters are gone from the model."""
     old = ctx.gm.get_submodule(path)
-    parent_path, _, attr = path.rpartition(".")
-    parent = ctx.gm.get_submodule(parent_path) if parent_path else ctx.gm
-    setattr(parent, attr, new)
+    ctx.gm.set_submodule(path, new)
     kept = {id(p) for p in new.parameters()}
     ctx.state.modules_changed()
     return sum(p.numel() for p in old.parameters() if id(p) not in kept)

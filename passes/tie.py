@@ -191,11 +191,6 @@ class _Reader:
         return node
 
 
-def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    setattr(gm.get_submodule(parent_path) if parent_path else gm, attr, module)
-
-
 def _scalars_path(gm: fx.GraphModule, block: str) -> str:
     base = f"{block}.tie"
     path, n = base, 0
@@ -236,7 +231,7 @@ def _tie_block(ctx: PassContext, plan: _Plan, read: _Reader) -> None:
                     layer = TiedLayer(module, names)
                 except ValueError as exc:
                     raise ctx.error(f"cannot tie {target!r}: {exc}", "target") from None
-                _set_module(gm, target, layer)
+                gm.set_submodule(target, layer)
                 tied[target] = layer
                 n_removed = sum(p.numel() for p in module.parameters())
                 ctx.record("tie", target, **{"from": [prev, nxt]}, mix=mix_names, removed=n_removed,

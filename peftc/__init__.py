@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 # importing the function binds ``peftc.diff`` to it, not to the module of the same name
 from .diff import diff
-from .errors import PeftcError  # noqa: E402
-from .spec import load_spec  # noqa: E402
+from .errors import PeftcError
+from .spec import load_spec
 
 
 def compile(*args: Any, **kwargs: Any) -> Any:

@@ -110,7 +110,7 @@ def save(model: Any, directory: str | Path) -> Path:
                 os.fsync(handle.fileno())
         _keep_others(target, staging)
         _fsync_dir(staging)
-        _swap_in(staging, target)
+        replace_directory(staging, target)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise ArtifactError(f"cannot write artifact to {target}: {exc.strerror or exc}") from None
@@ -144,7 +144,12 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put the finished directory ``staging`` at ``target`` by renames: a reader sees the old or the new one whole.
+
+    An existing ``target`` is renamed aside first and removed only after the swap; if the swap fails, it is
+    renamed back. (Also used for training checkpoints.)
+    """
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

@@ -27,7 +27,5 @@ def canonicalize(module: nn.Module) -> list[str]:
     """
     targets = [(path, m) for path, m in module.named_modules() if path and can_convert(m)]
     for path, mha in targets:
-        parent_path, _, attr = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, attr, SelfAttention.from_multihead(mha))
+        module.set_submodule(path, SelfAttention.from_multihead(mha))
     return [path for path, _ in targets]

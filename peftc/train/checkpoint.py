@@ -17,7 +17,6 @@ numbers) to JSON, and loading rebuilds exactly the ``state_dict`` torch produced
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import uuid
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from peftc.artifact import replace_directory
 from peftc.errors import PeftcError
 
 __all__ = ["Checkpoint", "CheckpointError", "optimizer_from_files", "optimizer_to_files", "rng_state",
@@ -136,7 +136,7 @@ class Checkpoint:
             if extra:
                 save_file({k: v.detach().to("cpu").contiguous() for k, v in extra.items()}, str(staging / EXTRA))
             (staging / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-            _swap(staging, self.path)
+            replace_directory(staging, self.path)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(f"cannot write checkpoint {self.path}: {exc.strerror or exc}") from None
@@ -183,26 +183,3 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _swap(staging: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    try:
-        staging.rename(target)
-    except OSError:
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass

@@ -218,7 +218,7 @@ class TemporaryHead:
         for module in self.copies.values():
             module.requires_grad_(True)
         for path, module in self.copies.items():
-            _set_module(net, path, module)
+            net.set_submodule(path, module)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{p}.{k}": v for p, m in self.copies.items() for k, v in m.state_dict().items()}
@@ -230,10 +230,5 @@ class TemporaryHead:
 
     def remove(self) -> None:
         for path, module in self.originals.items():
-            _set_module(self.model.net, path, module)
+            self.model.net.set_submodule(path, module)
 
-
-def _set_module(net: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = net.get_submodule(parent_path) if parent_path else net
-    setattr(parent, attr, module)

@@ -84,12 +84,6 @@ class ConcatHead(nn.Module):
         return torch.cat(outs, dim=-1)
 
 
-def _install(model: Any, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.net.get_submodule(parent_path) if parent_path else model.net
-    setattr(parent, attr, module)
-
-
 def _heads(model: Any, tasks: list[str], path: str) -> list[nn.Module]:
     """Each task's own head module (the bank's objects), collected through public task switching."""
     active = model.active_task
@@ -107,7 +101,7 @@ def taer_logits(model: Any, images: torch.Tensor, tasks: list[str]) -> torch.Ten
     path = head_path(model)
     active = model.active_task
     heads = _heads(model, tasks, path)
-    _install(model, path, ConcatHead(heads, frozen=len(heads)))
+    model.net.set_submodule(path, ConcatHead(heads, frozen=len(heads)))
     was = model.training
     model.train(False)
     try:
@@ -242,7 +236,7 @@ class TaerObjective:
         model = self.run.model
         heads = _heads(model, [*self.old, self.run.task], self.path)
         self.head = ConcatHead(heads, frozen=len(self.old))
-        _install(model, self.path, self.head)
+        model.net.set_submodule(self.path, self.head)
 
     def frozen_parameters(self) -> list[nn.Parameter]:
         """The old tasks' head parameters (read detached; never optimised)."""
@@ -260,7 +254,7 @@ class TaerObjective:
             return self.run.validate()
         finally:
             if self.head is not None:
-                _install(self.run.model, self.path, self.head)
+                self.run.model.net.set_submodule(self.path, self.head)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = labels + self.offset
