@@ -81,6 +81,7 @@ class CompileState:
     _index: NodeIndex | None = field(default=None, repr=False)
     _shapes_valid: bool = field(default=False, repr=False)
     _stale_code: bool = field(default=False, repr=False)
+    _tensors: dict[int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def index(self) -> NodeIndex:
@@ -105,6 +106,16 @@ class CompileState:
 
     def modules_changed(self) -> None:
         self._index = None
+        self._tensors = None
+
+    def tensors(self) -> dict[int, torch.Tensor]:
+        """Every parameter and buffer of the model by ``id`` (built once, extended by ``add_block``).
+
+        Holding the tensors keeps their ids from being reused while the map lives; ``modules_changed`` drops it.
+        """
+        if self._tensors is None:
+            self._tensors = {id(t): t for t in (*self.gm.parameters(), *self.gm.buffers())}
+        return self._tensors
 
     def shape_of(self, node: fx.Node) -> torch.Size | None:
         """Example output shape of ``node`` (shape propagation runs lazily, once per graph version)."""
@@ -211,8 +222,10 @@ class PassContext:
         added before (a submodule found in ``Site.shared``) are already in the model: not counted, not owned
         again.
         """
-        present = {id(t) for t in (*self.gm.parameters(), *self.gm.buffers())}
+        known = self.state.tensors()
+        present = {id(t) for t in (*module.parameters(), *module.buffers()) if id(t) in known}
         self.gm.add_submodule(path, module)
+        known.update((id(t), t) for t in (*module.parameters(), *module.buffers()))
         self.ledger.inserted[path] = self.rule.label
         trainable = getattr(self.args, "trainable", True)
         for p in module.parameters():
