@@ -198,12 +198,14 @@ class SelectedTasks:
 
 
 def key_selected_graph(model: Any) -> SelectedTasks:
-    """One graph for a model compiled with ``ln_tuning`` (with keys) that selects every sample's task itself."""
-    from peftc.blocks.ln_bank import TaskKey, TaskLayerNorm
+    """One graph for a model compiled with ``ln_tuning`` (with keys) that selects every sample's task itself.
+
+    The query pass and the routed pass are two graphs over the *same* frozen modules (only the LN banks
+    differ), so the backbone's weights are stored once.
+    """
+    from peftc.blocks.ln_bank import TaskKey
     from peftc.errors import TaskError
     from peftc.task_select import task_selector
-
-    from .fold import fold_graph
 
     try:
         selector = task_selector(model)
@@ -211,40 +213,35 @@ def key_selected_graph(model: Any) -> SelectedTasks:
     except TaskError as exc:
         raise ExportError(f"--select-task needs task keys (a model compiled with ln_tuning): {exc}") from None
     tasks = selector.candidates
-    norms = selector.norm_paths
-    tables = selector.row_tables(tasks)
-    query = copy.deepcopy(model.net).eval()
     routed = copy.deepcopy(model.net).eval()
-    for path in norms:
-        bank = query.get_submodule(path)
-        plain = nn.LayerNorm(bank.normalized_shape, eps=bank.eps).to(bank.weight)
-        with torch.no_grad():
-            plain.weight.copy_(bank.pretrained[0])
-            plain.bias.copy_(bank.pretrained[1])
-        query.set_submodule(path, _adopt(plain, bank))
-    key_node = next(n for n in query.graph.nodes
-                    if n.op == "call_module" and isinstance(query.get_submodule(str(n.target)), TaskKey))
-    with query.graph.inserting_after(key_node):
-        cls = query.graph.call_function(TaskKey.query_of, (key_node.args[0],))
-    output = next(n for n in query.graph.nodes if n.op == "output")
-    output.args = (cls,)
+    for p in routed.parameters():
+        p.requires_grad_(False)
+    query = fx.GraphModule(routed, copy.deepcopy(routed.graph))  # shares routed's modules, not its containers
+    key = next((n for n in query.graph.nodes
+                if n.op == "call_module" and isinstance(query.get_submodule(str(n.target)), TaskKey)), None)
+    if key is None:
+        raise ExportError("--select-task: the task key is not called in the graph")
+    with query.graph.inserting_after(key):
+        cls = query.graph.call_function(TaskKey.query_of, (key.args[0],))
+    next(n for n in query.graph.nodes if n.op == "output").args = (cls,)
     query.graph.eliminate_dead_code()
-    query.delete_all_unused_submodules()
-    query.recompile()
-    graph = routed.graph
-    task_input = _task_placeholder(graph)
-    for path, (weight, bias) in zip(norms, tables, strict=True):
+    task_input = _task_placeholder(routed.graph)
+    for path, (weight, bias) in zip(selector.norm_paths, selector.row_tables(tasks), strict=True):
         bank = routed.get_submodule(path)
-        if not isinstance(bank, TaskLayerNorm):
-            raise ExportError(f"--select-task: {path} is not an LN bank")
+        pretrained = nn.LayerNorm(bank.normalized_shape, eps=bank.eps).to(bank.weight).requires_grad_(False)
+        with torch.no_grad():
+            pretrained.weight.copy_(bank.pretrained[0])
+            pretrained.bias.copy_(bank.pretrained[1])
+        query.set_submodule(path, _adopt(pretrained, bank))
         routed.set_submodule(path, _adopt(RoutedLayerNorm(bank.normalized_shape, bank.eps, weight, bias), bank))
-        for node in graph.nodes:
+        for node in routed.graph.nodes:
             if node.op == "call_module" and node.target == path:
                 node.kwargs = {**node.kwargs, "task": task_input}
-    graph.lint()
-    routed.recompile()
+    routed.set_submodule(str(key.target), nn.Identity())  # on the data path the key is an identity
     for part in (query, routed):
-        fold_graph(part)  # the key becomes an identity; parameters frozen, eval mode
+        part.delete_all_unused_submodules()
+        part.graph.lint()
+        part.recompile()
     return SelectedTasks(KeySelected(query, keys, routed).eval(), tasks)
 
 

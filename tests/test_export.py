@@ -182,6 +182,7 @@ def test_ln_tuning_selects_each_samples_task_inside_one_graph(tmp_path: Path) ->
     assert code == 0, out
     result = json.loads(out)
     assert result["input_names"] == ["image"] and result["selects_task"] and result["tasks"] == ["a", "b", "c"]
+    assert result["bytes"] < 1.1 * 4 * VIT_TINY, "both passes must share one copy of the frozen backbone"
     code, out = cli("run", str(tmp_path / "ln.onnx"), "--backend", "ort", "--runs", "1", "--warmup", "0", "--json")
     assert code == 0 and json.loads(out)["selects_task"] is True, out
     got = OrtRunner(str(tmp_path / "ln.onnx"), "cpu")(x)
