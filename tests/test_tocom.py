@@ -20,14 +20,7 @@ from peftc.errors import ArtifactError, PeftcError, SpecError
 DEIT = "timm:deit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core test machine, two threads per process oversubscribe the cores
-    (spinning OpenMP workers made a training step ~20x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

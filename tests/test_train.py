@@ -47,12 +47,7 @@ FULL = {  # plain fine-tuning of one shared network; only the head is per task
 FAST = {"batch_size": 8, "augment": "none"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
