@@ -217,6 +217,11 @@ def test_bad_input_is_one_message_and_leaves_no_file(artifact: Path, tmp_path: P
     code, text = cli("export", str(artifact), "--onnx", str(blocker / "c.onnx"))
     assert code == 1 and "cannot write" in text and str(blocker) in text
 
+    code, text = cli("export", str(artifact), "--onnx", str(tmp_path / "d.onnx"), "--select-task")
+    assert code == 1 and "needs task keys" in text and "Traceback" not in text  # a CLR artifact has none
+    code, text = cli("export", str(artifact), "--onnx", str(tmp_path / "e.onnx"), "--select-task", "--all-tasks")
+    assert code == 1 and "not several" in text
+
     code, text = cli("export", str(artifact))
     assert code == 1 and "nothing to export" in text
     code, text = cli("run", str(artifact), "--backend", "tensorrt")
