@@ -401,7 +401,8 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], plots: d
         "HF PEFT comes with `pip install -e '.[bench]'`.",
         "",
         "**Reading the numbers.** " + _complete_run(summary.get("complete_run"), summary.get("cpus"))
-        + "The machine is shared with other engineers' jobs, so absolute times are inflated and noisy; "
+        + "Where the machine is shared with other jobs (a load average near or above the CPU count), absolute "
+        "times are inflated and noisy; "
         "compare the *ratios*, which come from variants measured interleaved (round-robin, alternating order) in "
         "the same run, and the ranges beside each median. Memory and bytes on disk are not affected by load.",
         "",
