@@ -24,7 +24,25 @@ __all__ = ["EXPLANATIONS", "collect_checks", "fmt_target", "fmt_value", "load_re
 SUMMARY = "summary"
 
 # Why a target misses, by check id (first prefix match), written after profiling; shown only while it misses.
+_TIED_STEP = (
+    "the method's own extra work, measured in interleaved pairs. A tied block still runs its forward and backward "
+    "(activations are kept as before); on top, each step forms θ̃ = a·θ_prev + b·θ_next for every tied layer in "
+    "the forward and, in the backward, dθ_prev = a·dθ̃, dθ_next = b·dθ̃ and the two scalar gradients — a few "
+    "passes over the tied weights, cheap in FLOPs but memory-bound. What shrinks is what belongs to parameters "
+    "(0.72× / 0.52× parameters and SGD state); the paper's step-time saving is not reproduced by this reading of "
+    "the method (docs/methods.md, Replacement Learning).")
+
 EXPLANATIONS: dict[str, str] = {
+    "clr-resnet50: folded/plain under ORT": (
+        "CLR's own layers, which folding cannot remove once trained. The folded graph (export.fold on the "
+        "perturbed model) merges all 53 BatchNorms but keeps CLR's 17 depthwise 3×3 convs — with BN folded into "
+        "them — because a k×k depthwise conv does not compose exactly with the conv before it (stride and zero "
+        "padding at the borders; docs/deploy.md): 70 convs against the stock model's 53 (ORT fuses the stock "
+        "model's BNs into its convs as well). They are few FLOPs but each reads and writes a whole feature map, "
+        "which shows at batch 1 (1.05×) and fades at batch 8 (1.01×). An untrained CLR (identity kernels) folds "
+        "away completely."),
+    "replacement_resnet50_step_time": _TIED_STEP,
+    "replacement_deit_small_step_time": _TIED_STEP,
     "compile cli": (
         "imports, not compilation. `python -X importtime -m peftc compile clr --backbone resnet50` shows about "
         "three quarters of the command's wall time in `import torch` and `import torchvision` (whose "

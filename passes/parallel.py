@@ -68,4 +68,4 @@ def parallel(ctx: PassContext) -> None:
         node.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
         ctx.record("parallel", cand.name, block=args.block, module=path, reads=reader.name, port=args.read,
                    scale=args.scale, params=added)
-    ctx.state.graph_changed()
+    ctx.state.graph_changed(shapes_kept=True)  # layer + bypass has the layer's shape: no node's shape changed
