@@ -50,18 +50,16 @@ EXPLANATIONS: dict[str, str] = {
         "is well under a second of it. peftc cannot avoid either import for a torchvision backbone. On a loaded "
         "machine every import is several times slower, which is most of the gap here."),
     "compile ": (
-        "profiled with cProfile and by timing each stage in one process, variants interleaved (CPU time, since "
-        "the machine was loaded). About half of `rewrite` is torch.fx's symbolic trace, and a third of the "
-        "trace is `GraphModule` code generation — which `CompileState.finish` repeats after the passes, so the "
-        "first one is thrown away. On ViTs, torch.fx's `Proxy.__iter__` disassembles the caller's whole "
-        "bytecode (`dis.get_instructions`) at every tuple unpack of a traced value (`B, N, C = x.shape` and "
-        "`q, k, v = qkv.unbind(0)` in each attention block: 25 per ViT-B trace). Two fixes in peftc/trace.py, "
-        "reported to its owner: caching that disassembly per code object during tracing cut LoRA on ViT-B "
-        "from 162 to 129 ms of CPU (median of 10, −20%), and skipping the first code generation cut CLR on "
-        "resnet50 from 72 to 67 ms (−8%); the graphs produced are identical. The rest is spread over the "
-        "passes (selection, per-block bookkeeping) and is inherent to fx. Wall times on this shared machine "
-        "are also inflated by load: an earlier run of this suite on a quieter machine measured 55 ms for CLR "
-        "on resnet50."),
+        "profiled with cProfile and by timing each stage in one process, variants interleaved. About half of "
+        "`rewrite` is torch.fx's symbolic trace, a third of which is `GraphModule` code generation; on ViTs "
+        "torch.fx also disassembles the caller's bytecode at every tuple unpack of a traced value (25 per ViT-B "
+        "trace), which peftc/trace.py caches per code object. Specs whose blocks need example shapes (Convpass, "
+        "AdaptFormer, FacT) add a shape propagation: a real ViT-B forward at 224² costs ~0.35 s on this CPU, so "
+        "it now runs on the meta device (falling back to a real run for an op without a meta kernel) and "
+        "`parallel` no longer invalidates shapes it cannot change — Convpass on ViT-B went from 1.04 s to 0.32 s "
+        "and AdaptFormer from 0.49 s to 0.28 s, same graphs. `add_block` stopped walking the whole model per "
+        "inserted block (CLR on resnet50: 55 → 44 ms on a quiet machine). What remains is fx's own tracing and "
+        "per-block bookkeeping; a loaded machine adds 10–30 % to every figure here."),
     "lora_memory": (
         "a fixed overhead of the compiled model at rest, not training memory. Each measurement process reports "
         "the model's resident size before training (model MiB) and the peak while training: on vit_tiny, "
