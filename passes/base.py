@@ -154,7 +154,8 @@ def _propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
     On the meta device first (a ViT-B forward at 224² costs a third of a second of real compute on a small
     CPU, the meta run only the interpreter's bookkeeping); an op without a meta kernel makes it run for real.
     """
-    meta = {name: t.to("meta") for name, t in (*gm.named_parameters(), *gm.named_buffers())}
+    every = (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+    meta = {name: t.to("meta") for name, t in every}  # every alias too: a shared tensor left real would mix
     with torch.no_grad():
         try:
             torch.func.functional_call(_Propagation(gm), {f"gm.{k}": v for k, v in meta.items()}, (x.to("meta"),),

@@ -103,3 +103,33 @@ def test_training_lowers_the_loss_and_keeps_frozen_tensors() -> None:
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+
+
+def test_shapes_propagated_on_meta_equal_a_real_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks read example shapes from a propagation on the meta device; it must agree with a real forward,
+    including the tensors Convpass's blocks share (aliases under several names)."""
+    from peftc.passes.base import _propagate_shapes
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from peftc.trace import example_input
+
+    def shapes(meta: object) -> object:
+        return meta.shape if hasattr(meta, "shape") else tuple(shapes(m) for m in meta)  # multi-output nodes
+
+    gm = peftc.compile("convpass", small_vit().module).net
+    x = example_input((3, 64, 64))
+
+    class MetaOnly(ShapeProp):
+        def propagate(self, *args: torch.Tensor) -> object:
+            assert args[0].device.type == "meta", "fell back to a real run"
+            return super().propagate(*args)
+
+    monkeypatch.setattr("peftc.passes.base.ShapeProp", MetaOnly)
+    _propagate_shapes(gm, x)
+    monkeypatch.undo()
+    on_meta = {n.name: shapes(n.meta["tensor_meta"]) for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x)
+    real = {n.name: shapes(n.meta["tensor_meta"]) for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert on_meta == real and len(real) > 100
+    assert all(p.device.type == "cpu" for p in gm.parameters()), "the model's own tensors stay where they were"
