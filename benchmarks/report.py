@@ -90,12 +90,13 @@ EXPLANATIONS: dict[str, str] = {
 # Why a peftc/peer ratio without a target is above 1 (by ratio name prefix); shown only while it is.
 RATIO_NOTES: dict[str, str] = {
     "ln_tuning": (
-        "peftc's `ln_bank` block normalises without an affine and then applies the task's row as `y * w + b`, "
-        "two extra element-wise passes and one extra saved activation per LayerNorm (25 in a ViT: 8×197×192 "
-        "floats each on vit_tiny at batch 8, ~30 MiB in all — the measured gap). PEFT's LN tuning runs a "
-        "LayerNorm copy with its fused affine. Passing the active row to `F.layer_norm(x, shape, w, b)` when "
-        "one row serves the whole batch would make them equal (peftc/blocks/ln_bank.py, reported to its "
-        "owner); the per-sample routed path needs the explicit form."),
+        "in the stored run, peftc's `ln_bank` normalised without an affine and then applied the task's row as "
+        "`y * w + b`: two extra element-wise passes and one extra saved activation per LayerNorm (25 in a ViT), "
+        "where PEFT's LN tuning runs a LayerNorm copy with its fused affine. Fixed since: when one row serves "
+        "the whole batch (training, a forced task) the row now goes to `F.layer_norm` as its affine; only the "
+        "per-sample routed path keeps the explicit form. Saved activations of a deit_small training forward at "
+        "batch 8 (autograd's saved-tensor hooks): 418 → 363 MiB. Rerun `python -m benchmarks train-step` to "
+        "refresh this ratio."),
 }
 
 

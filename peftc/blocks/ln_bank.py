@@ -61,14 +61,13 @@ class TaskLayerNorm(nn.Module):
         return self._pretrained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._route if self._route is not None else (self.weight, self.bias)
+        if w.dim() == len(self.normalized_shape):  # one row for the batch: LayerNorm's own fused affine
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+        # one row per sample, (B, *normalized_shape): normalise, then each sample's affine
         y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        if self._route is None:
-            return y * self.weight + self.bias
-        w, b = self._route
-        if w.dim() > len(self.normalized_shape):  # one row per sample: (B, *normalized_shape)
-            view = (w.shape[0],) + (1,) * (y.dim() - 1 - len(self.normalized_shape)) + self.normalized_shape
-            w, b = w.reshape(view), b.reshape(view)
-        return y * w + b
+        view = (w.shape[0],) + (1,) * (y.dim() - 1 - len(self.normalized_shape)) + self.normalized_shape
+        return y * w.reshape(view) + b.reshape(view)
 
     @contextmanager
     def routed(self, weight: torch.Tensor, bias: torch.Tensor) -> Iterator[None]:
