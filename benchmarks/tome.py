@@ -14,10 +14,10 @@ the warm-up, outside the timed rounds. Target (ToMe's headline is 1.65× for ViT
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import torch
+from peftc.export.bench import interleaved_seconds
 from rich.console import Console
 from rich.table import Table
 
@@ -26,20 +26,6 @@ from benchmarks.common import check, summary, verdict, write_result
 RS = (0, 8, 13, 16)
 TARGET_RATIO = 1.5
 TARGET_R = 13
-
-
-def _interleaved(fns: dict[int, Any], rounds: int, warmup: int) -> dict[int, list[float]]:
-    """Seconds per call of each fn, timed round-robin after ``warmup`` calls of each."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[int, list[float]] = {r: [] for r in fns}
-    for _ in range(rounds):
-        for r, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            out[r].append(time.perf_counter() - start)
-    return out
 
 
 def _runner(model: torch.nn.Module, call: Any, x: torch.Tensor, r: int) -> Any:
@@ -78,7 +64,7 @@ def measure(backbone: str, batch: int, rounds: int, backends: list[str], console
             console.print("  torch.compile: compiling one graph per r (warm-up)…")
         fns = {r: _runner(model, call, x, r) for r in RS}
         console.print(f"  {backend}: {rounds} interleaved rounds of batch {batch} per r")
-        samples = _interleaved(fns, rounds, warmup=2 if backend == "compile" else 1)
+        samples = interleaved_seconds(fns, runs=rounds, warmup=2 if backend == "compile" else 1)
         stats = {r: summary(s) for r, s in samples.items()}
         base = batch / stats[0]["median"]
         result[backend] = {

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Timing", "measure", "measure_interleaved"]
+__all__ = ["Timing", "interleaved_seconds", "measure", "measure_interleaved"]
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -64,24 +66,30 @@ def measure(call: Callable[[], Any], *, batch: int, runs: int = 20, warmup: int 
                   mean_ms=statistics.fmean(ordered), min_ms=ordered[0])
 
 
-def measure_interleaved(calls: dict[str, Callable[[], Any]], *, batch: int, runs: int = 10,
-                        warmup: int = 2) -> dict[str, Timing]:
-    """Time several callables round-robin (one call of each per round), so drifting machine load — other
-    processes, thermal state — hits every candidate alike and their ratios stay meaningful."""
+def interleaved_seconds(calls: Mapping[K, Callable[[], Any]], *, runs: int, warmup: int = 1) -> dict[K, list[float]]:
+    """Seconds per call of each callable, timed round-robin (one call of each per round) after ``warmup``
+    rounds, so drifting machine load — other processes, thermal state — hits every candidate alike and their
+    ratios stay meaningful."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
     for _ in range(max(0, warmup)):
         for call in calls.values():
             call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[K, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
         for name, call in calls.items():
             start = time.perf_counter()
             call()
-            samples[name].append((time.perf_counter() - start) * 1000.0)
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def measure_interleaved(calls: dict[str, Callable[[], Any]], *, batch: int, runs: int = 10,
+                        warmup: int = 2) -> dict[str, Timing]:
+    """:func:`interleaved_seconds` summarised per callable (milliseconds)."""
     out = {}
-    for name, times in samples.items():
-        ordered = sorted(times)
+    for name, seconds in interleaved_seconds(calls, runs=runs, warmup=warmup).items():
+        ordered = sorted(t * 1000.0 for t in seconds)
         out[name] = Timing(batch=batch, runs=runs, median_ms=statistics.median(ordered),
                            p90_ms=_percentile(ordered, 0.9), mean_ms=statistics.fmean(ordered), min_ms=ordered[0])
     return out
