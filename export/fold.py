@@ -244,7 +244,7 @@ class _Folder:
             elif node.op == "call_function" and node.target is mix:  # a tied parameter read outside any layer
                 with torch.no_grad():
                     value = mix(*(_attr(self.gm, str(n.target)) for n in node.args))
-                name = str(node.meta.get("peftc_name", "tied")).removesuffix(".tied")
+                name = str(node.meta.get("peftc_tied", "tied"))  # the parameter the tie pass replaced
                 owner_path, _, attr = name.rpartition(".")
                 owner = self.gm.get_submodule(owner_path) if _exists(self.gm, owner_path) else self.gm
                 while hasattr(owner, attr):

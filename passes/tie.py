@@ -246,7 +246,7 @@ def _tie_block(ctx: PassContext, plan: _Plan, read: _Reader) -> None:
             numel = owner._parameters[attr].numel()
             with gm.graph.inserting_after(node):
                 mixed = gm.graph.call_function(mix, (a, b, read(prev), read(nxt)))
-            mixed.meta.update(peftc_name=f"{target}.tied", peftc_rule=ctx.rule.label)
+            mixed.meta.update(peftc_name=f"{target}.tied", peftc_rule=ctx.rule.label, peftc_tied=target)
             node.replace_all_uses_with(mixed)
             gm.graph.erase_node(node)
             read.nodes.pop(target, None)
