@@ -31,18 +31,18 @@ TARGET_CLI_S = 5.0
 
 def cases() -> list[tuple[str, str]]:
     """Every built-in spec on every benchmark backbone, CLR on resnet50 first."""
-    from peftc.spec import builtin_specs
+    from peftc.language import builtin_specs
 
     return QUICK_CASES + [(s, b) for b in BACKBONES for s in sorted(builtin_specs()) if (s, b) not in QUICK_CASES]
 
 
 def trace_and_passes(spec_name: str, backbone_id: str, runs: int) -> dict[str, float] | None:
     """Seconds of ``rewrite`` per run, or None when the spec does not apply to the backbone."""
-    from peftc.backbones import build_backbone
-    from peftc.canonical import canonicalize
+    from peftc.analysis.backbones import build_backbone
+    from peftc.analysis.canonical import canonicalize
     from peftc.compiler import rewrite
     from peftc.errors import PeftcError
-    from peftc.spec import load_spec
+    from peftc.language import load_spec
 
     spec = load_spec(spec_name)
     base = build_backbone(backbone_id)

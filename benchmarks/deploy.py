@@ -38,17 +38,16 @@ TARGET_ORT_SPEEDUP_B8 = 1.5
 
 
 def _available(spec: str) -> bool:
-    from peftc.spec import builtin_specs
+    from peftc.language import builtin_specs
 
     return spec in builtin_specs()
 
 
 def _modules(spec: str, backbone: str, params: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], Any]:
     """The three graphs of one model: plain backbone, compiled (unfolded), folded."""
-    from peftc.export.fold import fold
-
     import peftc
-    from peftc.backbones import build_backbone
+    from peftc.analysis.backbones import build_backbone
+    from peftc.export.fold import fold
 
     model = peftc.compile(spec, backbone, **params)
     _perturb(model)

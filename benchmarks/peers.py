@@ -27,8 +27,8 @@ PEERS: dict[str, tuple[str, ...]] = {"lora": ("peft",), "ln_tuning": ("peft",), 
 def plan(model: Any, method: str) -> dict[str, Any]:
     """What a peer needs to adapt the same layers as the compiled ``model``: sites, the other trained modules
     (``modules_to_save``) and the method's hyper-parameters."""
-    from peftc.blocks.channel_conv import ChannelConv
-    from peftc.blocks.lora import LoraConv, LoraLinear
+    from peftc.methods.clr.channel_conv import ChannelConv
+    from peftc.methods.lora.lora import LoraConv, LoraLinear
 
     net = model.net
     if method == "lora":

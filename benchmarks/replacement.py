@@ -90,7 +90,7 @@ class _Trainer:
         import torch
 
         import peftc
-        from peftc.backbones import build_backbone
+        from peftc.analysis.backbones import build_backbone
 
         self.device = job["device"]
         if variant == "replacement":

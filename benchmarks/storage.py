@@ -71,7 +71,7 @@ def _file_facts(path: Path) -> dict[str, int]:
 def peftc_delta(method: str, backbone: str, tmp: Path) -> dict[str, Any]:
     """Save one task, then two; sizes of the delta, the manifest, and the growth per added task."""
     import peftc
-    from peftc.artifact import DELTA, MANIFEST
+    from peftc.storage.artifact import DELTA, MANIFEST
 
     model = peftc.compile(method, backbone, **PARAMS.get(method, {}))
     one = model.save(tmp / f"{method}-1")
@@ -94,7 +94,7 @@ def peft_adapter(method: str, backbone: str, tmp: Path) -> dict[str, Any]:
     """HF PEFT's ``save_pretrained`` of the same adapter on the same timm module."""
     import peftc
     from benchmarks.peers import build_peer, plan
-    from peftc.backbones import build_backbone
+    from peftc.analysis.backbones import build_backbone
 
     model = peftc.compile(method, backbone, **PARAMS.get(method, {}))
     peer = build_peer("peft", method, build_backbone(backbone).module, plan(model, method))
@@ -107,7 +107,7 @@ def peft_adapter(method: str, backbone: str, tmp: Path) -> dict[str, Any]:
 
 def _methods(quick: bool) -> list[tuple[str, str]]:
     from peftc.errors import PeftcError
-    from peftc.spec import builtin_specs, load_spec
+    from peftc.language import builtin_specs, load_spec
 
     names = sorted(builtin_specs())
     if quick:

@@ -3,7 +3,7 @@
     python -m benchmarks.tome [--backbone timm:deit_small_patch16_224] [--batch 8] [--rounds 7] [--quick]
                               [--eager-only] [--threads N]
 
-One model is compiled with the ``tome`` spec and ``r`` is changed at run time (``peftc.blocks.tome.set_r``), so
+One model is compiled with the ``tome`` spec and ``r`` is changed at run time (``peftc.methods.tome.tome.set_r``), so
 every r runs the same weights and the same graph. The r values are timed *interleaved* — each round times one
 batch per r, in turn — so a noisy, shared machine slows them alike; the figure per r is the median over rounds.
 ``torch.compile`` guards on ``r`` (a Python int), so it holds one compiled graph per r; compilation happens in
@@ -17,11 +17,11 @@ import argparse
 from typing import Any
 
 import torch
-from peftc.export.bench import interleaved_seconds
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import check, summary, verdict, write_result
+from peftc.export.bench import interleaved_seconds
 
 RS = (0, 8, 13, 16)
 TARGET_RATIO = 1.5
@@ -29,7 +29,7 @@ TARGET_R = 13
 
 
 def _runner(model: torch.nn.Module, call: Any, x: torch.Tensor, r: int) -> Any:
-    from peftc.blocks.tome import set_r
+    from peftc.methods.tome.tome import set_r
 
     def run() -> None:
         set_r(model, r)
@@ -40,7 +40,7 @@ def _runner(model: torch.nn.Module, call: Any, x: torch.Tensor, r: int) -> Any:
 
 
 def _tokens_after(model: torch.nn.Module, x: torch.Tensor, r: int) -> int:
-    from peftc.blocks.tome import set_r, token_merges
+    from peftc.methods.tome.tome import set_r, token_merges
 
     seen: list[int] = []
     hook = token_merges(model)[-1].register_forward_hook(lambda m, a, out: seen.append(out[0].shape[1]))

@@ -94,7 +94,7 @@ def _plan_group(group: Group, extra_specs: bool, peft_ok: bool) -> dict[str, Any
     import peftc
     from benchmarks.peers import PEERS, plan
     from peftc.errors import PeftcError
-    from peftc.spec import builtin_specs
+    from peftc.language import builtin_specs
 
     available = builtin_specs()
     wanted = list(group.methods)
@@ -127,7 +127,7 @@ def _plan_group(group: Group, extra_specs: bool, peft_ok: bool) -> dict[str, Any
 def _build(job: Job) -> Any:
     """The model of ``job`` (its trainable parameters have ``requires_grad``)."""
     import peftc
-    from peftc.backbones import build_backbone
+    from peftc.analysis.backbones import build_backbone
 
     if job.kind == "peftc":
         return peftc.compile(job.method, job.backbone, **job.params)

@@ -5,9 +5,9 @@
     export_onnx(model, "model.onnx")          # folded, dynamic batch, onnx.checker + ORT parity verified
 """
 
-from .errors import BackendUnavailable, ExportError, ParityError
-from .fold import FoldReport, FoldResult, fold
-from .onnx import ExportResult, export_onnx
+from peftc.export.errors import BackendUnavailable, ExportError, ParityError
+from peftc.export.fold import FoldReport, FoldResult, fold
+from peftc.export.onnx import ExportResult, export_onnx
 
 __all__ = ["BackendUnavailable", "ExportError", "ExportResult", "FoldReport", "FoldResult", "ParityError",
            "export_onnx", "fold"]

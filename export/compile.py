@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BackendUnavailable
+from peftc.export.errors import BackendUnavailable
 
 __all__ = ["CompiledRunner", "compile_module", "inductor_problem"]
 

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import ExportError
+from peftc.export.errors import ExportError
 
 __all__ = ["FoldAction", "FoldReport", "FoldResult", "fold", "fold_graph"]
 
@@ -105,7 +105,7 @@ def fold(model: Any, task: str | None = None) -> FoldResult:
 
     Works on a deep copy: ``model`` keeps its blocks, tasks and training state.
     """
-    from peftc.model import Compiled
+    from peftc.runtime.model import Compiled
 
     if isinstance(model, Compiled):
         work = copy.deepcopy(model)
@@ -229,7 +229,7 @@ class _Folder:
         editable for the merges below (a BatchNorm folded into a neighbour's conv no longer changes what the
         tied layer computes, because it now owns its own copy).
         """
-        from peftc.blocks.tied import TiedLayer, mix
+        from peftc.methods.replacement.tied import TiedLayer, mix
 
         changed = False
         for node in list(self.gm.graph.nodes):
@@ -330,7 +330,7 @@ class _Folder:
 
     # 3. CLR channel_conv -> nn.Conv2d ----------------------------------------------------------------------
     def _channel_conv(self, node: fx.Node) -> bool:
-        from peftc.blocks.channel_conv import ChannelConv
+        from peftc.methods.clr.channel_conv import ChannelConv
 
         block = self.module(node)
         if type(block) is not ChannelConv:

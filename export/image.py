@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ExportError
+from peftc.export.errors import ExportError
 
 __all__ = ["load_image", "normalisation", "top_k"]
 

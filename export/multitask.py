@@ -16,7 +16,7 @@ uses its running statistics). Blocks that route tasks themselves (``peftc_set_ta
 :func:`key_selected_graph` serves LayerNorm tuning the way the method infers, with no task input at all: a
 frozen pass (every LN at its pretrained γ/β, stopped after the final norm) gives each sample's query, the task
 is ``argmax cos(query, key_t)`` over the task keys, and a second pass takes each sample's LN rows from ``(T, C)``
-tables by that index — :class:`~peftc.task_select.TaskSelector`'s forward, as one exportable graph.
+tables by that index — :class:`~peftc.methods.ln_tuning.select.TaskSelector`'s forward, as one exportable graph.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import ExportError
+from peftc.export.errors import ExportError
 
 __all__ = ["AllTasks", "KeySelected", "RoutedLayerNorm", "TaskRouter", "all_tasks_graph", "key_selected_graph"]
 
@@ -203,9 +203,9 @@ def key_selected_graph(model: Any) -> SelectedTasks:
     The query pass and the routed pass are two graphs over the *same* frozen modules (only the LN banks
     differ), so the backbone's weights are stored once.
     """
-    from peftc.blocks.ln_bank import TaskKey
     from peftc.errors import TaskError
-    from peftc.task_select import task_selector
+    from peftc.methods.ln_tuning.blocks import TaskKey
+    from peftc.methods.ln_tuning.select import task_selector
 
     try:
         selector = task_selector(model)

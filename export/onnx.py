@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ExportError, ParityError
-from .onnx_ops import custom_translations
-from .source import Deployable, prepare, resolve_model
+from peftc.export.errors import ExportError, ParityError
+from peftc.export.onnx_ops import custom_translations
+from peftc.export.source import Deployable, prepare, resolve_model
 
 __all__ = ["ExportResult", "Parity", "check_parity", "export_onnx", "write_onnx"]
 
@@ -262,7 +262,7 @@ def _opset_of(path: Path) -> int | None:
 def check_parity(path: str | Path, deployable: Deployable, *, provider: str | None = "auto",
                  batch: int = CHECK_BATCH, tolerance: float = TOLERANCE) -> Parity:
     """Run ``path`` under ONNX Runtime on a random batch and compare with the eager reference."""
-    from .ort import OrtRunner
+    from peftc.export.ort import OrtRunner
 
     inputs = deployable.example(batch, seed=1)
     runner = OrtRunner(str(path), provider)

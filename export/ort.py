@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailable, ExportError
+from peftc.export.errors import BackendUnavailable, ExportError
 
 __all__ = ["OrtRunner", "cuda_status", "resolve_providers", "session"]
 

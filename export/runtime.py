@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ExportError
+from peftc.export.errors import ExportError
 
 __all__ = ["BACKENDS", "Backend", "open_backend"]
 
@@ -47,7 +47,7 @@ class Backend:
 def _onnx_backend(path: Path, provider: str | None) -> Backend:
     import onnx
 
-    from .ort import OrtRunner, describe_providers
+    from peftc.export.ort import OrtRunner, describe_providers
 
     runner = OrtRunner(str(path), provider)
     try:
@@ -98,7 +98,7 @@ def open_backend(
             raise ExportError(f"ONNX file not found: {source}")
         say("loading the ONNX file")
         return _onnx_backend(Path(source), provider)
-    from .source import prepare, resolve_model
+    from peftc.export.source import prepare, resolve_model
 
     say("loading the model")
     model = resolve_model(source)
@@ -124,7 +124,7 @@ def open_backend(
         return Backend("eager", "PyTorch eager", deployable.input_size, deployable.backbone, deployable.all_tasks,
                        as_args, run_eager, info)
     if backend == "compile":
-        from .compile import compile_module
+        from peftc.export.compile import compile_module
 
         say(f"compiling (torch.compile, mode={mode})")
         runner = compile_module(module, deployable.example(2), mode=mode)
@@ -132,7 +132,7 @@ def open_backend(
         detail = f"torch.compile (inductor, {mode}, {'full graph' if runner.fullgraph else 'with graph breaks'})"
         return Backend("compile", detail, deployable.input_size, deployable.backbone, deployable.all_tasks,
                        as_args, lambda args: runner(*args), info)
-    from .onnx import write_onnx
+    from peftc.export.onnx import write_onnx
 
     with tempfile.TemporaryDirectory(prefix="peftc-ort-") as tmp:
         path = Path(tmp) / "model.onnx"

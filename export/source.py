@@ -16,20 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError
-from .fold import FoldReport, fold
+from peftc.export.errors import ExportError
+from peftc.export.fold import FoldReport, fold
 
 __all__ = ["Deployable", "prepare", "resolve_model"]
 
 
 def resolve_model(model_or_dir: Any) -> Any:
     """A compiled model: the one given, or the one an artifact directory holds (``peftc.load``)."""
-    from peftc.model import Compiled
+    from peftc.runtime.model import Compiled
 
     if isinstance(model_or_dir, Compiled):
         return model_or_dir
     if isinstance(model_or_dir, (str, Path)):
-        from peftc.artifact import load
+        from peftc.storage.artifact import load
 
         return load(model_or_dir)  # ArtifactError names a directory that is not an artifact
     raise ExportError(f"expected a compiled peftc model or an artifact directory, got {type(model_or_dir).__name__}")
@@ -87,14 +87,13 @@ def prepare(
     info = {"spec": model.spec.name, "backbone": model.backbone.id, "input_size": size, "tasks": list(model.tasks),
             "classes": [model.bank.classes(t) for t in model.tasks]}
     if all_tasks:
-        from .multitask import all_tasks_graph
+        from peftc.export.multitask import all_tasks_graph
 
         routed = all_tasks_graph(model)
         return Deployable(routed.module, task=None, reference=_per_sample(reference_model), fold=None, **info)
     if select_task:
-        from peftc.task_select import task_selector
-
-        from .multitask import key_selected_graph
+        from peftc.export.multitask import key_selected_graph
+        from peftc.methods.ln_tuning.select import task_selector
 
         selected = key_selected_graph(model)
         info["tasks"] = selected.tasks

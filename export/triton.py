@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ExportError
+from peftc.export.errors import ExportError
 
 __all__ = ["model_name", "triton_config", "write_repository"]
 

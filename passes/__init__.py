@@ -1,26 +1,13 @@
-"""Graph passes: one function per spec primitive, applied in rule order by :mod:`peftc.compiler`."""
+"""Graph passes: peftc's generic primitives, each registered with its argument model in
+:mod:`peftc.language.primitives` and applied in rule order by :mod:`peftc.compiler`.
+
+A method's own primitive lives in its room (``tie`` in :mod:`peftc.methods.replacement`, ``merge_tokens`` in
+:mod:`peftc.methods.tome`) and registers the same way.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from peftc.passes import insert, ownership, parallel, replace  # noqa: F401  (registration)
+from peftc.passes.base import CompileState, Ledger, ModuleSlot, PassContext, Rewrite, TensorSlot
 
-from .base import CompileState, Ledger, ModuleSlot, PassContext, Rewrite, TensorSlot
-from .insert import insert
-from .merge_tokens import merge_tokens
-from .ownership import freeze, train
-from .parallel import parallel
-from .replace import head, replace
-from .tie import tie
-
-PASSES: dict[str, Callable[[PassContext], None]] = {
-    "freeze": freeze,
-    "train": train,
-    "insert": insert,
-    "parallel": parallel,
-    "replace": replace,
-    "head": head,
-    "merge_tokens": merge_tokens,
-    "tie": tie,
-}
-
-__all__ = ["PASSES", "CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot"]
+__all__ = ["CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot"]

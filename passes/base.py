@@ -17,11 +17,12 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from peftc.analysis.index import Candidate, NodeIndex
+from peftc.analysis.select import select
+from peftc.analysis.trace import assign_names, example_input
 from peftc.blocks import Site, get_block
 from peftc.errors import Location, SpecError
-from peftc.select import Candidate, NodeIndex, select
-from peftc.spec import MethodSpec, Rule, Selector
-from peftc.trace import assign_names, example_input
+from peftc.language import MethodSpec, Rule, Selector
 
 __all__ = ["CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot", "own_tensors"]
 

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
+from pydantic import Field
 from torch import nn
 
 from peftc.blocks import get_block
 from peftc.blocks.linear import LinearHeadArgs, make_head
+from peftc.language.primitives import register_primitive
+from peftc.language.schema import BlockRuleArgs, RuleArgs, Selector, TaskState
+from peftc.passes.base import ModuleSlot, PassContext, count_params
 
-from .base import ModuleSlot, PassContext, count_params
+
+class ReplaceArgs(BlockRuleArgs):
+    """Put ``block``, built from the original module, in place of each selected node."""
+
+    target: Selector
+
+
+class HeadArgs(RuleArgs):
+    """A classification head in place of the backbone's (role ``head`` unless ``target`` says otherwise)."""
+
+    target: Selector = Field(default_factory=lambda: Selector(role="head"))
+    classes: int | None = Field(default=None, ge=1)
+    bias: bool = True
+    init: Literal["backbone", "default", "zeros"] = "backbone"
+    task_state: TaskState = "new"
+    trainable: bool = True
+
 
 
 def _swap(ctx: PassContext, path: str, new: nn.Module) -> int:
@@ -21,6 +42,7 @@ def _swap(ctx: PassContext, path: str, new: nn.Module) -> int:
     return sum(p.numel() for p in old.parameters() if id(p) not in kept)
 
 
+@register_primitive("replace", args=ReplaceArgs, adds_params=True, reads_shapes=True)
 def replace(ctx: PassContext) -> None:
     for cand in ctx.select(ctx.args.target, "target"):
         if cand.node.op != "call_module":
@@ -38,6 +60,7 @@ def replace(ctx: PassContext) -> None:
         ctx.record("replace", cand.name, block=ctx.args.block, module=path, params=added, removed=removed)
 
 
+@register_primitive("head", args=HeadArgs, adds_params=True, reads_shapes=True)
 def head(ctx: PassContext) -> None:
     args = ctx.args
     for cand in ctx.select(args.target, "target"):

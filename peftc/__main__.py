@@ -1,5 +1,5 @@
 """``python -m peftc`` is the ``peftc`` command."""
 
-from .cli import main
+from peftc.cli import main
 
 main()

@@ -1,4 +1,4 @@
-"""The driver: spec + backbone → trace → passes, in rule order → :class:`~peftc.model.Compiled`."""
+"""The driver: spec + backbone → trace → passes, in rule order → :class:`~peftc.runtime.model.Compiled`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.passes import PASSES, CompileState, PassContext
-
-from .backbones import Backbone, build_backbone, from_module
-from .canonical import canonicalize
-from .model import BackboneInfo, Compiled
-from .report import build_report
-from .roles import head
-from .schedule import build_schedule
-from .select import block_positions
-from .spec import MethodSpec, load_spec
-from .trace import trace
+from peftc.analysis.backbones import Backbone, build_backbone, from_module
+from peftc.analysis.canonical import canonicalize
+from peftc.analysis.index import block_positions
+from peftc.analysis.roles import head
+from peftc.analysis.trace import trace
+from peftc.language import MethodSpec, get_primitive, load_spec
+from peftc.passes import CompileState, PassContext
+from peftc.runtime.model import BackboneInfo, Compiled
+from peftc.runtime.report import build_report
+from peftc.runtime.schedule import build_schedule
 
 __all__ = ["compile", "resolve_backbone", "rewrite"]
 
@@ -47,7 +46,7 @@ def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module
     state = CompileState(trace(bb.module, leaves=leaves), method, positions, bb.input_size)
     state.head_params = sum(sum(p.numel() for p in c.module.parameters()) for c in head(state.index))
     for rule in method.rules:
-        PASSES[rule.op](PassContext(state, rule))
+        get_primitive(rule.op).run(PassContext(state, rule))
     state.finish()
     return state
 

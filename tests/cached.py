@@ -14,7 +14,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from peftc.backbones import Backbone, build_backbone
+from peftc.analysis.backbones import Backbone, build_backbone
 
 # Where identity at init is checked with a real forward pass (one 224x224 image each). With the ViT-B/16 count
 # checks on timm:vit_base_patch16_224 (vit_b_skeleton), every spec compiles on all four ViTs without edits.

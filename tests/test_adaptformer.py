@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import peftc
-from peftc.blocks.adapter import Adapter
-from peftc.blocks.quant import QuantLinear
-from peftc.model import Compiled
+from peftc.methods.adaptformer.adapter import Adapter
+from peftc.methods.adaptformer.quant import QuantLinear
+from peftc.runtime.model import Compiled
 
 from .cached import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
 from .conftest import synthetic_task, train_steps

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftc
-from peftc import artifact
-from peftc.backbones import build_backbone
+from peftc.storage import artifact
+from peftc.analysis.backbones import build_backbone
 from peftc.errors import ArtifactError, BackboneError
 
 from .conftest import synthetic_task, train_steps

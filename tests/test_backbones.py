@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftc.backbones import _reachable, build_backbone, list_backbones, weights_hash
+from peftc.analysis.backbones import _reachable, build_backbone, list_backbones, weights_hash
 from peftc.errors import BackboneError
 
 

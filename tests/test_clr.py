@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import peftc
-from peftc.backbones import build_backbone
-from peftc.blocks.channel_conv import ChannelConv
+from peftc.analysis.backbones import build_backbone
+from peftc.methods.clr.channel_conv import ChannelConv
 
 from .conftest import synthetic_task, train_steps
 

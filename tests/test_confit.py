@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.backbones import build_backbone
-from peftc.blocks.confit import CrossConvBN, InputMean
+from peftc.analysis.backbones import build_backbone
+from peftc.methods.confit.blocks import CrossConvBN, InputMean
 
 from .conftest import synthetic_task, train_steps
 
@@ -24,7 +24,7 @@ def resnet18() -> nn.Module:
     return build_backbone("resnet18").module
 
 
-def _pairs(model: peftc.model.Compiled) -> dict[str, CrossConvBN]:
+def _pairs(model: peftc.runtime.model.Compiled) -> dict[str, CrossConvBN]:
     return {n: m for n, m in model.net.named_modules() if isinstance(m, CrossConvBN)}
 
 
@@ -81,7 +81,7 @@ def _expected_mean(bn: CrossConvBN, stored: torch.Tensor) -> torch.Tensor:
     return out.mean(dim=(0, 2, 3))
 
 
-def _two_tasks(model: peftc.model.Compiled) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+def _two_tasks(model: peftc.runtime.model.Compiled) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Train task 1 then task 2 (different data), everything trainable; returns each task's BN state."""
     model.schedule_at(1.0)
     state: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -97,7 +97,7 @@ def _two_tasks(model: peftc.model.Compiled) -> dict[str, dict[str, dict[str, tor
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[peftc.model.Compiled, dict[str, dict[str, dict[str, torch.Tensor]]]]:
+def trained() -> tuple[peftc.runtime.model.Compiled, dict[str, dict[str, dict[str, torch.Tensor]]]]:
     """ConFiT on resnet18 after task 1 then task 2 (shared by the tests below: they only switch tasks)."""
     torch.manual_seed(0)
     model = peftc.compile("confit", "resnet18", num_classes=3)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import peftc
-from peftc.blocks.convpass import Convpass
+from peftc.methods.convpass.convpass import Convpass
 
 from .cached import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
 from .conftest import synthetic_task, train_steps
@@ -108,10 +108,10 @@ def test_training_lowers_the_loss_and_keeps_frozen_tensors() -> None:
 def test_shapes_propagated_on_meta_equal_a_real_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks read example shapes from a propagation on the meta device; it must agree with a real forward,
     including the tensors Convpass's blocks share (aliases under several names)."""
-    from peftc.passes.base import _propagate_shapes
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from peftc.trace import example_input
+    from peftc.analysis.trace import example_input
+    from peftc.passes.base import _propagate_shapes
 
     def shapes(meta: object) -> object:
         return meta.shape if hasattr(meta, "shape") else tuple(shapes(m) for m in meta)  # multi-output nodes

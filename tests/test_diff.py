@@ -7,6 +7,7 @@ until someone looks at the new diff and regenerates the reference on purpose.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,18 +21,17 @@ from typing import Any
 
 import pytest
 import torch
-from peftc.passes import PASSES
 from torch import nn
 from typer.testing import CliRunner
 
 import peftc
-from peftc.backbones import Backbone, build_backbone
+from peftc.analysis.backbones import Backbone, build_backbone
 from peftc.blocks import BlockArgs, Site, register_block
 from peftc.cli import app
-from peftc.diff import KINDS, SCHEMA, GraphDiff
-from peftc.render.style import STATUS
-from peftc.shapes import GraphView, input_shape, view_backbone
-from peftc.spec import builtin_specs
+from peftc.language import builtin_specs, get_primitive, primitives
+from peftc.tools.diff import KINDS, SCHEMA, GraphDiff
+from peftc.tools.render.style import STATUS
+from peftc.tools.view import GraphView, input_shape, view_backbone
 
 from .conftest import synthetic_task, train_steps
 
@@ -127,7 +127,8 @@ def test_golden_files_have_a_spec() -> None:
 def test_a_changed_pass_fails_the_golden(monkeypatch: pytest.MonkeyPatch) -> None:
     golden = json.loads(_golden_path("clr", "resnet18").read_text(encoding="utf-8"))
     assert _first_difference(golden, _golden_payload("clr", "resnet18")) is None
-    monkeypatch.setitem(PASSES, "insert", lambda ctx: None)  # a broken insert pass
+    broken = dataclasses.replace(get_primitive("insert"), run=lambda ctx: None)  # a broken insert pass
+    monkeypatch.setitem(primitives._REGISTRY, "insert", broken)
     difference = _first_difference(golden, _golden_payload("clr", "resnet18"))
     assert difference is not None and difference.startswith("$.summary")
 

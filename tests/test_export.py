@@ -14,18 +14,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import peftc
+from peftc.cli import app
 from peftc.export.compile import compile_module
 from peftc.export.errors import BackendUnavailable, ParityError
 from peftc.export.onnx import ExportResult, write_onnx
 from peftc.export.ort import OrtRunner, cuda_status, resolve_providers
 from peftc.export.source import Deployable
 from peftc.export.triton import triton_config
-from PIL import Image
-from typer.testing import CliRunner
-
-import peftc
-from peftc.cli import app
-from peftc.model import Compiled
+from peftc.runtime.model import Compiled
 
 from .conftest import synthetic_task, train_steps
 from .test_fold import VIT_TINY, Tiny, perturb
@@ -161,8 +161,7 @@ def test_ln_tuning_forced_task_exports(tmp_path: Path) -> None:
 def test_ln_tuning_selects_each_samples_task_inside_one_graph(tmp_path: Path) -> None:
     """LN tuning's task-agnostic inference exported: the graph picks each sample's task by its key."""
     from peftc.export.multitask import all_tasks_graph
-
-    from peftc.task_select import task_selector
+    from peftc.methods.ln_tuning.select import task_selector
 
     model = peftc.compile("ln_tuning", "timm:vit_tiny_patch16_224", backbone_kwargs={"img_size": 32})
     selector = task_selector(model)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.blocks.fact import Fact, FactFactors
+from peftc.methods.fact.fact import Fact, FactFactors
 
 from .cached import IDENTITY_VITS, backbone, image, reference_output, small_vit, vit_b_skeleton
 from .conftest import synthetic_task, train_steps

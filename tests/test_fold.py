@@ -11,14 +11,14 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from peftc.export.fold import fold, fold_graph
 from torch import fx, nn
 
 import peftc
 from peftc.blocks import BlockArgs, Site, register_block
-from peftc.blocks.channel_conv import ChannelConv
 from peftc.errors import TaskError
-from peftc.model import Compiled
+from peftc.export.fold import fold, fold_graph
+from peftc.methods.clr.channel_conv import ChannelConv
+from peftc.runtime.model import Compiled
 
 from .conftest import synthetic_task, train_steps
 

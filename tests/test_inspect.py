@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from peftc.cli import app
-from peftc.diff import dry_run, inspect_nodes, parse_selector
 from peftc.errors import SpecError
+from peftc.tools.diff import dry_run, inspect_nodes, parse_selector
 
 runner = CliRunner()
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.blocks.ln_bank import TaskKey, TaskLayerNorm
-from peftc.task_select import mask_logits, task_selector
+from peftc.methods.ln_tuning.blocks import TaskKey, TaskLayerNorm
+from peftc.methods.ln_tuning.select import mask_logits, task_selector
 
 from .cached import module as cached
 from .conftest import synthetic_task
@@ -19,7 +19,7 @@ from .conftest import synthetic_task
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
-def _tiny(**params: object) -> peftc.model.Compiled:
+def _tiny(**params: object) -> peftc.runtime.model.Compiled:
     return peftc.compile("ln_tuning", cached("timm:vit_tiny_patch16_224", 32), **params)
 
 
@@ -79,7 +79,7 @@ def test_new_task_inherits_rows_and_gets_an_orthogonal_key() -> None:
     assert torch.allclose(keys @ keys.T, torch.eye(3), atol=1e-5)
 
 
-def _distinct_tasks(model: peftc.model.Compiled, names: list[str]) -> None:
+def _distinct_tasks(model: peftc.runtime.model.Compiled, names: list[str]) -> None:
     """Give every task its own random LN rows, so routing mistakes show in the outputs."""
     gen = torch.Generator().manual_seed(1)
     for name in names:

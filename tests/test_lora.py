@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.blocks.lora import LoraConv, LoraLinear
+from peftc.methods.lora.lora import LoraConv, LoraLinear
 
 from .cached import module as cached
 from .conftest import synthetic_task, train_steps
@@ -32,11 +32,11 @@ def _conv_formula(module: nn.Module, rank: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def vit_b_16() -> peftc.model.Compiled:
+def vit_b_16() -> peftc.runtime.model.Compiled:
     return peftc.compile("lora", cached("vit_b_16"), targets=ALL)
 
 
-def test_identity_at_init_torchvision_vit_b_16(vit_b_16: peftc.model.Compiled) -> None:
+def test_identity_at_init_torchvision_vit_b_16(vit_b_16: peftc.runtime.model.Compiled) -> None:
     reference = cached("vit_b_16")
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_identity_at_init(backbone: str, size: int) -> None:
     assert model.report.added_params > 0
 
 
-def test_vit_base_counts_are_the_same_on_both_libraries(vit_b_16: peftc.model.Compiled) -> None:
+def test_vit_base_counts_are_the_same_on_both_libraries(vit_b_16: peftc.runtime.model.Compiled) -> None:
     assert vit_b_16.report.added_params == _linear_formula(768, 8, ALL) == 1_179_648
     assert {r.label: r.nodes for r in vit_b_16.report.rules}["lora"] == 48
     timm_base = peftc.compile("lora", cached("timm:vit_base_patch16_224"), targets=ALL)

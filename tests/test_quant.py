@@ -8,7 +8,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from peftc.blocks.quant import (
+from peftc.errors import PeftcError
+from peftc.methods.adaptformer.quant import (
     EPS,
     QuantLinear,
     decode_delta,
@@ -20,7 +21,6 @@ from peftc.blocks.quant import (
     thresholds,
     unpack,
 )
-from peftc.errors import PeftcError
 
 
 def test_one_bit_levels_are_plus_minus_phi_inverse_of_three_quarters() -> None:

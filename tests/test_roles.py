@@ -7,11 +7,13 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.blocks.attention import SelfAttention
-from peftc.canonical import canonicalize
-from peftc.select import NodeIndex, block_positions, role_names, select
-from peftc.spec import Selector
-from peftc.trace import trace
+from peftc.analysis.attention import SelfAttention
+from peftc.analysis.canonical import canonicalize
+from peftc.analysis.index import NodeIndex, block_positions
+from peftc.analysis.roles import role_names
+from peftc.analysis.select import select
+from peftc.analysis.trace import trace
+from peftc.language import Selector
 
 from .cached import module as cached
 
@@ -53,13 +55,13 @@ EXPECTED = {
 }
 
 
-def _names(model: peftc.model.Compiled, role: str) -> list[str]:
+def _names(model: peftc.runtime.model.Compiled, role: str) -> list[str]:
     index = NodeIndex(model.net, block_positions(model.net))
     return [c.name for c in select(Selector(role=role, optional=True), index)]
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[str, peftc.model.Compiled]:
+def compiled() -> dict[str, peftc.runtime.model.Compiled]:
     return {bb: peftc.compile(NOOP, cached(bb)) for bb in EXPECTED}
 
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.backbones import build_backbone
+from peftc.analysis.backbones import build_backbone
 from peftc.errors import SpecError
-from peftc.schedule import ScheduleError
-from peftc.spec import load_spec
+from peftc.language import load_spec
+from peftc.runtime.schedule import ScheduleError
 
 from .conftest import synthetic_task, train_steps
 
@@ -23,7 +23,7 @@ def resnet18() -> nn.Module:
     return build_backbone("resnet18").module
 
 
-def _trainable(model: peftc.model.Compiled) -> set[str]:
+def _trainable(model: peftc.runtime.model.Compiled) -> set[str]:
     return {n for n, _ in model.named_trainable_parameters()}
 
 

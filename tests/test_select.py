@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from peftc.backbones import build_backbone
+from peftc.analysis.backbones import build_backbone
+from peftc.analysis.index import NodeIndex, block_positions
+from peftc.analysis.select import select
+from peftc.analysis.trace import trace
 from peftc.errors import SpecError
-from peftc.predicate import Predicate, PredicateSyntaxError, UnknownName
-from peftc.select import NodeIndex, block_positions, select
-from peftc.spec import Selector
-from peftc.trace import trace
+from peftc.language import Selector
+from peftc.language.predicate import Predicate, PredicateSyntaxError, UnknownName
 
 
 @pytest.fixture(scope="module")

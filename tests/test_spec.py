@@ -9,7 +9,7 @@ import pytest
 
 import peftc
 from peftc.errors import SpecError
-from peftc.spec import builtin_specs, load_spec, parse_overrides
+from peftc.language import builtin_specs, load_spec, parse_overrides
 
 
 def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:

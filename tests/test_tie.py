@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peftc.passes.tie import tied_blocks
 from torch import nn
 
 import peftc
-from peftc.backbones import build_backbone
-from peftc.blocks.tied import TiedLayer, TieScalars
+from peftc.analysis.backbones import build_backbone
 from peftc.errors import SpecError
+from peftc.methods.replacement.tie import tied_blocks
+from peftc.methods.replacement.tied import TiedLayer, TieScalars
 
 from .conftest import synthetic_task, train_steps
 
@@ -26,7 +26,7 @@ def _n(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _tied(model: peftc.model.Compiled) -> dict[str, tuple[str, str]]:
+def _tied(model: peftc.runtime.model.Compiled) -> dict[str, tuple[str, str]]:
     return dict(tied_blocks(model.ledger.rewrites))
 
 
@@ -41,7 +41,7 @@ def _skeleton(build) -> nn.Module:
     return module.eval()
 
 
-def _set_scalars(model: peftc.model.Compiled, a: float, b: float) -> None:
+def _set_scalars(model: peftc.runtime.model.Compiled, a: float, b: float) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, TieScalars):

@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 import peftc
-from peftc.backbones import build_backbone
-from peftc.blocks.tocom import ToCom, compensators, set_compression
-from peftc.blocks.tome import get_r, set_r
-from peftc.distill import attach, distill, distillation_kl
+from peftc.analysis.backbones import build_backbone
 from peftc.errors import ArtifactError, PeftcError, SpecError
+from peftc.methods.tocom.distill import attach, distill, distillation_kl
+from peftc.methods.tocom.tocom import ToCom, compensators, set_compression
+from peftc.methods.tome.tome import get_r, set_r
 
 DEIT = "timm:deit_tiny_patch16_224"
 

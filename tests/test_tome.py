@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import peftc
-from peftc.backbones import build_backbone
-from peftc.blocks.tome import TokenMerge, get_r, merge_schedule, set_prop_attn, set_r, token_merges
+from peftc.analysis.backbones import build_backbone
 from peftc.errors import PeftcError, SpecError
+from peftc.methods.tome.tome import TokenMerge, get_r, merge_schedule, set_prop_attn, set_r, token_merges
 
 VIT = "timm:vit_tiny_patch16_224"
 
@@ -26,7 +26,7 @@ def vit() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def tome_vit(vit) -> peftc.model.Compiled:
+def tome_vit(vit) -> peftc.runtime.model.Compiled:
     return peftc.compile("tome", vit, r=13)
 
 

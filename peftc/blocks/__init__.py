@@ -1,17 +1,13 @@
-"""Blocks: the modules graph primitives put into a backbone. Importing this package registers peftc's own
-(``tocom`` also brings ``tome``, which the ``merge_tokens`` pass uses; ``confit`` its input_mean and cross_conv_bn)."""
+"""Blocks: the modules graph primitives put into a backbone — the contract they implement and their registry.
 
-from . import (  # noqa: F401  (registration side effects)
-    adapter,
-    channel_conv,
-    confit,
-    convpass,
-    fact,
-    linear,
-    ln_bank,
-    lora,
-    tocom,
-)
-from .registry import BlockArgs, BlockType, Site, block_names, get_block, load_plugin, register_block
+Each method's blocks live in its room (:mod:`peftc.methods`) and register themselves when it is imported;
+:mod:`peftc.plugins` imports the rooms on the first lookup. Only the generic classification head lives here.
+"""
 
-__all__ = ["BlockArgs", "BlockType", "Site", "block_names", "get_block", "load_plugin", "register_block"]
+from peftc.blocks import linear  # noqa: F401  (registers the generic ``linear`` head)
+from peftc.blocks.contract import Block, Deployment, acts_as, layer_type, offers
+from peftc.blocks.registry import BlockArgs, BlockType, Site, block_names, get_block, register_block
+from peftc.plugins import load_plugin
+
+__all__ = ["Block", "BlockArgs", "BlockType", "Deployment", "Site", "acts_as", "block_names", "get_block",
+           "layer_type", "load_plugin", "offers", "register_block"]

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import PeftcError
-from .registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.errors import PeftcError
 
 
 class LinearHeadArgs(BlockArgs):

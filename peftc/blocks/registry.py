@@ -1,8 +1,9 @@
 """The block registry: the nn.Modules that graph primitives insert, attach in parallel, or put in place.
 
 A spec names blocks (``block: channel_conv``) and gives them ``args``; it never contains code. Blocks are
-registered from Python: peftc's own in :mod:`peftc.blocks`, third-party ones with :func:`register_block` in a
-module loaded by ``--plugin MODULE`` / :func:`load_plugin`, or through the ``peftc.blocks`` entry-point group.
+registered from Python: peftc's own in :mod:`peftc.blocks`, each method's in its room under
+:mod:`peftc.methods`, third-party ones with :func:`register_block` in a module loaded by ``--plugin MODULE`` /
+:func:`peftc.plugins.load_plugin` or through an entry point (:mod:`peftc.plugins`).
 
 Each block declares a pydantic ``args`` model (validated when the spec loads, so a typo in an argument is a spec
 error with a line number) and a factory ``(site, args) -> nn.Module`` that reads what it needs — channel counts,
@@ -11,19 +12,18 @@ the original module — from the :class:`Site` it is built for.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import fx, nn
 
-from ..errors import PeftcError
+from peftc.errors import PeftcError
+from peftc.plugins import ensure_loaded
 
-__all__ = ["BlockArgs", "BlockType", "Site", "block_names", "get_block", "load_plugin", "register_block"]
+__all__ = ["BlockArgs", "BlockType", "Site", "block_names", "get_block", "register_block"]
 
 
 class BlockArgs(BaseModel):
@@ -90,7 +90,6 @@ class BlockType:
 
 
 _REGISTRY: dict[str, BlockType] = {}
-_entry_points_loaded = False
 
 
 def register_block(
@@ -110,33 +109,13 @@ def register_block(
     return decorate
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group="peftc.blocks"):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plugin must not break peftc
-            raise PeftcError(f"block plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from None
-
-
 def get_block(name: str) -> BlockType:
     """The registered block ``name``; raises KeyError when there is none."""
     if name not in _REGISTRY:
-        _load_entry_points()
+        ensure_loaded()
     return _REGISTRY[name]
 
 
 def block_names() -> list[str]:
-    _load_entry_points()
+    ensure_loaded()
     return sorted(_REGISTRY)
-
-
-def load_plugin(module: str) -> None:
-    """Import a Python module that registers blocks (``--plugin my_pkg.blocks``)."""
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        raise PeftcError(f"cannot import plugin module {module!r}: {exc}") from None

@@ -7,15 +7,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app
-from .common import console, handle_errors, print_json
+from peftc.cli.app import app
+from peftc.cli.common import console, handle_errors, print_json
 
 
 @app.command("specs")
 @handle_errors
 def specs_cmd(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the built-in method specs with one-line summaries."""
-    from peftc.spec import builtin_specs, iter_builtin_summaries
+    from peftc.language import builtin_specs, iter_builtin_summaries
 
     rows = list(iter_builtin_summaries())
     if json_:
@@ -39,7 +39,7 @@ def backbones_cmd(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List backbone ids (torchvision names and timm:NAME) matching a pattern."""
-    from peftc.backbones import list_backbones
+    from peftc.analysis.backbones import list_backbones
     from peftc.errors import PeftcError
 
     if library not in (None, "torchvision", "timm"):

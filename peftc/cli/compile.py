@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from peftc.report import Report
-
-from .app import app
-from .common import console, fmt_int, handle_errors, load_plugins, print_json
+from peftc.cli.app import app
+from peftc.cli.common import console, fmt_int, handle_errors, load_plugins, print_json
+from peftc.runtime.report import Report
 
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="Override a spec param: name=value (repeatable).")
@@ -70,11 +69,11 @@ def compile_cmd(
 ) -> None:
     """Rewrite a backbone with a spec, report what changed, and optionally save the artifact."""
     import peftc
-    from peftc.spec import parse_overrides
+    from peftc.language import parse_overrides
 
     load_plugins(plugin)
     if base is not None:
-        from peftc.distill import attach
+        from peftc.methods.tocom.distill import attach
 
         model = attach(spec, base, delta=delta, backbone=backbone, params=parse_overrides(set_))
     elif delta is not None:
@@ -106,7 +105,7 @@ def validate_cmd(
 ) -> None:
     """Check a spec (and, with --backbone, that every selector matches) without writing anything."""
     import peftc
-    from peftc.spec import parse_overrides
+    from peftc.language import parse_overrides
 
     load_plugins(plugin)
     overrides = parse_overrides(set_)

@@ -11,10 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from peftc.cli.app import app
+from peftc.cli.common import console, err_console, fmt_int, handle_errors, load_plugins, print_json
 from peftc.errors import PeftcError, did_you_mean
-
-from .app import app
-from .common import console, err_console, fmt_int, handle_errors, load_plugins, print_json
 
 FORMATS = ("text", "json", "dot", "html")
 _BY_SUFFIX = {".txt": "text", ".json": "json", ".dot": "dot", ".gv": "dot", ".html": "html", ".htm": "html"}
@@ -96,8 +95,8 @@ def diff_cmd(
 ) -> None:
     """Show what a spec changes in a backbone: added, removed, replaced and rewired nodes, tensor ownership."""
     import peftc
-    from peftc.artifact import MANIFEST
-    from peftc.spec import parse_overrides
+    from peftc.language import parse_overrides
+    from peftc.storage.artifact import MANIFEST
 
     items = list(sources or [])
     if not items or len(items) > 2:
@@ -136,7 +135,7 @@ def diff_cmd(
     if kind == "json":
         text = result.json(include_graph=graph)
     elif kind == "text" and output is None:
-        from peftc.render.text import build_tree
+        from peftc.tools.render.text import build_tree
 
         console.print(build_tree(result))
         return
@@ -154,7 +153,7 @@ def diff_cmd(
 
 
 def _shape_text(shape: Any) -> str:
-    from peftc.shapes import format_shape
+    from peftc.tools.view import format_shape
 
     return format_shape(tuple(shape) if isinstance(shape, list) and shape and isinstance(shape[0], int) else shape)
 
@@ -177,9 +176,9 @@ def inspect_cmd(
     json_: JsonOpt = False,
 ) -> None:
     """List a backbone's selectable nodes: qualified names, types, shapes, parameters, FLOPs, roles."""
-    from peftc.diff import inspect_nodes, parse_selector
-    from peftc.shapes import format_flops
-    from peftc.spec import parse_overrides
+    from peftc.language import parse_overrides
+    from peftc.tools.diff import inspect_nodes, parse_selector
+    from peftc.tools.view import format_flops
 
     if set_ and spec is None:
         raise PeftcError("--set applies to --spec; give a spec")
@@ -225,9 +224,9 @@ def select_cmd(
     Selectors run on the backbone as built, so one that targets nodes an earlier rule inserts matches nothing
     here (it is shown, not fatal, unless --strict).
     """
-    from peftc.diff import dry_run
-    from peftc.render.fold import fold
-    from peftc.spec import parse_overrides
+    from peftc.language import parse_overrides
+    from peftc.tools.diff import dry_run
+    from peftc.tools.render.fold import fold
 
     load_plugins(plugin)
     matches = dry_run(spec, backbone, params=parse_overrides(set_), seed=seed)

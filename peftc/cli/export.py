@@ -11,10 +11,9 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from peftc.cli.app import app
+from peftc.cli.common import console, err_console, fmt_int, handle_errors, load_plugins, print_json
 from peftc.errors import PeftcError
-
-from .app import app
-from .common import console, err_console, fmt_int, handle_errors, load_plugins, print_json
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task to deploy (default: the artifact's active task).")]

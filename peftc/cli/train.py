@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app
-from .common import console, handle_errors, print_json
+from peftc.cli.app import app
+from peftc.cli.common import console, handle_errors, print_json
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (progress still goes to stderr).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (under torchrun: each process's GPU).")]

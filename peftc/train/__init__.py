@@ -22,15 +22,15 @@ __all__ = ["TrainOptions", "evaluate", "train_sequence", "train_task"]
 
 def __getattr__(name: str) -> Any:  # keep `import peftc.train` light: submodules load on first use
     if name in ("TrainOptions", "train_task"):
-        from . import runner
+        from peftc.train import runner
 
         return getattr(runner, name)
     if name == "evaluate":
-        from .evaluate import evaluate
+        from peftc.train.evaluate import evaluate
 
         return evaluate
     if name == "train_sequence":
-        from .sequence import train_sequence
+        from peftc.train.sequence import train_sequence
 
         return train_sequence
     raise AttributeError(name)

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from peftc.artifact import replace_directory
 from peftc.errors import PeftcError
+from peftc.storage.artifact import replace_directory
 
 __all__ = ["Checkpoint", "CheckpointError", "optimizer_from_files", "optimizer_to_files", "rng_state",
            "set_rng_state"]
@@ -115,7 +115,7 @@ class Checkpoint:
         """Write a complete checkpoint next to the current one, then swap it in (all or nothing)."""
         from safetensors.torch import save_file
 
-        from peftc.artifact import save as save_artifact
+        from peftc.storage.artifact import save as save_artifact
 
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {path}: {exc}") from None
 
     def load_model(self) -> Any:
-        from peftc.artifact import load
+        from peftc.storage.artifact import load
 
         return load(self.path / MODEL)
 

@@ -2,7 +2,7 @@
 
 With the task given, each task's validation images go through that task's state and head, and accuracy is
 the share whose predicted class is right. With ``select``, nobody tells the model the task: the method's own
-selector predicts it per image — LayerNorm tuning's keys (``peftc.task_select``), or for a TaER-trained
+selector predicts it per image — LayerNorm tuning's keys (``peftc.methods.ln_tuning.select``), or for a TaER-trained
 artifact the incremental classifier over all seen classes — and an image counts as correct only when both the
 task and the class are right. Task-selection accuracy (right task, whatever the class) is reported beside it.
 
@@ -21,12 +21,11 @@ from typing import Any
 import torch
 
 from peftc.errors import PeftcError, TaskError
-
-from .data import ImageDataset, TaskData, collate, discover
-from .distributed import DistContext, setup
-from .registry import Registry
-from .run import batches
-from .transforms import backbone_stats, eval_transform
+from peftc.train.data import ImageDataset, TaskData, collate, discover
+from peftc.train.distributed import DistContext, setup
+from peftc.train.registry import Registry
+from peftc.train.run import batches
+from peftc.train.transforms import backbone_stats, eval_transform
 
 __all__ = ["EvalError", "Selector", "evaluate", "evaluate_model", "selector_for", "task_accuracy"]
 
@@ -85,9 +84,9 @@ def task_accuracy(model: Any, task: str, loader: torch.utils.data.DataLoader, di
 
 
 def _ln_selector(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> Selector | None:
-    """LayerNorm tuning's keys (peftc.task_select), or None when the model has none."""
+    """LayerNorm tuning's keys (peftc.methods.ln_tuning.select), or None when the model has none."""
     try:
-        from peftc.task_select import task_selector
+        from peftc.methods.ln_tuning.select import task_selector
 
         sel = task_selector(model)
         sel.key_parameters()
@@ -119,7 +118,7 @@ def selector_for(model: Any, tasks: list[str], registry: Registry | None) -> Sel
         return ln
     heads = {(registry.task(t) or {}).get("head") for t in tasks} if registry else set()
     if heads == {"taer"}:
-        from .taer import taer_logits
+        from peftc.methods.taer.taer import taer_logits
 
         classes = [model.bank.classes(t) for t in tasks]
         offsets = torch.tensor([0, *torch.tensor(classes).cumsum(0).tolist()[:-1]])
@@ -201,7 +200,7 @@ def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Regist
 def _task_data(artifact: Path, registry: Registry, tasks: list[str], data: str | Path | None, single: bool
                ) -> dict[str, TaskData]:
     """Each task's data: the given task folder, a folder of task folders, a tasks.yaml, or where it trained."""
-    from .sequence import read_sequence
+    from peftc.train.sequence import read_sequence
 
     out = {}
     by_yaml: dict[str, Path] = {}

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.spec import TrainSection
-
-from .recipe import LRSchedule, build_optimizer
-from .run import TaskRun, batches
-from .stages import Stage
+from peftc.language import TrainSection
+from peftc.train.recipe import LRSchedule, build_optimizer
+from peftc.train.run import TaskRun, batches
+from peftc.train.stages import Stage
 
 __all__ = ["StageOutcome", "run_stage"]
 

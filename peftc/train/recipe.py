@@ -1,6 +1,6 @@
 """The training recipe: a spec's ``train:`` section with the user's overrides, and what it builds.
 
-Precedence, lowest first: peftc's defaults (:class:`~peftc.spec.TrainSection`), the spec's ``train:``, then
+Precedence, lowest first: peftc's defaults (:class:`~peftc.language.TrainSection`), the spec's ``train:``, then
 ``--recipe key=value`` / the CLI's own flags. A stage (``train.stages[i]``) overrides the recipe for itself;
 ``--epochs N`` also caps every stage at N epochs, so one flag shortens a whole multi-stage procedure.
 
@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from peftc.errors import PeftcError, did_you_mean
-from peftc.spec import SchedulerArgs, StageDecl, TrainSection
+from peftc.language import SchedulerArgs, StageDecl, TrainSection
 
 __all__ = ["LRSchedule", "RecipeError", "build_optimizer", "parse_recipe_overrides", "resolve", "stage_recipe"]
 

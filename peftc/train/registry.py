@@ -17,9 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from peftc.artifact import read_manifest
-
-from .data import DataError
+from peftc.storage.artifact import read_manifest
+from peftc.train.data import DataError
 
 __all__ = ["TRAIN_DIR", "Registry"]
 

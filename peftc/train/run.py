@@ -17,12 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.spec import TrainSection
-
-from .data import ImageDataset, TaskData, collate
-from .distributed import DistContext
-from .progress import Reporter
-from .transforms import backbone_stats, eval_transform, train_transform
+from peftc.language import TrainSection
+from peftc.train.data import ImageDataset, TaskData, collate
+from peftc.train.distributed import DistContext
+from peftc.train.progress import Reporter
+from peftc.train.transforms import backbone_stats, eval_transform, train_transform
 
 __all__ = ["Hooks", "TaskRun", "batches", "head_classes", "predict"]
 
@@ -53,7 +52,7 @@ class _Shard(torch.utils.data.Sampler[int]):
 class TaskRun:
     """Everything a stage of one task's training can reach."""
 
-    model: Any  # peftc.model.Compiled
+    model: Any  # peftc.runtime.model.Compiled
     task: str
     data: TaskData
     recipe: TrainSection
@@ -64,7 +63,7 @@ class TaskRun:
     image_size: int = 224
     workers: int = 0
     hooks: Hooks = field(default_factory=Hooks)
-    replay: Any = None  # peftc.train.taer.ReplayBuffer when the recipe's head is taer
+    replay: Any = None  # peftc.methods.taer.taer.ReplayBuffer when the recipe's head is taer
     forward_module: nn.Module | None = None  # the DDP wrapper while a stage trains in parallel
     corrupt: set[Path] = field(default_factory=set)
     # Where this task's classes sit in the head's outputs: 0 for a per-task head; with one head shared by all
@@ -166,8 +165,8 @@ def batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterat
 
 def head_classes(model: Any) -> int | None:
     """Outputs of the model's classification head (the active task's), or None when it has none."""
-    from peftc.roles import head
-    from peftc.select import NodeIndex, block_positions
+    from peftc.analysis.index import NodeIndex, block_positions
+    from peftc.analysis.roles import head
 
     net = model.net
     for cand in head(NodeIndex(net, block_positions(net))):

@@ -19,17 +19,16 @@ from typing import Any
 import torch
 
 from peftc.errors import PeftcError, TaskError
-from peftc.spec import StageDecl, TrainSection
-
-from .checkpoint import Checkpoint
-from .data import discover
-from .distributed import DistContext, setup
-from .loop import StageOutcome, run_stage
-from .progress import Reporter
-from .recipe import resolve, stage_recipe
-from .registry import TRAIN_DIR, Registry
-from .run import Hooks, TaskRun
-from .stages import make_stage
+from peftc.language import StageDecl, TrainSection
+from peftc.train.checkpoint import Checkpoint
+from peftc.train.data import discover
+from peftc.train.distributed import DistContext, setup
+from peftc.train.loop import StageOutcome, run_stage
+from peftc.train.progress import Reporter
+from peftc.train.recipe import resolve, stage_recipe
+from peftc.train.registry import TRAIN_DIR, Registry
+from peftc.train.run import Hooks, TaskRun
+from peftc.train.stages import make_stage
 
 __all__ = ["TaskResult", "TrainError", "TrainOptions", "train_task"]
 
@@ -92,7 +91,7 @@ def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Repo
 
 def _label_offset(model: Any, task: str, classes: int, registry: Registry, before: list[str]) -> int:
     """Where the task's classes start in the head's outputs (see TaskRun.offset)."""
-    from .run import head_classes
+    from peftc.train.run import head_classes
 
     if model.bank.module_slots:
         return 0  # every task has its own head
@@ -175,7 +174,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     image_size = (state or {}).get("image_size") or options.image_size or int(model.backbone.input_size[-1])
     replay = None
     if recipe.head == "taer":
-        from .taer import REPLAY, ReplayBuffer
+        from peftc.methods.taer.taer import REPLAY, ReplayBuffer
 
         replay = ReplayBuffer.load(artifact / TRAIN_DIR / REPLAY, recipe.replay.memory)
     run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
@@ -217,7 +216,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     summary = _summary(run, task_data, outcomes, accuracy, time.perf_counter() - started)
     if dist.main:
         if replay is not None:
-            from .taer import REPLAY
+            from peftc.methods.taer.taer import REPLAY
 
             replay.add_task(task, task_data.train, len(task_data.classes), image_size, seed)
             replay.save(artifact / TRAIN_DIR / REPLAY)

@@ -26,14 +26,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftc.errors import PeftcError
-
-from .data import discover
-from .distributed import setup
-from .evaluate import evaluate_model
-from .metrics import continual_metrics, heatmap
-from .progress import Reporter
-from .registry import TRAIN_DIR, Registry
-from .runner import TrainError, TrainOptions, ensure_task_name, train_task
+from peftc.train.data import discover
+from peftc.train.distributed import setup
+from peftc.train.evaluate import evaluate_model
+from peftc.train.metrics import continual_metrics, heatmap
+from peftc.train.progress import Reporter
+from peftc.train.registry import TRAIN_DIR, Registry
+from peftc.train.runner import TrainError, TrainOptions, ensure_task_name, train_task
 
 __all__ = ["Sequence", "SequenceError", "read_sequence", "train_sequence"]
 
@@ -124,11 +123,10 @@ def _write(directory: Path, record: dict[str, Any]) -> None:
 
 def _check_selection(artifact: Path, options: TrainOptions) -> None:
     """Refuse ``select`` before training when the method has no task selection (not after the whole sequence)."""
-    from peftc.artifact import read_manifest
-    from peftc.spec import load_spec
-
-    from .evaluate import EvalError
-    from .recipe import resolve
+    from peftc.language import load_spec
+    from peftc.storage.artifact import read_manifest
+    from peftc.train.evaluate import EvalError
+    from peftc.train.recipe import resolve
 
     spec = load_spec(read_manifest(artifact)["spec"])
     if resolve(spec.train, options.overrides).head == "taer":

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.errors import SpecError, did_you_mean
-from peftc.spec import StageDecl, TrainSection
-
-from .run import TaskRun
+from peftc.language import StageDecl, TrainSection
+from peftc.train.run import TaskRun
 
 __all__ = ["FitStage", "Stage", "make_stage", "register_stage", "stage_names"]
 
@@ -34,9 +33,9 @@ _STAGES: dict[str, Callable[[StageDecl, TaskRun, TrainSection], Stage]] = {}
 
 # Stages provided by method modules, imported on first use: stage name -> module that registers it.
 _PROVIDERS: dict[str, str] = {
-    "task_keys": "peftc.train.ln_stages",
-    "rectify_head": "peftc.train.ln_stages",
-    "distill": "peftc.train.distill_stage",
+    "task_keys": "peftc.methods.ln_tuning.stages",
+    "rectify_head": "peftc.methods.ln_tuning.stages",
+    "distill": "peftc.methods.tocom.stage",
 }
 
 
@@ -138,7 +137,7 @@ class FitStage(Stage):
         self.taer = None
         self._temporary: TemporaryHead | None = None
         if recipe.head == "taer":
-            from .taer import TaerObjective
+            from peftc.methods.taer.taer import TaerObjective
 
             self.taer = TaerObjective(run, recipe)
 
@@ -205,8 +204,8 @@ class TemporaryHead:
     """
 
     def __init__(self, model: Any):
-        from peftc.roles import head
-        from peftc.select import NodeIndex, block_positions
+        from peftc.analysis.index import NodeIndex, block_positions
+        from peftc.analysis.roles import head
 
         self.model = model
         net = model.net

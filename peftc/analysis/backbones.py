@@ -1,0 +1,228 @@
+"""Backbones by name: any torchvision classification model (``resnet50``) or timm model (``timm:deit_small_…``).
+
+Random init is the default and is seeded, so the same id and seed always rebuild bit-identical weights (an
+artifact of a randomly initialised backbone can be loaded again). ``pretrained=True`` asks the library to
+download its weights; ``weights=FILE`` loads a local safetensors or ``.pt/.pth`` state dict (``weights_only``,
+so loading never runs code). A hash of the resulting weights identifies the backbone in artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.errors import BackboneError, did_you_mean
+
+__all__ = ["Backbone", "build_backbone", "from_module", "list_backbones", "weights_hash"]
+
+
+@dataclass
+class Backbone:
+    """A built backbone and what peftc needs to know about it."""
+
+    id: str
+    module: nn.Module
+    source: str  # "random" | "pretrained" | "weights" | "module"
+    seed: int | None
+    weights_file: str | None
+    input_size: tuple[int, int, int]
+    hash: str
+
+    @property
+    def library(self) -> str:
+        return "timm" if self.id.startswith("timm:") else ("torchvision" if self.source != "module" else "custom")
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A content hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_names(pattern: str = "") -> list[str]:
+    import timm
+
+    return timm.list_models(pattern or "*")
+
+
+def list_backbones(pattern: str = "", library: str | None = None) -> list[str]:
+    """Backbone ids matching a glob ``pattern`` (``*vit*``): torchvision names, then ``timm:`` names."""
+    import fnmatch
+
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    out: list[str] = []
+    if library in (None, "torchvision"):
+        out += [n for n in _torchvision_names() if fnmatch.fnmatch(n, glob)]
+    if library in (None, "timm"):
+        out += [f"timm:{n}" for n in _timm_names(glob)]
+    return out
+
+
+def _reachable(host: str) -> bool:
+    """Whether ``host`` resolves (a DNS lookup; no connection) — the hub's retries take a minute offline."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _hub_offline() -> None:
+    """Put huggingface_hub in offline mode (its retries take a minute when the network is unreachable)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
+def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    if backbone_id.startswith("timm:"):
+        import timm
+
+        name = backbone_id[5:]
+        if not timm.is_model(name):
+            raise BackboneError(
+                f"unknown timm model {name!r}" + did_you_mean(name, timm.list_models(f"*{name[:4]}*") or _timm_names())
+            )
+        if pretrained and not _reachable("huggingface.co"):
+            _hub_offline()  # use the local cache if it has the weights; fail fast otherwise
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    import torchvision
+
+    names = _torchvision_names()
+    if backbone_id not in names:
+        hint = did_you_mean(backbone_id, names)
+        raise BackboneError(
+            f"unknown backbone {backbone_id!r}{hint}; use a torchvision classification model name or timm:NAME "
+            "(see `peftc backbones`)"
+        )
+    return torchvision.models.get_model(backbone_id, weights="DEFAULT" if pretrained else None, **kwargs)
+
+
+def _input_size(module: nn.Module, backbone_id: str) -> tuple[int, int, int]:
+    embed = getattr(module, "patch_embed", None)  # a timm ViT built with img_size=N: its cfg still says 224
+    built = getattr(embed, "img_size", None)
+    channels = getattr(getattr(embed, "proj", None), "in_channels", 3)
+    if isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(s, int) for s in built):
+        return (int(channels), int(built[0]), int(built[1]))
+    cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])  # type: ignore[return-value]
+    size = getattr(module, "image_size", None) or (299 if "inception" in backbone_id else 224)
+    return (3, int(size), int(size))
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a ``.pt/.pth`` file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"cannot read weights file {path}: {exc}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_weights(module: nn.Module, path: str, backbone_id: str) -> None:
+    state = load_state_file(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise BackboneError(f"weights file {path} does not fit {backbone_id}: " + "; ".join(detail))
+    module.load_state_dict(state)
+
+
+def build_backbone(
+    backbone_id: str,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Backbone:
+    """Build ``backbone_id`` in eval mode: seeded random init, library pretrained weights, or a local file."""
+    if pretrained and weights:
+        raise BackboneError("give either --pretrained or --weights, not both")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            module = _construct(backbone_id, pretrained, kwargs)
+        except BackboneError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            if pretrained:
+                raise BackboneError(
+                    f"could not download pretrained weights for {backbone_id} ({type(exc).__name__}: {exc}); "
+                    "are you offline? Use --weights FILE with a local state dict instead"
+                ) from None
+            raise BackboneError(f"cannot build {backbone_id}: {exc}") from None
+        except TypeError as exc:
+            raise BackboneError(f"cannot build {backbone_id} with {kwargs}: {exc}") from None
+    if weights:
+        _load_weights(module, str(weights), backbone_id)
+    module.eval()
+    source = "pretrained" if pretrained else ("weights" if weights else "random")
+    return Backbone(
+        id=backbone_id,
+        module=module,
+        source=source,
+        seed=seed if source == "random" else None,
+        weights_file=str(Path(weights).resolve()) if weights else None,
+        input_size=_input_size(module, backbone_id),
+        hash=weights_hash(module),
+    )
+
+
+def from_module(module: nn.Module, backbone_id: str | None = None) -> Backbone:
+    """Wrap a module the user built; peftc works on a copy and never modifies it."""
+    name = backbone_id or f"module:{type(module).__module__}.{type(module).__qualname__}"
+    return Backbone(
+        id=name,
+        module=module,
+        source="module",
+        seed=None,
+        weights_file=None,
+        input_size=_input_size(module, name),
+        hash=weights_hash(module),
+    )

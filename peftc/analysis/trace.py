@@ -1,0 +1,178 @@
+"""Tracing: a backbone → a torch.fx GraphModule whose nodes are the layers users think in.
+
+The leaf policy keeps every standard layer — convolutions, linears, all normalisation layers, attention,
+embeddings — *and their subclasses* as ``call_module`` nodes, so timm's ``LayerNorm`` subclass is a node rather
+than an inlined ``F.layer_norm``, and selectors by type see it. timm's own not-traceable modules and functions
+are honoured too. Each node gets a stable qualified name in ``node.meta["peftc_name"]``: the module path for
+layers (``layer1.0.conv2``), the enclosing module's path plus the function name for operations
+(``layer1.0.add``), the attribute path for parameters read directly (``cls_token``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from peftc.errors import TraceError
+
+__all__ = ["LEAF_TYPES", "node_name", "register_leaf", "trace"]
+
+LEAF_TYPES: list[type[nn.Module]] = [
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.MultiheadAttention,
+    nn.Embedding,
+]
+if hasattr(nn, "RMSNorm"):
+    LEAF_TYPES.append(nn.RMSNorm)
+
+
+def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
+    """Keep ``cls`` (and subclasses) as a single node when tracing; usable as a class decorator."""
+    if cls not in LEAF_TYPES:
+        LEAF_TYPES.append(cls)
+    return cls
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered not-traceable modules/functions; only when timm is loaded (i.e. a timm model exists)."""
+    if "timm" not in sys.modules:
+        return (), ()
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # timm is a dependency, but tracing plain torch models must not need it
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Any, ...]):
+        super().__init__(autowrap_functions=autowrap)
+        self._leaves = leaves
+        self.scope_stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaves) or getattr(type(m), "_peftc_leaf", False):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.scope_stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.scope_stack.pop()
+
+
+def _concrete_args(module: nn.Module) -> dict[str, Any]:
+    """Optional forward arguments (timm's ``attn_mask``/``is_causal``) are fixed to their defaults."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _drop_concrete_placeholders(graph: fx.Graph, names: Iterable[str]) -> None:
+    """fx keeps a placeholder plus guard asserts for each concrete arg; nothing else reads them, so drop them."""
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.target in names]:
+        doomed: list[fx.Node] = []
+        frontier = [node]
+        while frontier:
+            current = frontier.pop()
+            doomed.append(current)
+            frontier.extend(u for u in current.users if u not in doomed)
+        if any(n.op == "output" for n in doomed):
+            continue  # the argument is genuinely used: keep it
+        for n in sorted(doomed, key=_order(graph), reverse=True):
+            graph.erase_node(n)
+
+
+def _order(graph: fx.Graph) -> Any:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
+
+
+def _scope_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = next(reversed(stack.values()))[0]
+    return path if isinstance(path, str) else ""
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    return getattr(target, "__name__", None) or str(target).split(".")[-1]
+
+
+def assign_names(gm: fx.GraphModule) -> None:
+    """Give every node a stable qualified name (``node.meta['peftc_name']``), unique within the graph."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in gm.graph.nodes:
+        if "peftc_name" in node.meta:
+            counts[node.meta["peftc_name"]] += 1
+            continue
+        if node.op in ("call_module", "get_attr"):
+            # a module called twice (a ResNet block's relu) gets "#2", "#3" on its later calls
+            base = str(node.target)
+            name = base if counts[base] == 0 else f"{base}#{counts[base] + 1}"
+            counts[base] += 1
+        elif node.op in ("placeholder", "output"):
+            name = node.name
+        else:
+            scope = _scope_of(node)
+            base = f"{scope}.{_op_name(node)}" if scope else _op_name(node)
+            name = base if counts[base] == 0 else f"{base}_{counts[base]}"
+            counts[base] += 1
+        node.meta["peftc_name"] = name
+
+
+def node_name(node: fx.Node) -> str:
+    """The qualified name of a node (see :func:`assign_names`)."""
+    return node.meta.get("peftc_name") or str(node.target if node.op in ("call_module", "get_attr") else node.name)
+
+
+def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
+    """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced."""
+    timm_leaves, timm_functions = _timm_notrace()
+    tracer = _Tracer((*LEAF_TYPES, *leaves, *timm_leaves), timm_functions)
+    concrete = _concrete_args(module)
+    try:
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    except Exception as exc:
+        scope = tracer.scope_stack[-1] if tracer.scope_stack else ""
+        where = f"{scope!r} ({type(module.get_submodule(scope)).__qualname__})" if scope else type(module).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {where}: {first}. Keep that module whole with "
+            f"peftc.analysis.trace.register_leaf({type(module.get_submodule(scope)).__name__ if scope else '...'})"
+        ) from None
+    _drop_concrete_placeholders(graph, concrete)
+    name = type(module).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    assign_names(gm)
+    return gm
+
+
+def example_input(input_size: tuple[int, int, int], batch: int = 1, *, device: Any = "cpu") -> torch.Tensor:
+    """A deterministic example batch for shape propagation."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_size, generator=gen).to(device)

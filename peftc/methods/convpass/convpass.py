@@ -1,0 +1,126 @@
+"""Convpass: a convolutional bypass for ViT sublayers (JieShibo/PETL-ViT, ``convpass/vtab/convpass.py``).
+
+``down`` (Linear d → dim, xavier, zero bias) → QuickGELU → the patch tokens as a ``B × dim × H × W`` image
+through a 3×3 conv (padding 1); the prefix tokens (class token, DeiT's distillation token, registers) each
+through the same conv as a 1×1 image, i.e. its centre tap plus bias → tokens re-assembled in their order →
+QuickGELU → dropout → ``up`` (Linear dim → d, weight and bias zero, so the model equals the backbone at init).
+
+The patch grid is read from the model, never assumed: at build time the block finds the patch-embedding conv
+(the last ``Conv2d`` before it in the graph), takes its output grid ``H × W`` at the example input, and counts
+as prefix tokens whatever the token sequence holds beyond ``H · W``. At run time a sequence of another length
+(another input resolution) is accepted when its patch count is a square.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.errors import PeftcError
+
+__all__ = ["Convpass", "ConvpassArgs", "QuickGELU", "patch_grid"]
+
+
+class ConvpassArgs(BlockArgs):
+    dim: int = Field(default=8, ge=1, description="bottleneck channels")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    conv_init: Literal["identity", "xavier"] = "identity"
+
+
+class QuickGELU(nn.Module):
+    """``x · sigmoid(1.702 x)`` (CLIP's GELU approximation, used by Convpass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Convpass(nn.Module):
+    """The convolutional bypass over ``B × N × d`` token sequence with ``prefix`` leading non-patch tokens."""
+
+    def __init__(self, features: int, grid: tuple[int, int], prefix: int, dim: int = 8, dropout: float = 0.1,
+                 conv_init: str = "identity"):
+        super().__init__()
+        self.features = features
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.prefix = int(prefix)
+        self.dim = dim
+        self.down = nn.Linear(features, dim)
+        self.act = QuickGELU()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(dim, features)
+        with torch.no_grad():
+            nn.init.xavier_uniform_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+            if conv_init == "identity":
+                self.conv.weight.zero_()
+                self.conv.weight[:, :, 1, 1] = torch.eye(dim)
+            else:
+                nn.init.xavier_uniform_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def _grid_for(self, patches: int) -> tuple[int, int]:
+        h, w = self.grid
+        if patches == h * w:
+            return h, w
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise PeftcError(
+                f"convpass: {patches} patch tokens fit neither the {h}x{w} grid it was built for nor a square"
+            )
+        return side, side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.act(self.down(x))
+        p = self.prefix
+        gh, gw = self._grid_for(n - p)
+        patches = h[:, p:].reshape(b, gh, gw, self.dim).permute(0, 3, 1, 2)
+        patches = self.conv(patches).permute(0, 2, 3, 1).reshape(b, gh * gw, self.dim)
+        if p:
+            # A 1x1 image through a 3x3 conv with padding 1 sees only the centre tap, plus the bias.
+            centre = self.conv.weight[:, :, 1, 1]
+            patches = torch.cat([F.linear(h[:, :p], centre, self.conv.bias), patches], dim=1)
+        return self.up(self.dropout(self.act(patches)))
+
+    def extra_repr(self) -> str:
+        return f"{self.features} -> {self.dim}, grid={self.grid}, prefix={self.prefix}"
+
+
+def patch_grid(site: Site) -> tuple[int, int]:
+    """The ``H × W`` patch grid: output size of the last ``Conv2d`` before ``site`` in the graph."""
+    gm = site.node.graph.owning_module
+    grid = None
+    for node in site.node.graph.nodes:
+        if node is site.node:
+            break
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Conv2d):
+            shape = site.shapes(node)
+            if shape is not None and len(shape) == 4:
+                grid = (int(shape[2]), int(shape[3]))
+    if grid is None:
+        raise PeftcError(f"convpass at {site.name!r}: no patch-embedding Conv2d before it to read the grid")
+    return grid
+
+
+@register_block("convpass", args=ConvpassArgs, suffix="convpass")
+def convpass(site: Site, args: ConvpassArgs) -> Convpass:
+    """Convpass: down, QuickGELU, 3x3 conv over the patch grid, QuickGELU, up (zero init)."""
+    shape = site.shape("output")
+    if shape is None or len(shape) != 3:
+        raise PeftcError(f"convpass reads a B x N x C token sequence; {site.name!r} gives {shape}")
+    grid = patch_grid(site)
+    prefix = int(shape[1]) - grid[0] * grid[1]
+    if prefix < 0:
+        raise PeftcError(
+            f"convpass at {site.name!r}: {shape[1]} tokens, fewer than the {grid[0]}x{grid[1]} patches"
+        )
+    return Convpass(int(shape[2]), grid, prefix, args.dim, args.dropout, args.conv_init)

@@ -1,0 +1,3 @@
+"""TaER — task-aware experience replay: the ``taer`` training head (replay memory, incremental classifier)."""
+
+from peftc.methods.taer import taer  # noqa: F401  (registration)

@@ -1,0 +1,128 @@
+"""The compiled model: an ordinary ``nn.Module`` around the rewritten graph, with tasks and a report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from peftc.language import MethodSpec
+from peftc.passes import Ledger
+from peftc.runtime.report import Report
+from peftc.runtime.schedule import PhaseChange, Schedule
+from peftc.runtime.tasks import TaskBank
+
+__all__ = ["BackboneInfo", "Compiled"]
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Enough to rebuild the backbone and to recognise it again (its weight hash)."""
+
+    id: str
+    source: str
+    seed: int | None
+    weights_file: str | None
+    input_size: tuple[int, int, int]
+    hash: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+class Compiled(nn.Module):
+    """A backbone rewritten by a spec. Train it in any loop; ``save`` writes only its small delta.
+
+    ``parameters()`` holds the active task's tensors plus shared ones; ``trainable_parameters()`` is exactly what
+    the spec trains. In ``train()`` mode, normalisation layers whose running statistics the spec froze stay in
+    eval mode, so frozen buffers never drift.
+    """
+
+    def __init__(self, net: fx.GraphModule, spec: MethodSpec, backbone: BackboneInfo, ledger: Ledger, report: Report,
+                 schedule: Schedule | None = None):
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        self.backbone = backbone
+        self.ledger = ledger
+        self.report = report
+        self.bank = TaskBank(net, ledger.tensor_slots, ledger.module_slots)
+        self.schedule = schedule or Schedule.constant(
+            frozenset(n for n, p in net.named_parameters() if p.requires_grad))
+        self.train(False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.net(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> Compiled:
+        super().train(mode)
+        if mode:
+            for path, module in self.net.named_modules():
+                stats = getattr(module, "running_mean", None)
+                if isinstance(stats, torch.Tensor) and f"{path}.running_mean" not in self.ledger.updating_buffers:
+                    module.eval()
+        return self
+
+    # -- tasks ----------------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return self.bank.names
+
+    @property
+    def active_task(self) -> str:
+        return self.bank.active
+
+    def add_task(self, name: str, num_classes: int | None = None) -> Compiled:
+        """Create a task with its own copy of the spec's task state (and a head of ``num_classes``)."""
+        self.bank.add(name, num_classes)
+        return self
+
+    def set_task(self, name: str) -> Compiled:
+        """Make ``name`` the active task: its tensors and heads are now the model's."""
+        self.bank.activate(name)
+        self.train(self.training)  # swapped-in modules take the model's mode
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Compiled:
+        """``.to(device)``, ``.half()`` … move every task's state, not only the active one's (see TaskBank.apply)."""
+        self.bank.apply(fn)
+        return super()._apply(fn, recurse)  # the rest; the active task's tensors are already converted
+
+    # -- parameters -----------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.net.named_parameters() if p.requires_grad)
+
+    def schedule_at(self, progress: float) -> PhaseChange:
+        """Apply the spec's ``schedule:`` at ``progress`` in [0, 1] (e.g. ``epoch / epochs``) to the active task:
+        sets ``requires_grad`` and returns what changed (see :mod:`peftc.runtime.schedule`)."""
+        return self.schedule.apply(self.net, progress)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Trained or updating tensors that are not per task (saved once, under ``shared/``)."""
+        owned = set(self.bank.tensor_slots)
+        heads = tuple(f"{p}." for p in self.bank.module_slots)
+        scheduled = self.schedule.managed  # what the rules train, whichever schedule phase is active
+        out = {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad or n in scheduled}
+        out.update({n: b.detach() for n, b in self.net.named_buffers() if n in self.ledger.updating_buffers})
+        return {n: t for n, t in out.items() if n not in owned and not n.startswith(heads)}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``peftc.json`` and ``delta.safetensors`` to ``directory`` atomically (see :mod:`peftc.storage.artifact`)."""
+        from peftc.storage.artifact import save
+
+        return save(self, directory)
+
+    def load_delta(self, directory: str | Path) -> Compiled:
+        """Load a saved delta into this model (it must come from the same spec on the same backbone)."""
+        from peftc.storage.artifact import load_into
+
+        return load_into(self, directory)
+
+    def extra_repr(self) -> str:
+        return (f"spec={self.spec.name!r}, backbone={self.backbone.id!r}, tasks={self.tasks}, "
+                f"active={self.active_task!r}")

@@ -1,0 +1,299 @@
+"""The artifact: a directory holding ``peftc.json`` (what was compiled) and ``delta.safetensors`` (what was learned).
+
+No pickles anywhere: the manifest is JSON, tensors are safetensors, and backbone weight files are read with
+``weights_only=True``. The delta holds only what the spec trains or keeps per task — per task under
+``tasks/<name>/`` and shared tensors under ``shared/`` — never the frozen backbone. Writes are atomic: the new
+artifact is written into a hidden sibling directory and swapped in with renames, so an interrupted save leaves
+the previous artifact intact. Loading rebuilds the backbone, checks its weight hash against the manifest and
+refuses a delta that belongs to another backbone or spec. Tensors a block quantises (``peftc_quant_bits``) are
+stored packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
+(:mod:`peftc.methods.adaptformer.quant`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc import __version__
+from peftc.errors import ArtifactError, PeftcError
+from peftc.methods.adaptformer.quant import decode_delta, encode_delta
+
+__all__ = ["DELTA", "MANIFEST", "load", "load_into", "read_manifest", "save"]
+
+MANIFEST = "peftc.json"
+DELTA = "delta.safetensors"
+FORMAT = 1
+
+
+def _delta_tensors(model: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for task in model.bank.names:
+        for key, tensor in model.bank.task_tensors(task).items():
+            out[f"tasks/{task}/{key}"] = tensor
+    for key, tensor in model.shared_state().items():
+        out[f"shared/{key}"] = tensor
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def manifest_for(model: Any, delta_sha256: str, n_tensors: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "peftc": __version__,
+        "spec": model.spec.to_document(),
+        "params": dict(model.spec.values),
+        "backbone": asdict(model.backbone),
+        "tasks": [{"name": t, "classes": model.bank.classes(t)} for t in model.bank.names],
+        "active_task": model.active_task,
+        "delta": {"file": DELTA, "sha256": delta_sha256, "tensors": n_tensors},
+        "report": model.report.to_dict(),
+    }
+
+
+def save(model: Any, directory: str | Path) -> Path:
+    """Write the artifact for ``model`` into ``directory``; all-or-nothing."""
+    from safetensors.torch import save_file
+
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise ArtifactError(f"{target} is a non-empty directory that is not a peftc artifact; choose another path")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create {parent}: {exc.strerror or exc}") from None
+    staging = parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        tensors, quantized = encode_delta(model.net, _delta_tensors(model))  # quantised tensors packed
+        # One metadata key: safetensors writes a multi-key map in hash order, which would make equal saves differ.
+        stamp = json.dumps({"format": FORMAT, "spec": model.spec.name}, sort_keys=True)
+        save_file(tensors, str(staging / DELTA), metadata={"peftc": stamp})
+        manifest = manifest_for(model, _sha256(staging / DELTA), len(tensors))
+        if quantized:
+            manifest["delta"]["quantized"] = quantized  # key -> bits, shape (peftc.methods.adaptformer.quant)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        for f in staging.iterdir():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
+        _keep_others(target, staging)
+        _fsync_dir(staging)
+        replace_directory(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(f"cannot write artifact to {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _keep_others(target: Path, staging: Path) -> None:
+    """Carry what else an artifact directory holds (``peftc train`` keeps its runs in ``train/``) into the new one.
+
+    Saving replaces the manifest and the delta, not the rest of the directory. Entries are hard-linked (copied
+    where links fail), so the old directory stays whole until the swap and an interrupted save loses nothing.
+    """
+    if not (target / MANIFEST).is_file():
+        return
+    for entry in target.iterdir():
+        if entry.name in (MANIFEST, DELTA) or entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, staging / entry.name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put the finished directory ``staging`` at ``target`` by renames: a reader sees the old or the new one whole.
+
+    An existing ``target`` is renamed aside first and removed only after the swap; if the swap fails, it is
+    renamed back. (Also used for training checkpoints.)
+    """
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+    try:
+        staging.rename(target)
+    except OSError:
+        if old is not None:
+            old.rename(target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact directory not found: {path}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{path} is not a peftc artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path}: unsupported artifact format {manifest.get('format')!r}")
+    return manifest
+
+
+def _read_delta(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    delta = directory / manifest["delta"]["file"]
+    if not delta.is_file():
+        raise ArtifactError(f"{directory}: {delta.name} is missing")
+    if _sha256(delta) != manifest["delta"]["sha256"]:
+        raise ArtifactError(f"{delta} does not match its manifest (corrupt or replaced)")
+    try:
+        return load_file(str(delta))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"cannot read {delta}: {exc}") from None
+
+
+def _rebuild_backbone(info: dict[str, Any], backbone: Any, weights: str | Path | None) -> Any:
+    from peftc.analysis.backbones import build_backbone
+    from peftc.compiler import resolve_backbone
+
+    if backbone is not None:
+        if isinstance(backbone, str) and backbone != info["id"]:
+            raise ArtifactError(f"this delta was made for backbone {info['id']!r}, not {backbone!r}")
+        if isinstance(backbone, nn.Module):
+            return resolve_backbone(backbone)
+    kwargs = dict(info.get("kwargs") or ())
+    if info["source"] == "module":
+        raise ArtifactError(
+            f"this artifact was compiled on a custom module ({info['id']}); "
+            "pass it again: peftc.load(dir, backbone=module)"
+        )
+    if info["source"] == "weights" or weights is not None:
+        path = weights or info["weights_file"]
+        return build_backbone(info["id"], weights=path, **kwargs)
+    if info["source"] == "pretrained":
+        return build_backbone(info["id"], pretrained=True, **kwargs)
+    return build_backbone(info["id"], seed=int(info.get("seed") or 0), **kwargs)
+
+
+def load(directory: str | Path, backbone: Any = None, *, weights: str | Path | None = None) -> Any:
+    """Rebuild the compiled model saved in ``directory``.
+
+    The backbone is rebuilt from the manifest (same id, seed, weights file or pretrained weights) unless you
+    pass it (a name or your own module); its weight hash must match the one recorded at compile time.
+    """
+    from peftc.compiler import compile as compile_model
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    info = manifest["backbone"]
+    bb = _rebuild_backbone(info, backbone, weights)
+    if bb.hash != info["hash"]:
+        raise ArtifactError(
+            f"this delta was made for {info['id']} with weights {info['hash'][:12]}…, but the backbone given has "
+            f"weights {bb.hash[:12]}…; a delta only fits the exact backbone it was trained on"
+        )
+    try:
+        model = compile_model(manifest["spec"], bb, backbone_kwargs=dict(info.get("kwargs") or ()))
+    except PeftcError as exc:
+        raise ArtifactError(f"{directory / MANIFEST}: the stored spec no longer compiles: {exc}") from None
+    _apply_delta(model, manifest, _read_delta(directory, manifest), directory)
+    return model
+
+
+def load_into(model: Any, directory: str | Path) -> Any:
+    """Load an artifact's delta into an already compiled ``model``; refuses one made for another backbone/spec."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    info = manifest["backbone"]
+    if info["id"] != model.backbone.id or info["hash"] != model.backbone.hash:
+        raise ArtifactError(
+            f"{directory}: this delta was made for backbone {info['id']!r} ({info['hash'][:12]}…), "
+            f"not {model.backbone.id!r} ({model.backbone.hash[:12]}…)"
+        )
+    theirs, ours = manifest["spec"], model.spec.to_document()
+    if theirs.get("name") != ours["name"] or theirs.get("rules") != json.loads(json.dumps(ours["rules"])):
+        raise ArtifactError(
+            f"{directory}: this delta was made for spec {theirs.get('name')!r} with params {manifest.get('params')}, "
+            f"not {ours['name']!r} with params {dict(model.spec.values)}"
+        )
+    _apply_delta(model, manifest, _read_delta(directory, manifest), directory)
+    return model
+
+
+def _apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    tensors = decode_delta(model.net, tensors, manifest["delta"].get("quantized") or {})
+    for task in manifest["tasks"]:
+        if task["name"] not in model.bank:
+            model.bank.add(task["name"], task["classes"])
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        scope, _, rest = key.partition("/")
+        if scope == "tasks":
+            task, _, name = rest.partition("/")
+            grouped.setdefault(task, {})[name] = tensor
+        elif scope == "shared":
+            shared[rest] = tensor
+        else:
+            raise ArtifactError(f"{directory / DELTA}: unexpected tensor {key!r}")
+    try:
+        for task in model.bank.names:
+            model.bank.load_task_tensors(task, grouped.get(task, {}))
+    except PeftcError as exc:
+        fits = f"spec {model.spec.name!r} on {model.backbone.id}"
+        raise ArtifactError(f"{directory}: delta does not fit {fits}: {exc}") from None
+    expected = model.shared_state()
+    if set(expected) != set(shared):
+        diff = sorted(set(expected) ^ set(shared))
+        raise ArtifactError(f"{directory}: shared tensors do not fit this model (e.g. {diff[0]!r})")
+    with torch.no_grad():
+        for key, value in shared.items():
+            if expected[key].shape != value.shape:
+                have = tuple(expected[key].shape)
+                raise ArtifactError(f"{directory}: {key} has shape {tuple(value.shape)}, model has {have}")
+            expected[key].copy_(value)
+    model.set_task(manifest["active_task"])
