@@ -6,26 +6,26 @@ merged into that layer's weights once, ahead of time. :func:`fold` does this on 
 graph for one task and returns a plain ``fx.GraphModule`` plus a :class:`FoldReport`; the model you pass is
 never changed.
 
-What folds (tied layers first, then the rest in this order, repeated until nothing changes):
+What folds (graph-level folds first, then the rest in this order, repeated until nothing changes). Every step
+reads the block contract (:mod:`peftc.blocks.contract`), never a block's name:
 
-0. **Tied layers** (Replacement Learning's ``tie``) — ``a·θ_prev + b·θ_next`` is a constant at inference: each
-   tied layer becomes the plain layer it replaced, owning the mixed tensors, and the mixing scalars leave.
+0. **Graph-level folds** — a block class overriding ``fold_graph(gm)`` rewrites the whole graph first (tied
+   layers: ``a·θ_prev + b·θ_next`` is a constant at inference, so each becomes the plain layer it replaced).
 1. **Parallel bypasses** — a block ``B`` attached by the ``parallel`` primitive reads the input of a layer
    ``L`` and its (optionally scaled) output is added to ``L``'s output::
 
        src ─▶ L ─────────────▶ add ─▶ …
         └───▶ B ─▶ mul(scale) ─┘          (the mul is absent when scale == 1)
 
-   If ``B`` defines ``delta_weight(self, base) -> (dW, db | None)`` — ``dW`` in ``L.weight``'s shape, ``db``
+   If ``B`` overrides ``delta_weight(self, base) -> (dW, db | None)`` — ``dW`` in ``L.weight``'s shape, ``db``
    in ``L``'s bias shape, *without* the rule's scale — then ``L.weight += scale·dW`` (and the bias), and
    ``B``, the ``mul`` and the ``add`` leave the graph. ``delta_weight`` may return ``None`` or raise
    ``NotImplementedError`` to decline (e.g. a non-linear configuration); the block then stays.
-2. **Blocks with ``folded()``** — any block on the data path (typically from ``replace``) that defines
-   ``folded(self) -> nn.Module | None`` is swapped for the plain module it returns (an ``nn.LayerNorm`` with
-   the active task's row, a Linear whose weight was computed from its neighbours, …). ``None`` declines.
-3. **CLR's channel_conv** becomes an ``nn.Conv2d`` (depthwise). When its kernel is only a centre tap (a 1×1
-   kernel, or an untrained identity-initialised one) it is a per-channel scale, merged into the preceding
-   convolution exactly and removed.
+2. **Blocks with ``folded()``** — any block on the data path that overrides ``folded(self) -> nn.Module |
+   None`` is swapped for the plain module it returns (an ``nn.LayerNorm`` with the active task's row, a
+   depthwise ``nn.Conv2d`` for a reprogramming conv, …). ``None`` declines.
+3. **Per-channel scales** — a depthwise conv whose kernel is only a centre tap (a 1×1 kernel, or an untrained
+   identity-initialised one) multiplies each channel by one number: merged into the preceding conv and removed.
 4. **BatchNorm** (``nn.BatchNorm1d/2d/3d`` with running statistics, evaluated in inference mode) right after a
    convolution — a backbone conv or a CLR depthwise conv — is merged into that conv's weight and bias.
 
@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.analysis.paths import has_submodule, resolve
+from peftc.blocks.contract import Block, offers
 from peftc.export.errors import ExportError
 
 __all__ = ["FoldAction", "FoldReport", "FoldResult", "fold", "fold_graph"]
@@ -75,11 +77,6 @@ class FoldReport:
     buffers_after: int
     actions: list[FoldAction] = field(default_factory=list)
     remaining: dict[str, str] = field(default_factory=dict)  # peftc block left in the graph -> why
-
-    @property
-    def folded_params(self) -> int:
-        """The parameter count of the folded graph (what the deployed model stores)."""
-        return self.params_after
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(a.kind for a in self.actions))
@@ -155,9 +152,9 @@ class _Folder:
         self.erased: set[fx.Node] = set()
 
     def run(self) -> None:
-        if self._untie():
+        if self._graph_folds():
             self._cleanup()
-        steps = (self._bypass, self._folded, self._channel_conv, self._scale, self._batchnorm)
+        steps = (self._bypass, self._folded, self._scale, self._batchnorm)
         changed = True
         while changed:
             changed = False
@@ -216,53 +213,31 @@ class _Folder:
         # ``delete_all_unused_submodules``: drop every module whose calls were all removed explicitly.
         called = {n.target for n in self.gm.graph.nodes if n.op == "call_module"}
         for target in sorted({str(n.target) for n in self.erased if n.op == "call_module"} - called):
-            if _exists(self.gm, target):
+            if has_submodule(self.gm, target):
                 self.gm.delete_submodule(target)
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
 
-    # 0. tied layers (Replacement Learning) -> plain layers owning the mixed tensors -------------------------
-    def _untie(self) -> bool:
-        """Materialise ``a·θ_prev + b·θ_next`` once: every tied layer becomes the plain layer it replaced.
+    # 0. graph-level folds that blocks provide (tied layers materialise their mix) -------------------------
+    def _graph_folds(self) -> bool:
+        """Run each block class's ``fold_graph`` once, before the per-node merges (see the contract).
 
         Done first: afterwards no layer reads its neighbours' tensors directly, so the neighbours become
-        editable for the merges below (a BatchNorm folded into a neighbour's conv no longer changes what the
-        tied layer computes, because it now owns its own copy).
+        editable for the merges below.
         """
-        from peftc.methods.replacement.tied import TiedLayer, mix
-
+        kinds = {type(m) for m in self.gm.modules() if offers(m, "fold_graph")}
         changed = False
-        for node in list(self.gm.graph.nodes):
-            if node.op == "call_module" and isinstance(self.module(node), TiedLayer) and "tie" in node.kwargs:
-                path = str(node.target)
-                if path not in self.replaced:  # a layer called twice is materialised once
-                    tensors = [_attr(self.gm, str(n.target)) for n in node.kwargs["tie"]]
-                    self.swap(path, self.module(node).plain(tensors).eval())
-                    self.actions.append(FoldAction("tied", path, path))
-                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "tie"}
-                changed = True
-            elif node.op == "call_function" and node.target is mix:  # a tied parameter read outside any layer
-                with torch.no_grad():
-                    value = mix(*(_attr(self.gm, str(n.target)) for n in node.args))
-                name = str(node.meta.get("peftc_tied", "tied"))  # the parameter the tie pass replaced
-                owner_path, _, attr = name.rpartition(".")
-                owner = self.gm.get_submodule(owner_path) if _exists(self.gm, owner_path) else self.gm
-                while hasattr(owner, attr):
-                    attr += "_"
-                owner.register_parameter(attr, nn.Parameter(value.detach().clone(), requires_grad=False))
-                target = f"{owner_path}.{attr}" if owner is not self.gm else attr
-                with self.gm.graph.inserting_before(node):
-                    read = self.gm.graph.get_attr(target)
-                node.replace_all_uses_with(read)
-                self.erase(node)
-                self.actions.append(FoldAction("tied", name, target))
+        for kind in sorted(kinds, key=lambda k: k.__qualname__):
+            for action in kind.fold_graph(self.gm):
+                self.actions.append(FoldAction(action.kind, action.source, action.target))
+                self.replaced.add(action.target)
                 changed = True
         return changed
 
     # 1. parallel bypasses ----------------------------------------------------------------------------------
     def _bypass(self, node: fx.Node) -> bool:
         block = self.module(node)
-        if not callable(getattr(block, "delta_weight", None)):
+        if not offers(block, "delta_weight"):
             return False
         path = str(node.target)
         pattern = _match_bypass(node)
@@ -308,13 +283,12 @@ class _Folder:
     # 2. blocks that fold themselves ------------------------------------------------------------------------
     def _folded(self, node: fx.Node) -> bool:
         block = self.module(node)
-        fn = getattr(block, "folded", None)
         path = str(node.target)
-        if not callable(fn) or path in self.replaced:
+        if not offers(block, "folded") or path in self.replaced:
             return False
         with torch.no_grad():
             try:
-                new = fn()
+                new = block.folded()
             except NotImplementedError as exc:
                 self.skipped[path] = f"{type(block).__name__}.folded declined" + (f": {exc}" * bool(str(exc)))
                 return False
@@ -325,26 +299,7 @@ class _Folder:
             raise ExportError(f"{type(block).__name__}.folded() for {path} returned a {type(new).__name__}")
         new.eval()
         self.swap(path, new)
-        self.actions.append(FoldAction("folded", path, path))
-        return True
-
-    # 3. CLR channel_conv -> nn.Conv2d ----------------------------------------------------------------------
-    def _channel_conv(self, node: fx.Node) -> bool:
-        from peftc.methods.clr.channel_conv import ChannelConv
-
-        block = self.module(node)
-        if type(block) is not ChannelConv:
-            return False
-        conv = nn.Conv2d(block.channels, block.channels, block.kernel_size, padding=block.kernel_size // 2,
-                         groups=block.channels, bias=block.bias is not None)
-        conv.to(device=block.weight.device, dtype=block.weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(block.weight)
-            if block.bias is not None:
-                conv.bias.copy_(block.bias)
-        path = str(node.target)
-        self.swap(path, conv)
-        self.actions.append(FoldAction("plain", path, path))
+        self.actions.append(FoldAction(getattr(block, "fold_kind", "folded"), path, path))
         return True
 
     # 4. per-channel scales (centre-tap depthwise convs) into the preceding conv ----------------------------
@@ -456,16 +411,10 @@ def _scalar(mul: fx.Node, block: fx.Node) -> float | None:
     if isinstance(other, numbers.Real) and not isinstance(other, bool):
         return float(other)
     if isinstance(other, fx.Node) and other.op == "get_attr":
-        value = _attr(mul.graph.owning_module, str(other.target))
+        value = resolve(mul.graph.owning_module, str(other.target))
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return float(value.item())
     return None
-
-
-def _attr(root: Any, target: str) -> Any:
-    for part in target.split("."):
-        root = getattr(root, part, None)
-    return root
 
 
 def _is_channel_scale(m: nn.Module) -> bool:
@@ -483,14 +432,6 @@ def _is_channel_scale(m: nn.Module) -> bool:
     mask = torch.ones_like(w, dtype=torch.bool)
     mask[(slice(None), 0, *centre)] = False
     return not bool(w[mask].any())
-
-
-def _exists(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -523,10 +464,10 @@ def _remaining(gm: fx.GraphModule, inserted: Iterable[str], folder: _Folder) -> 
 
 
 def _looks_like_block(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("peftc") or callable(getattr(m, "delta_weight", None))
+    return isinstance(m, Block)
 
 
 def _why_not(m: nn.Module) -> str:
-    if callable(getattr(m, "delta_weight", None)) or callable(getattr(m, "folded", None)):
+    if offers(m, "delta_weight") or offers(m, "folded"):
         return "not in a foldable position"
     return f"{type(m).__name__} defines neither delta_weight nor folded(): it runs as it is"

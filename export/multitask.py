@@ -11,7 +11,7 @@ task-owned modules times the number of tasks, which for parameter-efficient meth
 Heads with different class counts are padded to the largest one with ``-inf`` (softmax gives those classes
 zero probability); a task id outside ``0..T-1`` yields ``NaN`` rows rather than another task's answer.
 Per-sample routing is exact because every routed module treats samples independently at inference (BatchNorm
-uses its running statistics). Blocks that route tasks themselves (``peftc_set_task``) are not supported here.
+uses its running statistics). Blocks that route tasks themselves (overriding the contract's ``set_task``) are not supported here.
 
 :func:`key_selected_graph` serves LayerNorm tuning the way the method infers, with no task input at all: a
 frozen pass (every LN at its pretrained γ/β, stopped after the final norm) gives each sample's query, the task
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from peftc.blocks.contract import offers
 from peftc.export.errors import ExportError
 
 __all__ = ["AllTasks", "KeySelected", "RoutedLayerNorm", "TaskRouter", "all_tasks_graph", "key_selected_graph"]
@@ -76,7 +77,7 @@ def _owner(path: str, called: set[str]) -> str | None:
 def all_tasks_graph(model: Any) -> AllTasks:
     """A copy of ``model``'s graph serving all its tasks at once, chosen per sample by a ``task`` input."""
     bank = model.bank
-    aware = [p for p, m in model.net.named_modules() if hasattr(m, "peftc_set_task")]
+    aware = [p for p, m in model.net.named_modules() if offers(m, "set_task")]
     if aware:
         raise ExportError(f"--all-tasks cannot route blocks that select tasks themselves ({aware[0]}); "
                           "export one task at a time with --task")

@@ -18,9 +18,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from peftc.analysis.index import Candidate, NodeIndex
+from peftc.analysis.paths import fresh_path
 from peftc.analysis.select import select
 from peftc.analysis.trace import assign_names, example_input
 from peftc.blocks import Site, get_block
+from peftc.blocks.contract import task_tensors
 from peftc.errors import Location, SpecError
 from peftc.language import MethodSpec, Rule, Selector
 
@@ -242,11 +244,7 @@ class PassContext:
             parent, _, leaf = cand.name.rpartition(".")
             leaf = leaf.replace("@", "_")
             base = f"{parent}.{leaf}_{suffix}" if parent else f"{leaf}_{suffix}"
-        path, n = base, 0
-        while _exists(self.gm, path):
-            n += 1
-            path = f"{base}_{n}"
-        return path
+        return fresh_path(self.gm, base)
 
     def add_block(self, path: str, module: nn.Module) -> int:
         """Register an inserted block; returns how many parameter elements it adds to the model.
@@ -268,16 +266,16 @@ class PassContext:
         return sum(p.numel() for p in module.parameters() if id(p) not in present)
 
     def own(self, path: str, module: nn.Module, skip: frozenset[int] | set[int] = frozenset()) -> None:
-        """Apply the rule's ``task_state`` to each tensor of a module it added (not those in ``skip``)."""
-        policy = getattr(self.args, "task_state", "shared")
-        if policy == "shared":
+        """Apply the rule's ``task_state`` to what a block it added offers as per-task state.
+
+        That is the block's parameters and floating-point buffers (:func:`~peftc.blocks.contract.task_tensors`)
+        minus those its ``shared_state`` keeps one copy of and those in ``skip`` (tensors it borrows).
+        """
+        if getattr(self.args, "task_state", "shared") == "shared":
             return
-        for local, p in module.named_parameters():
-            if id(p) not in skip:
-                self.own_tensor(f"{path}.{local}", True)
-        for local, b in module.named_buffers():
-            if b.is_floating_point() and id(b) not in skip:
-                self.own_tensor(f"{path}.{local}", False)
+        for local, tensor, is_param in task_tensors(module):
+            if id(tensor) not in skip:
+                self.own_tensor(f"{path}.{local}", is_param)
 
     def own_tensor(self, name: str, is_param: bool) -> None:
         policy = getattr(self.args, "task_state", "shared")
@@ -285,12 +283,6 @@ class PassContext:
             self.ledger.tensor_slots[name] = TensorSlot(name, self.rule.label, policy, is_param)
 
 
-def _exists(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 

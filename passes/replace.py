@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from peftc.blocks import get_block
+from peftc.blocks import Block, get_block
 from peftc.blocks.linear import LinearHeadArgs, make_head
 from peftc.language.primitives import register_primitive
 from peftc.language.schema import BlockRuleArgs, RuleArgs, Selector, TaskState
@@ -49,14 +49,18 @@ def replace(ctx: PassContext) -> None:
             raise ctx.error(f"{cand.name!r} is an operation, not a module; only modules can be replaced", "target")
         block = ctx.build_block(cand)
         path = str(cand.node.target)
+        # Tensors the block takes over from the original (or from the model) are borrowed unless the block
+        # says it *is* that module now (``reused = "owned"``): borrowed ones keep their flag and their owner.
+        reused = _model_tensors(ctx, block)
         removed = _swap(ctx, path, block)
         ctx.ledger.inserted[path] = ctx.rule.label
+        borrowed = reused if not isinstance(block, Block) or block.reused == "borrowed" else set()
         for p in block.parameters():
-            if not any(p is q for q in cand.module.parameters()):
+            if id(p) not in reused:
                 p.requires_grad_(ctx.args.trainable)
-        ctx.own(path, block)
-        kept = {id(q) for q in cand.module.parameters()}  # a block may reuse the original's tensors
-        added = sum(p.numel() for p in block.parameters() if id(p) not in kept)
+        ctx.own(path, block, skip=borrowed)
+        ctx.state.modules_changed()
+        added = sum(p.numel() for p in block.parameters() if id(p) not in reused)
         ctx.record("replace", cand.name, block=ctx.args.block, module=path, params=added, removed=removed)
 
 
@@ -84,3 +88,9 @@ def _new_head(classes: int | None, template: nn.Module, *, bias: bool, init: str
     """A head for a new task: the template's shape and (``init: backbone``) weights unless ``classes`` differs."""
     assert isinstance(template, nn.Linear)
     return make_head(template.in_features, classes or template.out_features, bias=bias, init=init, like=template)
+
+
+def _model_tensors(ctx: PassContext, block: nn.Module) -> set[int]:
+    """Ids of ``block``'s tensors the model already holds (the replaced module's own, or shared across sites)."""
+    known = ctx.state.tensors()
+    return {id(t) for t in (*block.parameters(), *block.buffers()) if id(t) in known}

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftc
-from peftc.storage import artifact
 from peftc.analysis.backbones import build_backbone
 from peftc.errors import ArtifactError, BackboneError
+from peftc.storage import artifact
 
 from .conftest import synthetic_task, train_steps
 

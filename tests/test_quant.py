@@ -9,18 +9,8 @@ import pytest
 import torch
 
 from peftc.errors import PeftcError
-from peftc.methods.adaptformer.quant import (
-    EPS,
-    QuantLinear,
-    decode_delta,
-    encode_delta,
-    levels,
-    pack,
-    packed_nbytes,
-    quantize,
-    thresholds,
-    unpack,
-)
+from peftc.methods.adaptformer.quant import EPS, QuantLinear, levels, pack, quantize, thresholds, unpack
+from peftc.storage.codec import decode_delta, encode_delta, packed_nbytes
 
 
 def test_one_bit_levels_are_plus_minus_phi_inverse_of_three_quarters() -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import fx, nn
 
+from peftc.analysis.paths import resolve
 from peftc.analysis.trace import node_name
 from peftc.blocks.contract import layer_type
 
@@ -105,7 +105,7 @@ class NodeIndex:
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
             tensor = None
             if node.op == "get_attr":
-                value = _get_attr(gm, str(node.target))
+                value = resolve(gm, str(node.target))
                 tensor = value if isinstance(value, torch.Tensor) else None
             name = node_name(node)
             self.candidates.append(
@@ -118,8 +118,3 @@ class NodeIndex:
         return iter(self.candidates)
 
 
-def _get_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -82,6 +82,7 @@ class Block(nn.Module):
     shared_state: ClassVar[Sequence[str]] = ()
     reused: ClassVar[Literal["borrowed", "owned"]] = "borrowed"
     stands_for: ClassVar[type[nn.Module] | None] = None
+    fold_kind: ClassVar[str] = "folded"  # how the fold report names this block's ``folded()`` merge
 
     # -- folding ------------------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -131,8 +132,15 @@ class Block(nn.Module):
 
 
 def offers(module: nn.Module, hook: str) -> bool:
-    """True when ``module`` is a :class:`Block` that overrides ``hook`` (not the contract's default)."""
-    return isinstance(module, Block) and getattr(type(module), hook) is not getattr(Block, hook)
+    """True when ``module`` offers ``hook``: a :class:`Block` overriding the contract's default, or any module
+    defining it (the contract is structural, like a ``Protocol``: a plain module with ``delta_weight`` folds)."""
+    if not isinstance(module, Block):
+        return callable(getattr(module, hook, None)) and hook in _HOOKS
+    mine, default = getattr(type(module), hook), getattr(Block, hook)
+    return getattr(mine, "__func__", mine) is not getattr(default, "__func__", default)  # classmethods too
+
+
+_HOOKS = frozenset(name for name, value in vars(Block).items() if callable(value) or isinstance(value, classmethod))
 
 
 def layer_type(module: nn.Module) -> type[nn.Module]:

@@ -130,7 +130,7 @@ def _delta_bytes(
 ) -> tuple[int, int]:
     """Bytes of one task's saved delta (trained, per-task and updating tensors; quantised ones packed) and how
     many of them are per-task heads."""
-    from peftc.methods.adaptformer.quant import stored_nbytes
+    from peftc.storage.codec import stored_nbytes
 
     names = {n for n, p in params.items() if p.requires_grad} | set(ledger.updating_buffers)
     names |= {s.name for s in ledger.tensor_slots.values()}

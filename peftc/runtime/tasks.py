@@ -6,10 +6,11 @@ is copied, so an optimizer built for task A keeps pointing at A's tensors, and t
 single bit of A (zero forgetting by construction). New tasks start from the compile-time values (``new``) or
 from the most recently added task (``inherit``).
 
-Blocks that must see every task at once (per-sample task routing) implement ``peftc_add_task(name, source)``
-and ``peftc_set_task(name)``; the bank calls them alongside its own bookkeeping.
+Blocks that must see every task at once (per-sample task routing) override the contract's
+``add_task(name, source)`` and ``set_task(name)`` (:mod:`peftc.blocks.contract`); the bank calls them alongside
+its own bookkeeping.
 A block whose per-task tensors must start from something else than a copy (orthogonal task keys: each new
-task's key is the next orthogonal direction) implements ``peftc_init_task(name, tensors)``: it receives the new
+task's key is the next orthogonal direction) overrides ``init_task(name, tensors)``: it receives the new
 task's own tensors of that module, by attribute name, and fills them in place.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftc.blocks.contract import offers
 from peftc.errors import TaskError, did_you_mean
 from peftc.passes import ModuleSlot, TensorSlot
 
@@ -84,10 +86,6 @@ class TaskBank:
     def classes(self, name: str) -> int | None:
         return self._task(name).classes
 
-    @property
-    def has_state(self) -> bool:
-        return bool(self.tensor_slots or self.module_slots or self._aware())
-
     def _task(self, name: str) -> _Task:
         if name not in self._tasks:
             known = ", ".join(self._tasks)
@@ -102,7 +100,7 @@ class TaskBank:
         return None
 
     def _aware(self) -> Iterator[nn.Module]:
-        return (m for m in self.root.modules() if hasattr(m, "peftc_set_task"))
+        return (m for m in self.root.modules() if offers(m, "set_task"))
 
     # -- changes --------------------------------------------------------------------------------------------
     def add(self, name: str, num_classes: int | None = None) -> None:
@@ -130,24 +128,17 @@ class TaskBank:
         self._tasks[name] = task
         self._init_task(name, task)
         for module in self._aware():
-            module.peftc_add_task(name, previous_name)
+            module.add_task(name, previous_name)
 
     def _init_task(self, name: str, task: _Task) -> None:
-        """Let blocks with ``peftc_init_task`` fill a new task's tensors (see the module docstring)."""
+        """Let blocks that override ``init_task`` fill a new task's tensors (see the module docstring)."""
         for path, module in self.root.named_modules():
-            init = getattr(module, "peftc_init_task", None)
-            if not callable(init):
+            if not offers(module, "init_task"):
                 continue
             prefix = f"{path}." if path else ""
             own = {key[len(prefix):]: tensor for key, tensor in task.tensors.items()
                    if key.startswith(prefix) and "." not in key[len(prefix):]}
-            init(name, own)
-
-    def remove(self, name: str) -> None:
-        self._task(name)
-        if name == self.active:
-            raise TaskError(f"cannot remove the active task {name!r}; switch to another first")
-        del self._tasks[name]
+            module.init_task(name, own)
 
     def activate(self, name: str) -> None:
         """Put task ``name``'s tensors and modules into the model."""
@@ -164,7 +155,7 @@ class TaskBank:
             parent = self.root.get_submodule(parent_path) if parent_path else self.root
             setattr(parent, attr, module)
         for module in self._aware():
-            module.peftc_set_task(name)
+            module.set_task(name)
         self.active = name
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

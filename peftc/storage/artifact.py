@@ -5,9 +5,9 @@ No pickles anywhere: the manifest is JSON, tensors are safetensors, and backbone
 ``tasks/<name>/`` and shared tensors under ``shared/`` — never the frozen backbone. Writes are atomic: the new
 artifact is written into a hidden sibling directory and swapped in with renames, so an interrupted save leaves
 the previous artifact intact. Loading rebuilds the backbone, checks its weight hash against the manifest and
-refuses a delta that belongs to another backbone or spec. Tensors a block quantises (``peftc_quant_bits``) are
+refuses a delta that belongs to another backbone or spec. Tensors a block stores packed (``packed_bits``) are
 stored packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
-(:mod:`peftc.methods.adaptformer.quant`).
+(:mod:`peftc.storage.codec`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from peftc import __version__
 from peftc.errors import ArtifactError, PeftcError
-from peftc.methods.adaptformer.quant import decode_delta, encode_delta
+from peftc.storage.codec import decode_delta, encode_delta
 
 __all__ = ["DELTA", "MANIFEST", "load", "load_into", "read_manifest", "save"]
 

@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.methods.adaptformer.quant import QuantLinear
 
@@ -33,7 +34,7 @@ class AdapterArgs(BlockArgs):
     up_init: Literal["auto", "zeros", "trunc_normal"] = "auto"  # auto: zeros at 32 bits, else trunc_normal
 
 
-class Adapter(nn.Module):
+class Adapter(Block):
     """Bottleneck ``up(dropout(relu(down(x))))`` over the last dimension, weights quantised to ``bits``."""
 
     def __init__(self, features: int, dim: int = 32, bits: int = 32, dropout: float = 0.1,

@@ -24,16 +24,14 @@ exactly on one of those grids — a value test, so it follows the tensor through
 device moves, and needs no branch on data (``torch.where``), so tracing and export work. Training moves the
 weight off the grid and quantisation-aware training resumes from the decoded values.
 
-**Codec protocol.** A module declares ``peftc_quant_bits`` (local parameter name → bits) and implements
-``peftc_pack(name, tensor) -> Packed`` and ``peftc_unpack(name, packed) -> Tensor``. :func:`encode_delta` and
+**Codec protocol.** A module declares ``packed_bits`` (local parameter name → bits) and implements
+``pack(name, tensor) -> Packed`` and ``unpack(name, packed) -> Tensor``. :func:`encode_delta` and
 :func:`decode_delta` apply it to an artifact's tensors, whatever block the module belongs to.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
 from statistics import NormalDist
@@ -43,30 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.errors import ArtifactError, PeftcError
+from peftc.blocks.contract import Block
+from peftc.errors import PeftcError
+from peftc.storage.codec import Packed, pack_codes, unpack_codes
 
-__all__ = [
-    "EPS",
-    "SUPPORTED_BITS",
-    "Packed",
-    "QuantLinear",
-    "decode_delta",
-    "dequantize",
-    "encode_delta",
-    "levels",
-    "pack",
-    "packed_nbytes",
-    "quantize",
-    "quantized_bits",
-    "stored_nbytes",
-    "thresholds",
-    "unpack",
-]
+__all__ = ["EPS", "SUPPORTED_BITS", "QuantLinear", "dequantize", "levels", "pack", "quantize", "thresholds", "unpack"]
 
 EPS = 1e-5  # added to σ when standardising, as in the reference
 SUPPORTED_BITS = (1, 2, 4, 8, 32)
-CODES = ":codes"  # artifact key suffixes of a packed tensor
-STATS = ":stats"
 
 
 def _check_bits(bits: int) -> None:
@@ -162,45 +144,6 @@ def _on_grid(w: torch.Tensor, bits: int, mu: float, sigma: float) -> torch.Tenso
 # -- packing -------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Packed:
-    """A quantised tensor as stored: codes packed ``8 // bits`` to a byte, plus float32 μ and σ."""
-
-    codes: torch.Tensor  # uint8, 1-D, ⌈numel · bits / 8⌉ bytes
-    mu: float
-    sigma: float
-    bits: int
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.numel() + 8
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes a tensor of ``numel`` elements takes when stored at ``bits`` (32: plain float32)."""
-    _check_bits(bits)
-    return 4 * numel if bits == 32 else math.ceil(numel * bits / 8) + 8
-
-
-def _pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
-    per = 8 // bits
-    flat = idx.reshape(-1).to(torch.uint8).cpu()
-    pad = (-flat.numel()) % per
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(per, dtype=torch.uint8) * bits
-    return (flat.reshape(-1, per) << shifts).sum(dim=1, dtype=torch.uint8) if per > 1 else flat.clone()
-
-
-def _unpack_codes(codes: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8) * bits
-    mask = (1 << bits) - 1
-    idx = (codes.reshape(-1, 1) >> shifts) & mask
-    return idx.reshape(-1)[:numel].long()
-
-
 def pack(w: torch.Tensor, bits: int, known: tuple[tuple[float, float], ...] = ()) -> Packed:
     """The storage form of ``quantize(w, bits)``; ``known`` = stats of grids ``w`` may already lie on."""
     _check_bits(bits)
@@ -210,10 +153,10 @@ def pack(w: torch.Tensor, bits: int, known: tuple[tuple[float, float], ...] = ()
     for mu, sigma in known:
         if bool(_on_grid(w, bits, mu, sigma)):
             idx = _codes((w - mu) / (sigma + EPS), bits)
-            return Packed(_pack_codes(idx, bits), mu, sigma, bits, tuple(w.shape))
+            return Packed(pack_codes(idx, bits), mu, sigma, bits, tuple(w.shape))
     mu_t, sigma_t = _stats(w)
     idx = _codes((w - mu_t) / (sigma_t + EPS), bits)
-    return Packed(_pack_codes(idx, bits), float(mu_t), float(sigma_t), bits, tuple(w.shape))
+    return Packed(pack_codes(idx, bits), float(mu_t), float(sigma_t), bits, tuple(w.shape))
 
 
 def unpack(p: Packed) -> torch.Tensor:
@@ -222,7 +165,7 @@ def unpack(p: Packed) -> torch.Tensor:
     if p.codes.dtype != torch.uint8 or p.codes.numel() != math.ceil(numel * p.bits / 8):
         raise PeftcError(f"packed codes do not fit a {p.bits}-bit tensor of shape {list(p.shape)}")
     lv = torch.tensor(levels(p.bits), dtype=torch.float32)
-    idx = _unpack_codes(p.codes.cpu(), p.bits, numel)
+    idx = unpack_codes(p.codes.cpu(), p.bits, numel)
     mu = torch.tensor(p.mu, dtype=torch.float32)
     sigma = torch.tensor(p.sigma, dtype=torch.float32)
     return dequantize(lv[idx], mu, sigma).reshape(p.shape)
@@ -231,7 +174,7 @@ def unpack(p: Packed) -> torch.Tensor:
 # -- the quantised linear layer ------------------------------------------------------------------------------
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(Block):
     """``y = x Wᵀ (+ b)`` with ``W`` quantised to ``bits`` in the forward pass (straight-through in training).
 
     Deliberately not an ``nn.Linear`` subclass: code that folds or rewrites Linear layers by reading
@@ -250,8 +193,7 @@ class QuantLinear(nn.Module):
         self.decoded_stats: list[tuple[float, float]] = []  # (μ, σ) of every grid loaded from an artifact
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
 
-    @property
-    def peftc_quant_bits(self) -> dict[str, int]:
+    def packed_bits(self) -> dict[str, int]:
         return {"weight": self.bits} if self.bits < 32 else {}
 
     def quantized_weight(self) -> torch.Tensor:
@@ -267,11 +209,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
 
-    def peftc_pack(self, name: str, tensor: torch.Tensor) -> Packed:
-        return pack(tensor, self.peftc_quant_bits[name], tuple(self.decoded_stats))
+    def pack(self, name: str, tensor: torch.Tensor) -> Packed:
+        return pack(tensor, self.packed_bits()[name], tuple(self.decoded_stats))
 
-    def peftc_unpack(self, name: str, packed: Packed) -> torch.Tensor:
-        if packed.bits != self.peftc_quant_bits.get(name):
+    def unpack(self, name: str, packed: Packed) -> torch.Tensor:
+        if packed.bits != self.packed_bits().get(name):
             raise PeftcError(f"{name} is stored at {packed.bits} bits, the layer quantises to {self.bits}")
         if (packed.mu, packed.sigma) not in self.decoded_stats:
             self.decoded_stats.append((packed.mu, packed.sigma))
@@ -279,86 +221,3 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, bias={self.bias is not None}"
-
-
-# -- the artifact codec --------------------------------------------------------------------------------------
-
-
-def _owner(root: nn.Module, name: str) -> tuple[nn.Module | None, str]:
-    path, _, attr = name.rpartition(".")
-    try:
-        return (root.get_submodule(path) if path else root), attr
-    except AttributeError:
-        return None, attr
-
-
-def quantized_bits(root: nn.Module, name: str) -> int:
-    """Bits the tensor ``name`` (qualified under ``root``) is stored at; 32 unless its module quantises it."""
-    module, attr = _owner(root, name)
-    bits = getattr(module, "peftc_quant_bits", None) if module is not None else None
-    return int(bits.get(attr, 32)) if isinstance(bits, Mapping) else 32
-
-
-def stored_nbytes(root: nn.Module, name: str, tensor: torch.Tensor) -> int:
-    """Bytes ``tensor`` takes in an artifact: packed when quantised, else its raw size."""
-    bits = quantized_bits(root, name)
-    return packed_nbytes(tensor.numel(), bits) if bits < 32 else tensor.numel() * tensor.element_size()
-
-
-def _model_name(key: str) -> str:
-    """``tasks/<task>/<name>`` or ``shared/<name>`` → ``<name>``."""
-    scope, _, rest = key.partition("/")
-    return rest.partition("/")[2] if scope == "tasks" else rest
-
-
-def encode_delta(
-    root: nn.Module, tensors: Mapping[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Replace every quantised tensor of an artifact by ``<key>:codes`` (uint8) and ``<key>:stats`` (μ, σ).
-
-    Returns the tensors to write and a manifest entry ``{key: {"bits": b, "shape": [...]}}``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        module, attr = _owner(root, _model_name(key))
-        if module is None or quantized_bits(root, _model_name(key)) == 32:
-            out[key] = tensor
-            continue
-        packed = module.peftc_pack(attr, tensor)
-        out[key + CODES] = packed.codes
-        out[key + STATS] = torch.tensor([packed.mu, packed.sigma], dtype=torch.float32)
-        info[key] = {"bits": packed.bits, "shape": list(packed.shape)}
-    return out, info
-
-
-def decode_delta(
-    root: nn.Module, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`encode_delta`: packed entries become the float tensors the model trained with."""
-    out = dict(tensors)
-    for key, meta in info.items():
-        try:
-            codes, stats = out.pop(key + CODES), out.pop(key + STATS)
-        except KeyError:
-            raise ArtifactError(f"packed tensor {key!r} is missing its codes or stats") from None
-        module, attr = _owner(root, _model_name(key))
-        if module is None or not hasattr(module, "peftc_unpack"):
-            raise ArtifactError(f"packed tensor {key!r} has no quantising module in this model")
-        mu, sigma = (float(v) for v in stats.to(torch.float32))
-        try:
-            packed = Packed(codes, mu, sigma, int(meta["bits"]), tuple(meta["shape"]))
-            out[key] = module.peftc_unpack(attr, packed)
-        except PeftcError as exc:
-            raise ArtifactError(f"packed tensor {key!r}: {exc}") from None
-    return out
-
-
-def iter_quantized(root: nn.Module) -> Iterator[tuple[str, int]]:
-    """(qualified parameter name, bits) of every quantised parameter under ``root``."""
-    for path, module in root.named_modules():
-        bits = getattr(module, "peftc_quant_bits", None)
-        if isinstance(bits, Mapping):
-            for attr, b in bits.items():
-                if b < 32:
-                    yield (f"{path}.{attr}" if path else attr), int(b)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 
 
@@ -17,7 +18,7 @@ class ChannelConvArgs(BlockArgs):
     bias: bool = False
 
 
-class ChannelConv(nn.Module):
+class ChannelConv(Block):
     """Depthwise ``k×k`` convolution, stride 1, 'same' padding: one small kernel per channel.
 
     Identity (Dirac) init — centre tap 1, the rest 0 — so the rewritten network computes exactly what the
@@ -46,6 +47,19 @@ class ChannelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2, groups=self.channels)
+
+    fold_kind = "plain"  # it is a plain depthwise conv; export then merges a centre-tap kernel into its conv
+
+    def folded(self) -> nn.Conv2d:
+        """The same depthwise convolution as an ``nn.Conv2d`` (which the fold can merge further)."""
+        conv = nn.Conv2d(self.channels, self.channels, self.kernel_size, padding=self.kernel_size // 2,
+                         groups=self.channels, bias=self.bias is not None)
+        conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"

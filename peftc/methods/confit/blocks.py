@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 from torch import fx, nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
@@ -39,7 +40,7 @@ class InputMeanArgs(BlockArgs):
     momentum: float = Field(default=0.1, gt=0.0, le=1.0)
 
 
-class InputMean(nn.Module):
+class InputMean(Block):
     """Identity that tracks the running mean of a conv's input per stride phase (in training only)."""
 
     def __init__(self, channels: int, stride: tuple[int, int] = (1, 1), momentum: float = 0.1):
@@ -85,8 +86,10 @@ class InputMean(nn.Module):
         return f"{self.channels}, stride={self.stride}, momentum={self.momentum}"
 
 
-class CrossConvBN(nn.BatchNorm2d):
+class CrossConvBN(nn.BatchNorm2d, Block):
     """A BatchNorm2d that can re-derive its running mean through its producer conv's current weights."""
+
+    reused = "owned"  # it *is* the backbone's BN: the BN's tensors become this block's (per-task) state
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, conv: nn.Conv2d, tracker: InputMean):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -142,10 +145,10 @@ class CrossConvBN(nn.BatchNorm2d):
         return plain.eval()
 
     # -- task bank hooks: the bank has already put the task's tensors in place ---------------------------------
-    def peftc_add_task(self, name: str, source: str) -> None:
+    def add_task(self, name: str, source: str) -> None:
         """New tasks get their state from the bank (task slots); nothing else to do."""
 
-    def peftc_set_task(self, name: str) -> None:
+    def set_task(self, name: str) -> None:
         if self.stale:
             self.correct()
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
@@ -40,7 +41,7 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class Convpass(nn.Module):
+class Convpass(Block):
     """The convolutional bypass over ``B × N × d`` token sequence with ``prefix`` leading non-patch tokens."""
 
     def __init__(self, features: int, grid: tuple[int, int], prefix: int, dim: int = 8, dropout: float = 0.1,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
@@ -77,7 +78,7 @@ class FactFactors(nn.Module):
         return self.describe()
 
 
-class Fact(nn.Module):
+class Fact(Block):
     """One FacT bypass ``V(dropout(Σ U x))`` for one bypassed layer (``part``) of one transformer block."""
 
     def __init__(

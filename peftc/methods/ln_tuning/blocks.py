@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
 __all__ = ["QueryReady", "TaskKey", "TaskLayerNorm"]
 
 
-class TaskLayerNorm(nn.Module):
+class TaskLayerNorm(Block):
     """``LayerNorm`` without its own affine, followed by the active task's row (or one row per sample)."""
 
     def __init__(self, normalized_shape: tuple[int, ...], eps: float = 1e-5,
@@ -121,7 +122,7 @@ def _orthogonal(dim: int, seed: int) -> torch.Tensor:
     return q.float()
 
 
-class TaskKey(nn.Module):
+class TaskKey(Block):
     """The active task's key (``R^C``); an identity on the data path that can read the query (the CLS token)."""
 
     def __init__(self, dim: int, seed: int = 0):
@@ -153,7 +154,7 @@ class TaskKey(nn.Module):
         finally:
             self._capture = None
 
-    def peftc_init_task(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def init_task(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """A new task's key starts at the next orthogonal row (fresh per task, not a copy)."""
         key = tensors.get("key")
         if key is not None:

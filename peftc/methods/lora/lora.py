@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
@@ -37,7 +38,7 @@ class LoraArgs(BlockArgs):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class _Lora(nn.Module):
+class _Lora(Block):
     """Shared part: ``forward = (α/r) · B(A(dropout(x)))``."""
 
     A: nn.Module

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 from torch import fx, nn
 
+from peftc.analysis.paths import fresh_path
 from peftc.language.primitives import register_primitive
 from peftc.language.schema import RuleArgs, Selector, TaskState
 from peftc.methods.replacement.tied import TiedLayer, TieScalars, mix
@@ -213,23 +214,11 @@ class _Reader:
         return node
 
 
-def _scalars_path(gm: fx.GraphModule, block: str) -> str:
-    base = f"{block}.tie"
-    path, n = base, 0
-    while True:
-        try:
-            gm.get_submodule(path)
-        except AttributeError:
-            return path
-        n += 1
-        path = f"{base}_{n}"
-
-
 def _tie_block(ctx: PassContext, plan: _Plan, read: _Reader) -> None:
     gm, args = ctx.gm, ctx.args
     before = {id(p) for p in gm.get_submodule(plan.block).parameters()}
     removed = sum(p.numel() for p in gm.get_submodule(plan.block).parameters())
-    scalars_path = _scalars_path(gm, plan.block)
+    scalars_path = fresh_path(gm, f"{plan.block}.tie")
     added = ctx.add_block(scalars_path, TieScalars(*args.init))
     a, b = read(f"{scalars_path}.a"), read(f"{scalars_path}.b")
     mix_names = {"a": f"{scalars_path}.a", "b": f"{scalars_path}.b"}

@@ -22,13 +22,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
+
+from peftc.analysis.paths import has_submodule, resolve
+from peftc.blocks.contract import Block, GraphFoldAction
 
 __all__ = ["TieScalars", "TiedLayer", "mix"]
 
 
-class TieScalars(nn.Module):
+class TieScalars(Block):
     """The two learnable scalars of one tied block: every layer in it uses ``a·θ_prev + b·θ_next``."""
 
     def __init__(self, a: float = 0.5, b: float = 0.5):
@@ -38,6 +41,11 @@ class TieScalars(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a, self.b
+
+    @classmethod
+    def fold_graph(cls, gm: fx.GraphModule) -> list[GraphFoldAction]:
+        """At inference ``a·θ_prev + b·θ_next`` is a constant: materialise it once (see :func:`untie`)."""
+        return untie(gm)
 
     def extra_repr(self) -> str:
         return f"a={self.a.item():.4g}, b={self.b.item():.4g}"
@@ -54,7 +62,7 @@ def _tensorless_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-class TiedLayer(nn.Module):
+class TiedLayer(Block):
     """A layer whose parameters are mixed from its neighbours' at every call.
 
     Called as ``layer(*original_args, tie=(a, b, prev_0, next_0, prev_1, next_1, …), **original_kwargs)``,
@@ -117,3 +125,38 @@ class TiedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {', '.join(self.names)} = a·prev + b·next"
+
+
+def untie(gm: fx.GraphModule) -> list[GraphFoldAction]:
+    """Every tied layer of ``gm`` becomes the plain layer it replaced, owning the mixed tensors; a tied parameter
+    read outside any layer becomes a parameter of its own. Afterwards no layer reads its neighbours' tensors, so
+    the neighbours are editable for later merges (a BatchNorm folded into a neighbour's conv no longer changes
+    what the tied layer computes: it owns its own copy). The mixing scalars are then unused and leave."""
+    actions: list[GraphFoldAction] = []
+    done: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), TiedLayer) \
+                and "tie" in node.kwargs:
+            path = str(node.target)
+            if path not in done:  # a layer called twice is materialised once
+                tensors = [resolve(gm, str(n.target)) for n in node.kwargs["tie"]]
+                gm.set_submodule(path, gm.get_submodule(path).plain(tensors).eval())
+                done.add(path)
+                actions.append(GraphFoldAction("tied", path, path))
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "tie"}
+        elif node.op == "call_function" and node.target is mix:
+            with torch.no_grad():
+                value = mix(*(resolve(gm, str(n.target)) for n in node.args))
+            name = str(node.meta.get("peftc_tied", "tied"))  # the parameter the tie pass replaced
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if has_submodule(gm, owner_path) else gm
+            while hasattr(owner, attr):
+                attr += "_"
+            owner.register_parameter(attr, nn.Parameter(value.detach().clone(), requires_grad=False))
+            target = f"{owner_path}.{attr}" if owner is not gm else attr
+            with gm.graph.inserting_before(node):
+                read = gm.graph.get_attr(target)
+            node.replace_all_uses_with(read)
+            gm.graph.erase_node(node)
+            actions.append(GraphFoldAction("tied", name, target))
+    return actions

@@ -30,6 +30,7 @@ import torch
 from pydantic import Field
 from torch import fx, nn
 
+from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 from peftc.methods.tome.tome import TokenMerge, set_r, token_merges
@@ -45,7 +46,7 @@ class ToComArgs(BlockArgs):
     r_tgt: int | None = Field(None, ge=0, description="merge degree at inference; None = the block's ToMe r")
 
 
-class ToCom(nn.Module):
+class ToCom(Block):
     """The q/v compensator of one attention block (see the module docstring)."""
 
     def __init__(self, features: int, dim: int = 32, slices: int = 16, dropout: float = 0.1, *,

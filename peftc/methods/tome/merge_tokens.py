@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import fx
 
+from peftc.analysis.paths import fresh_path
 from peftc.analysis.roles import Sublayer, transformer_layout
 from peftc.errors import PeftcError
 from peftc.language.primitives import register_primitive
@@ -212,19 +213,7 @@ def _prefix_tokens(ctx: PassContext, first: Sublayer, order: dict[fx.Node, int])
 def _module_path(ctx: PassContext, add_name: str, suffix: str) -> str:
     parent = add_name.rpartition(".")[0]
     base = f"{parent}.{suffix}" if parent else f"{add_name.replace('.', '_')}_{suffix}"
-    path, n = base, 0
-    while _exists(ctx, path):
-        n += 1
-        path = f"{base}_{n}"
-    return path
-
-
-def _exists(ctx: PassContext, path: str) -> bool:
-    try:
-        ctx.gm.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+    return fresh_path(ctx.gm, base)
 
 
 def _name(node: fx.Node) -> str:

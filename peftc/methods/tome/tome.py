@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import fx, nn
 
+from peftc.blocks.contract import Block
 from peftc.errors import PeftcError
 
 __all__ = [
@@ -145,7 +146,7 @@ def merge_wavg(
     return merged[..., :-1] / size, size
 
 
-class TokenMerge(nn.Module):
+class TokenMerge(Block):
     """One block's merge: ``(x, size, keys, bias) -> (x, size, bias)``.
 
     ``x`` (B, N, C) is the residual stream after the attention add, ``size`` (B, N, 1) the token sizes,
