@@ -13,10 +13,9 @@ zero probability); a task id outside ``0..T-1`` yields ``NaN`` rows rather than 
 Per-sample routing is exact because every routed module treats samples independently at inference (BatchNorm
 uses its running statistics). Blocks that route tasks themselves (overriding the contract's ``set_task``) are not supported here.
 
-:func:`key_selected_graph` serves LayerNorm tuning the way the method infers, with no task input at all: a
-frozen pass (every LN at its pretrained γ/β, stopped after the final norm) gives each sample's query, the task
-is ``argmax cos(query, key_t)`` over the task keys, and a second pass takes each sample's LN rows from ``(T, C)``
-tables by that index — :class:`~peftc.methods.ln_tuning.select.TaskSelector`'s forward, as one exportable graph.
+A graph that picks each sample's task *itself* (no task input) is a deploy mode a block offers through the
+contract (``deploy_modes()["select_task"]``, :mod:`peftc.blocks.contract`); :func:`task_placeholder` is the task
+input such graphs route with internally.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from torch import fx, nn
 from peftc.blocks.contract import offers
 from peftc.export.errors import ExportError
 
-__all__ = ["AllTasks", "KeySelected", "RoutedLayerNorm", "TaskRouter", "all_tasks_graph", "key_selected_graph"]
+__all__ = ["AllTasks", "TaskRouter", "all_tasks_graph", "task_placeholder"]
 
 
 class TaskRouter(nn.Module):
@@ -107,7 +106,7 @@ def all_tasks_graph(model: Any) -> AllTasks:
             module._modules.update(kept)
     _share_frozen(branches, bank)
     graph = gm.graph
-    task_input = _task_placeholder(graph)
+    task_input = task_placeholder(graph)
     for path in sorted(owners, key=lambda p: -p.count(".")):  # children before parents
         module = gm.get_submodule(path)
         router = TaskRouter(branches[path])
@@ -160,100 +159,7 @@ def _share_frozen(branches: dict[str, list[nn.Module]], bank: Any) -> None:
                         sub._buffers[attr] = ref._buffers[attr]
 
 
-class RoutedLayerNorm(nn.Module):
-    """A LayerNorm taking each sample's affine row from ``(T, *shape)`` tables by its task index."""
-
-    def __init__(self, normalized_shape: tuple[int, ...], eps: float, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.normalized_shape = tuple(normalized_shape)
-        self.eps = eps
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", bias.detach().clone())
-
-    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        view = (-1,) + (1,) * (y.dim() - 1 - len(self.normalized_shape)) + self.normalized_shape
-        return y * self.weight[task].reshape(view) + self.bias[task].reshape(view)
-
-
-class KeySelected(nn.Module):
-    """LN tuning's task-agnostic inference: pick each sample's task by its key, then run with that task's rows."""
-
-    def __init__(self, query: fx.GraphModule, keys: torch.Tensor, routed: fx.GraphModule):
-        super().__init__()
-        self.query = query
-        self.register_buffer("keys", F.normalize(keys.detach().clone(), dim=-1))
-        self.routed = routed
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        query = F.normalize(self.query(image), dim=-1)
-        return self.routed(image, task=(query @ self.keys.T).argmax(dim=-1))
-
-
-@dataclass
-class SelectedTasks:
-    """The key-selecting graph (input: image only) and the tasks it chooses among, in key order."""
-
-    module: KeySelected
-    tasks: list[str]
-
-
-def key_selected_graph(model: Any) -> SelectedTasks:
-    """One graph for a model compiled with ``ln_tuning`` (with keys) that selects every sample's task itself.
-
-    The query pass and the routed pass are two graphs over the *same* frozen modules (only the LN banks
-    differ), so the backbone's weights are stored once.
-    """
-    from peftc.errors import TaskError
-    from peftc.methods.ln_tuning.blocks import TaskKey
-    from peftc.methods.ln_tuning.select import task_selector
-
-    try:
-        selector = task_selector(model)
-        keys = selector.keys().detach()
-    except TaskError as exc:
-        raise ExportError(f"--select-task needs task keys (a model compiled with ln_tuning): {exc}") from None
-    tasks = selector.candidates
-    routed = copy.deepcopy(model.net).eval()
-    for p in routed.parameters():
-        p.requires_grad_(False)
-    query = fx.GraphModule(routed, copy.deepcopy(routed.graph))  # shares routed's modules, not its containers
-    key = next((n for n in query.graph.nodes
-                if n.op == "call_module" and isinstance(query.get_submodule(str(n.target)), TaskKey)), None)
-    if key is None:
-        raise ExportError("--select-task: the task key is not called in the graph")
-    with query.graph.inserting_after(key):
-        cls = query.graph.call_function(TaskKey.query_of, (key.args[0],))
-    next(n for n in query.graph.nodes if n.op == "output").args = (cls,)
-    query.graph.eliminate_dead_code()
-    task_input = _task_placeholder(routed.graph)
-    for path, (weight, bias) in zip(selector.norm_paths, selector.row_tables(tasks), strict=True):
-        bank = routed.get_submodule(path)
-        pretrained = nn.LayerNorm(bank.normalized_shape, eps=bank.eps).to(bank.weight).requires_grad_(False)
-        with torch.no_grad():
-            pretrained.weight.copy_(bank.pretrained[0])
-            pretrained.bias.copy_(bank.pretrained[1])
-        query.set_submodule(path, _adopt(pretrained, bank))
-        routed.set_submodule(path, _adopt(RoutedLayerNorm(bank.normalized_shape, bank.eps, weight, bias), bank))
-        for node in routed.graph.nodes:
-            if node.op == "call_module" and node.target == path:
-                node.kwargs = {**node.kwargs, "task": task_input}
-    routed.set_submodule(str(key.target), nn.Identity())  # on the data path the key is an identity
-    for part in (query, routed):
-        part.delete_all_unused_submodules()
-        part.graph.lint()
-        part.recompile()
-    return SelectedTasks(KeySelected(query, keys, routed).eval(), tasks)
-
-
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """``new`` with ``old``'s children (blocks inserted after a layer live under it: ``norm.task_key``)."""
-    for name, child in old.named_children():
-        new.add_module(name, child)
-    return new
-
-
-def _task_placeholder(graph: fx.Graph) -> fx.Node:
+def task_placeholder(graph: fx.Graph) -> fx.Node:
     """A ``task`` input right after the image: before the defaulted inputs timm's traced graphs carry
     (``attn_mask=None``, ``is_causal=False``), so ``module(image, task)`` binds it."""
     image = next(n for n in graph.nodes if n.op == "placeholder")

@@ -216,7 +216,7 @@ def _cause(exc: BaseException) -> str:
 
 def _annotate(program: Any, deployable: Deployable) -> None:
     """Metadata a server can read back: spec, backbone, task(s), classes, input size."""
-    from peftc import __version__
+    from peftc.version import __version__
 
     props = {
         "peftc.version": __version__,

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.blocks.contract import Deployment, offers
 from peftc.export.errors import ExportError
 from peftc.export.fold import FoldReport, fold
 
-__all__ = ["Deployable", "prepare", "resolve_model"]
+__all__ = ["Deployable", "deploy_mode", "prepare", "resolve_model"]
 
 
 def resolve_model(model_or_dir: Any) -> Any:
@@ -29,7 +30,7 @@ def resolve_model(model_or_dir: Any) -> Any:
     if isinstance(model_or_dir, Compiled):
         return model_or_dir
     if isinstance(model_or_dir, (str, Path)):
-        from peftc.storage.artifact import load
+        from peftc.compiler import load
 
         return load(model_or_dir)  # ArtifactError names a directory that is not an artifact
     raise ExportError(f"expected a compiled peftc model or an artifact directory, got {type(model_or_dir).__name__}")
@@ -48,7 +49,7 @@ class Deployable:
     fold: FoldReport | None
     spec: str
     backbone: str
-    selects_task: bool = False  # the graph picks each sample's task itself (LN tuning's keys): no task input
+    selects_task: bool = False  # the graph picks each sample's task itself (a block's deploy mode): no task input
 
     @property
     def all_tasks(self) -> bool:
@@ -74,7 +75,8 @@ def prepare(
     image_size: tuple[int, int] | None = None,
 ) -> Deployable:
     """The module a backend should run for ``task`` (default: the active one) or for all tasks at once —
-    chosen per sample by a ``task`` input (``all_tasks``) or by the model's task keys (``select_task``)."""
+    chosen per sample by a ``task`` input (``all_tasks``) or by the model itself (``select_task``: the deploy mode
+    of that name a block of the model offers, see :mod:`peftc.blocks.contract`)."""
     if sum((task is not None, all_tasks, select_task)) > 1:
         raise ExportError("give one of a task, all tasks or task selection, not several")
     channels, height, width = model.backbone.input_size
@@ -92,14 +94,11 @@ def prepare(
         routed = all_tasks_graph(model)
         return Deployable(routed.module, task=None, reference=_per_sample(reference_model), fold=None, **info)
     if select_task:
-        from peftc.export.multitask import key_selected_graph
-        from peftc.methods.ln_tuning.select import task_selector
-
-        selected = key_selected_graph(model)
+        selected = deploy_mode(model, "select_task")
         info["tasks"] = selected.tasks
         info["classes"] = [model.bank.classes(t) for t in selected.tasks]
-        return Deployable(selected.module, task=None, reference=_no_grad(task_selector(reference_model)), fold=None,
-                          selects_task=True, **info)
+        return Deployable(selected.module, task=None, reference=selected.reference, fold=None, selects_task=True,
+                          **info)
     if task is not None:
         reference_model.set_task(task)  # TaskError lists the known tasks
     active = reference_model.active_task
@@ -139,3 +138,17 @@ def _per_sample(model: Any) -> Callable[..., torch.Tensor]:
         return result
 
     return run
+
+
+def deploy_mode(model: Any, mode: str) -> Deployment:
+    """Build deploy mode ``mode`` from the first block class of ``model`` that offers it."""
+    offered: dict[str, Any] = {}
+    for module in model.net.modules():
+        if offers(module, "deploy_modes"):
+            for name, build in type(module).deploy_modes().items():
+                offered.setdefault(name, build)
+    if mode not in offered:
+        what = f"; this model offers {', '.join(sorted(offered))}" if offered else ""
+        raise ExportError(f"spec {model.spec.name!r} has no block that offers the {mode!r} deployment (a graph "
+                          f"that selects each sample's task itself needs task keys, for instance){what}")
+    return offered[mode](model)

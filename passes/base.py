@@ -22,7 +22,7 @@ from peftc.analysis.paths import fresh_path
 from peftc.analysis.select import select
 from peftc.analysis.trace import assign_names, example_input
 from peftc.blocks import Site, get_block
-from peftc.blocks.contract import task_tensors
+from peftc.blocks.contract import is_shared_state, task_tensors
 from peftc.errors import Location, SpecError
 from peftc.language import MethodSpec, Rule, Selector
 
@@ -68,6 +68,7 @@ class Ledger:
     tensor_slots: dict[str, TensorSlot] = field(default_factory=dict)
     module_slots: dict[str, ModuleSlot] = field(default_factory=dict)
     inserted: dict[str, str] = field(default_factory=dict)  # module path -> rule label
+    kept: set[str] = field(default_factory=set)  # frozen tensors of a block's shared_state: stored once
 
 
 @dataclass
@@ -263,6 +264,7 @@ class PassContext:
             if id(p) not in present:  # a tensor the block borrows from the model keeps its own flag
                 p.requires_grad_(trainable)
         self.own(path, module, skip=present)
+        self.keep(path, module)
         return sum(p.numel() for p in module.parameters() if id(p) not in present)
 
     def own(self, path: str, module: nn.Module, skip: frozenset[int] | set[int] = frozenset()) -> None:
@@ -276,6 +278,13 @@ class PassContext:
         for local, tensor, is_param in task_tensors(module):
             if id(tensor) not in skip:
                 self.own_tensor(f"{path}.{local}", is_param)
+
+    def keep(self, path: str, module: nn.Module) -> None:
+        """Record the frozen tensors of a block's ``shared_state`` (random projections): not derived from the
+        backbone, so the artifact stores them — once, whatever the tasks."""
+        for local, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if is_shared_state(module, local) and not tensor.requires_grad and tensor.is_floating_point():
+                self.ledger.kept.add(f"{path}.{local}")
 
     def own_tensor(self, name: str, is_param: bool) -> None:
         policy = getattr(self.args, "task_state", "shared")

@@ -6,39 +6,39 @@
     ...train model.trainable_parameters() in any loop...
     model.save("out/clr-birds")
     again = peftc.load("out/clr-birds")
+
+``import peftc`` is lazy: the public names below import their stage (and torch) on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
-# importing the function binds ``peftc.tools.diff`` to it, not to the module of the same name
 from peftc.errors import PeftcError
-from peftc.language import load_spec
-from peftc.tools.diff import diff
+from peftc.version import __version__
+
+# public name -> (module, attribute); resolved on first access (PEP 562)
+_API = {
+    "compile": ("peftc.compiler", "compile"),
+    "load": ("peftc.compiler", "load"),
+    "load_spec": ("peftc.language.loader", "load_spec"),
+    "diff": ("peftc.tools.diff", "diff"),
+    "export_onnx": ("peftc.export.onnx", "export_onnx"),
+}
 
 
-def compile(*args: Any, **kwargs: Any) -> Any:
-    """Rewrite a backbone with a spec; see :func:`peftc.compiler.compile`."""
-    from peftc.compiler import compile as _compile
-
-    return _compile(*args, **kwargs)
-
-
-def load(*args: Any, **kwargs: Any) -> Any:
-    """Rebuild a compiled model from an artifact directory; see :func:`peftc.storage.artifact.load`."""
-    from peftc.storage.artifact import load as _load
-
-    return _load(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'peftc' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
 
 
-def export_onnx(*args: Any, **kwargs: Any) -> Any:
-    """Export a compiled model or artifact to ONNX, verified by ONNX Runtime; see :func:`peftc.export.export_onnx`."""
-    from peftc.export import export_onnx as _export_onnx
-
-    return _export_onnx(*args, **kwargs)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
 
 
 __all__ = ["PeftcError", "__version__", "compile", "diff", "export_onnx", "load", "load_spec"]

@@ -1,4 +1,5 @@
-"""The driver: spec + backbone → trace → passes, in rule order → :class:`~peftc.runtime.model.Compiled`."""
+"""The driver: spec + backbone → trace → passes, in rule order → :class:`~peftc.runtime.model.Compiled`; and
+back from an artifact (rebuild the backbone, check its hash, compile the stored spec, apply the delta)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.roles import head
 from peftc.analysis.trace import trace
+from peftc.errors import ArtifactError, PeftcError
 from peftc.language import MethodSpec, get_primitive, load_spec
 from peftc.passes import CompileState, PassContext
 from peftc.runtime.model import BackboneInfo, Compiled
 from peftc.runtime.report import build_report
 from peftc.runtime.schedule import build_schedule
+from peftc.storage.artifact import MANIFEST, apply_delta, read_delta, read_manifest
 
-__all__ = ["compile", "resolve_backbone", "rewrite"]
+__all__ = ["compile", "load", "resolve_backbone", "rewrite"]
 
 
 def resolve_backbone(
@@ -85,3 +88,46 @@ def compile(
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
                         tuple(sorted((backbone_kwargs or {}).items())))
     return Compiled(state.gm, method, info, state.ledger, report, schedule=build_schedule(state))
+
+
+def _rebuild_backbone(info: dict[str, Any], backbone: Any, weights: str | Path | None) -> Any:
+    if backbone is not None:
+        if isinstance(backbone, str) and backbone != info["id"]:
+            raise ArtifactError(f"this delta was made for backbone {info['id']!r}, not {backbone!r}")
+        if isinstance(backbone, nn.Module):
+            return resolve_backbone(backbone)
+    kwargs = dict(info.get("kwargs") or ())
+    if info["source"] == "module":
+        raise ArtifactError(
+            f"this artifact was compiled on a custom module ({info['id']}); "
+            "pass it again: peftc.load(dir, backbone=module)"
+        )
+    if info["source"] == "weights" or weights is not None:
+        path = weights or info["weights_file"]
+        return build_backbone(info["id"], weights=path, **kwargs)
+    if info["source"] == "pretrained":
+        return build_backbone(info["id"], pretrained=True, **kwargs)
+    return build_backbone(info["id"], seed=int(info.get("seed") or 0), **kwargs)
+
+
+def load(directory: str | Path, backbone: Any = None, *, weights: str | Path | None = None) -> Any:
+    """Rebuild the compiled model saved in ``directory``.
+
+    The backbone is rebuilt from the manifest (same id, seed, weights file or pretrained weights) unless you
+    pass it (a name or your own module); its weight hash must match the one recorded at compile time.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    info = manifest["backbone"]
+    bb = _rebuild_backbone(info, backbone, weights)
+    if bb.hash != info["hash"]:
+        raise ArtifactError(
+            f"this delta was made for {info['id']} with weights {info['hash'][:12]}…, but the backbone given has "
+            f"weights {bb.hash[:12]}…; a delta only fits the exact backbone it was trained on"
+        )
+    try:
+        model = compile(manifest["spec"], bb, backbone_kwargs=dict(info.get("kwargs") or ()))
+    except PeftcError as exc:
+        raise ArtifactError(f"{directory / MANIFEST}: the stored spec no longer compiles: {exc}") from None
+    apply_delta(model, manifest, read_delta(directory, manifest), directory)
+    return model

@@ -10,9 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from peftc.cli import app
-from peftc.train.data import discover
+from peftc.train.data import discover, read_sequence
 from peftc.train.demo import DIGIT_NAMES, DemoDataError, make_demo_data
-from peftc.train.sequence import read_sequence
 
 pytest.importorskip("sklearn")
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.methods.ln_tuning.blocks import TaskKey, TaskLayerNorm
+from peftc.methods.ln_tuning.blocks import TaskLayerNorm
+from peftc.methods.ln_tuning.key import TaskKey
 from peftc.methods.ln_tuning.select import mask_logits, task_selector
 
 from .cached import module as cached

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 import peftc
 from peftc.analysis.backbones import build_backbone
+from peftc.compose import attach
 from peftc.errors import ArtifactError, PeftcError, SpecError
-from peftc.methods.tocom.distill import attach, distill, distillation_kl
+from peftc.methods.tocom.distill import distill, distillation_kl
 from peftc.methods.tocom.tocom import ToCom, compensators, set_compression
 from peftc.methods.tome.tome import get_r, set_r
 

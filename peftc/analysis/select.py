@@ -28,7 +28,7 @@ from torch import fx
 
 from peftc.analysis.index import Candidate, NodeIndex, block_positions
 from peftc.analysis.roles import get_role, role_names
-from peftc.errors import Location, SpecError, closest, did_you_mean
+from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language import Selector
 from peftc.language.predicate import Predicate, UnknownName
 
@@ -242,7 +242,3 @@ def select(sel: Selector, index: NodeIndex, locate: Locate | None = None) -> lis
 
 def _sub(locate: Locate, key: str) -> Location:
     return locate((key,))
-
-
-def suggest_names(index: NodeIndex, word: str) -> list[str]:
-    return closest(word, (c.name for c in index))

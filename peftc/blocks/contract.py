@@ -44,8 +44,8 @@ from torch import fx, nn
 if TYPE_CHECKING:
     from peftc.storage.codec import Packed
 
-__all__ = ["Block", "Deployment", "GraphFoldAction", "TaskPredictor", "acts_as", "layer_type", "offers",
-           "task_tensors"]
+__all__ = ["Block", "Deployment", "GraphFoldAction", "TaskPredictor", "acts_as", "is_shared_state", "layer_type",
+           "offers", "task_tensors"]
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,12 @@ class Deployment:
 
 
 class TaskPredictor(Protocol):
-    """Predicts each image's task among ``candidates`` (indices into it), and classifies with that task."""
+    """Predicts the task of each image when nobody gives it (task-agnostic evaluation)."""
 
-    candidates: list[str]
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor: ...
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+    def route(self, images: torch.Tensor, candidates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's predicted task (an index into ``candidates``) and the model's logits with every image
+        run as its predicted task."""
+        ...
 
 
 class Block(nn.Module):
@@ -156,14 +155,15 @@ def acts_as(module: nn.Module | None, kind: type[nn.Module] | tuple[type[nn.Modu
 def task_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(local name, tensor, is a parameter) of what a block offers as per-task state: its parameters and
     floating-point buffers, without those its ``shared_state`` keeps one copy of."""
-    shared = tuple(module.shared_state) if isinstance(module, Block) else ()
-
-    def is_shared(local: str) -> bool:
-        return any(fnmatch.fnmatchcase(local, p) for p in shared)
-
     for local, p in module.named_parameters():
-        if not is_shared(local):
+        if not is_shared_state(module, local):
             yield local, p, True
     for local, b in module.named_buffers():
-        if b.is_floating_point() and not is_shared(local):
+        if b.is_floating_point() and not is_shared_state(module, local):
             yield local, b, False
+
+
+def is_shared_state(module: nn.Module, local: str) -> bool:
+    """True when the tensor at ``local`` (a name relative to ``module``) is in the block's ``shared_state``."""
+    patterns = tuple(module.shared_state) if isinstance(module, Block) else ()
+    return any(fnmatch.fnmatchcase(local, p) for p in patterns)

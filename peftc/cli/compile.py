@@ -62,7 +62,7 @@ def compile_cmd(
         "--base", help="Attach the spec to this downstream artifact (same backbone): its rules and delta first.")
     ] = None,
     delta: Annotated[Optional[Path], typer.Option(
-        "--delta", help="With --base: load the spec's trained tensors from this artifact (e.g. a distilled ToCom).")
+        "--delta", help="With --base: load the spec's trained tensors from this artifact (e.g. a distilled plugin).")
     ] = None,
     plugin: PluginOpt = None,
     json_: JsonOpt = False,
@@ -73,7 +73,7 @@ def compile_cmd(
 
     load_plugins(plugin)
     if base is not None:
-        from peftc.methods.tocom.distill import attach
+        from peftc.compose import attach
 
         model = attach(spec, base, delta=delta, backbone=backbone, params=parse_overrides(set_))
     elif delta is not None:

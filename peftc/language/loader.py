@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+import peftc.language.primitives as primitives
 from peftc.blocks.registry import block_names, get_block
 from peftc.errors import Location, SpecError, did_you_mean
-from peftc.language import primitives
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
 from peftc.language.messages import from_validation, know_models
 from peftc.language.predicate import Predicate, PredicateSyntaxError, UnknownName

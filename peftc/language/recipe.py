@@ -134,7 +134,7 @@ class TrainSection(RuleArgs):
     early_stop: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
     augment: Literal["standard", "light", "none"] = "standard"
-    head: Literal["task", "taer"] = "task"
+    head: str = "task"  # a registered training head (peftc.train.heads): "task", or a method's own
     replay: ReplayArgs = Field(default_factory=ReplayArgs)
     stages: list[StageDecl] = Field(default_factory=list)
 

@@ -18,4 +18,5 @@ from peftc.methods import (  # noqa: F401  (registration)
     taer,
     tocom,
     tome,
+    vera,
 )

@@ -103,12 +103,15 @@ class Compiled(nn.Module):
         return self.schedule.apply(self.net, progress)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
-        """Trained or updating tensors that are not per task (saved once, under ``shared/``)."""
+        """Trained or updating tensors that are not per task, and the frozen ``shared_state`` of blocks (random
+        projections): saved once, under ``shared/``."""
         owned = set(self.bank.tensor_slots)
         heads = tuple(f"{p}." for p in self.bank.module_slots)
         scheduled = self.schedule.managed  # what the rules train, whichever schedule phase is active
         out = {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad or n in scheduled}
-        out.update({n: b.detach() for n, b in self.net.named_buffers() if n in self.ledger.updating_buffers})
+        out.update({n: b.detach() for n, b in self.net.named_buffers()
+                    if n in self.ledger.updating_buffers or n in self.ledger.kept})
+        out.update({n: p.detach() for n, p in self.net.named_parameters() if n in self.ledger.kept})
         return {n: t for n, t in out.items() if n not in owned and not n.startswith(heads)}
 
     def save(self, directory: str | Path) -> Path:

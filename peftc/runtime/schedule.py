@@ -82,9 +82,6 @@ class Schedule:
             raise ScheduleError(f"training progress must be within [0, 1], got {progress}")
         return max(i for i, p in enumerate(self.phases) if p.start <= progress)
 
-    def phase_at(self, progress: float) -> ResolvedPhase:
-        return self.phases[self.index_at(progress)]
-
     def parameters(self, net: nn.Module) -> Iterator[nn.Parameter]:
         """The live parameters any phase may train (build one optimizer over these)."""
         return (p for n, p in net.named_parameters() if n in self.managed)

@@ -4,8 +4,8 @@ No pickles anywhere: the manifest is JSON, tensors are safetensors, and backbone
 ``weights_only=True``. The delta holds only what the spec trains or keeps per task — per task under
 ``tasks/<name>/`` and shared tensors under ``shared/`` — never the frozen backbone. Writes are atomic: the new
 artifact is written into a hidden sibling directory and swapped in with renames, so an interrupted save leaves
-the previous artifact intact. Loading rebuilds the backbone, checks its weight hash against the manifest and
-refuses a delta that belongs to another backbone or spec. Tensors a block stores packed (``packed_bits``) are
+the previous artifact intact. Reading checks the delta against its manifest and refuses one that belongs to
+another backbone or spec (rebuilding the model an artifact holds is :func:`peftc.compiler.load`). Tensors a block stores packed (``packed_bits``) are
 stored packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
 (:mod:`peftc.storage.codec`).
 """
@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from peftc import __version__
 from peftc.errors import ArtifactError, PeftcError
 from peftc.storage.codec import decode_delta, encode_delta
+from peftc.version import __version__
 
-__all__ = ["DELTA", "MANIFEST", "load", "load_into", "read_manifest", "save"]
+__all__ = ["DELTA", "MANIFEST", "apply_delta", "load_into", "read_delta", "read_manifest", "replace_directory", "save"]
 
 MANIFEST = "peftc.json"
 DELTA = "delta.safetensors"
@@ -181,7 +180,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_delta(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_delta(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -194,54 +193,6 @@ def _read_delta(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Te
         return load_file(str(delta))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"cannot read {delta}: {exc}") from None
-
-
-def _rebuild_backbone(info: dict[str, Any], backbone: Any, weights: str | Path | None) -> Any:
-    from peftc.analysis.backbones import build_backbone
-    from peftc.compiler import resolve_backbone
-
-    if backbone is not None:
-        if isinstance(backbone, str) and backbone != info["id"]:
-            raise ArtifactError(f"this delta was made for backbone {info['id']!r}, not {backbone!r}")
-        if isinstance(backbone, nn.Module):
-            return resolve_backbone(backbone)
-    kwargs = dict(info.get("kwargs") or ())
-    if info["source"] == "module":
-        raise ArtifactError(
-            f"this artifact was compiled on a custom module ({info['id']}); "
-            "pass it again: peftc.load(dir, backbone=module)"
-        )
-    if info["source"] == "weights" or weights is not None:
-        path = weights or info["weights_file"]
-        return build_backbone(info["id"], weights=path, **kwargs)
-    if info["source"] == "pretrained":
-        return build_backbone(info["id"], pretrained=True, **kwargs)
-    return build_backbone(info["id"], seed=int(info.get("seed") or 0), **kwargs)
-
-
-def load(directory: str | Path, backbone: Any = None, *, weights: str | Path | None = None) -> Any:
-    """Rebuild the compiled model saved in ``directory``.
-
-    The backbone is rebuilt from the manifest (same id, seed, weights file or pretrained weights) unless you
-    pass it (a name or your own module); its weight hash must match the one recorded at compile time.
-    """
-    from peftc.compiler import compile as compile_model
-
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    info = manifest["backbone"]
-    bb = _rebuild_backbone(info, backbone, weights)
-    if bb.hash != info["hash"]:
-        raise ArtifactError(
-            f"this delta was made for {info['id']} with weights {info['hash'][:12]}…, but the backbone given has "
-            f"weights {bb.hash[:12]}…; a delta only fits the exact backbone it was trained on"
-        )
-    try:
-        model = compile_model(manifest["spec"], bb, backbone_kwargs=dict(info.get("kwargs") or ()))
-    except PeftcError as exc:
-        raise ArtifactError(f"{directory / MANIFEST}: the stored spec no longer compiles: {exc}") from None
-    _apply_delta(model, manifest, _read_delta(directory, manifest), directory)
-    return model
 
 
 def load_into(model: Any, directory: str | Path) -> Any:
@@ -260,11 +211,11 @@ def load_into(model: Any, directory: str | Path) -> Any:
             f"{directory}: this delta was made for spec {theirs.get('name')!r} with params {manifest.get('params')}, "
             f"not {ours['name']!r} with params {dict(model.spec.values)}"
         )
-    _apply_delta(model, manifest, _read_delta(directory, manifest), directory)
+    apply_delta(model, manifest, read_delta(directory, manifest), directory)
     return model
 
 
-def _apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> None:
     tensors = decode_delta(model.net, tensors, manifest["delta"].get("quantized") or {})
     for task in manifest["tasks"]:
         if task["name"] not in model.bank:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.blocks.contract import offers
 from peftc.errors import ArtifactError, PeftcError
 
 __all__ = ["CODES", "STATS", "Packed", "decode_delta", "encode_delta", "pack_codes", "packed_nbytes",

@@ -74,7 +74,7 @@ __all__ = [
     "view_model",
 ]
 
-SCHEMA = "peftc.tools.diff/1"
+SCHEMA = "peftc.diff/1"
 KINDS = ("added", "removed", "replaced", "rewired", "reshaped", "ownership")
 
 
@@ -356,7 +356,7 @@ class GraphDiff:
 
     # -- output ----------------------------------------------------------------------------------------------
     def to_json(self, *, include_graph: bool = False) -> dict[str, Any]:
-        """The stable JSON form (schema ``peftc.tools.diff/1``, documented in docs/diff.md)."""
+        """The stable JSON form (schema ``peftc.diff/1``, documented in docs/diff.md)."""
         out: dict[str, Any] = {
             "schema": SCHEMA,
             "a": {"label": self.a.label, **self.a.source},
@@ -501,10 +501,10 @@ def _artifact_side(path: Path, backbone: Any, seed: int) -> _Side:
 
 def _tensor_diff(a: Path, b: Path) -> dict[str, Any]:
     """Compare two artifacts' saved deltas tensor by tensor."""
-    from peftc.storage.artifact import _read_delta, read_manifest
+    from peftc.storage.artifact import read_delta, read_manifest
 
-    ta = _read_delta(a, read_manifest(a))
-    tb = _read_delta(b, read_manifest(b))
+    ta = read_delta(a, read_manifest(a))
+    tb = read_delta(b, read_manifest(b))
     changed = []
     same = 0
     for key in sorted(set(ta) & set(tb)):

@@ -211,14 +211,6 @@ def format_flops(flops: int) -> str:
     return str(flops)
 
 
-def shapes_by_name(stats: Mapping[fx.Node, NodeStats]) -> dict[str, Shape]:
-    """Convenience for tests and scripts: qualified node name → shape (first call of a shared module wins)."""
-    out: dict[str, Shape] = {}
-    for node, st in stats.items():
-        out.setdefault(node_name(node), st.shape)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Views: one graph as data
 # ------------------------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@
 
 Modules, one job each: ``data`` (folders → splits, bad data → clear errors), ``transforms``, ``recipe``
 (``train:`` + overrides → optimizer and lr schedule), ``run`` (what stages share), ``stages`` (the stage
-registry: fit, and the method-specific ones), ``loop`` (epochs, early stopping, checkpoints), ``checkpoint``
+registry: fit; methods register their own), ``heads`` (training heads: per task, or a method's own),
+``loop`` (epochs, early stopping, checkpoints), ``checkpoint``
 (safetensors + JSON, no pickles), ``registry`` (what the trainer remembers per task), ``runner`` (one task),
 ``evaluate`` (accuracy per task, task selection), ``sequence`` and ``metrics`` (accuracy matrix, forgetting,
-heat map), ``taer`` (task-aware experience replay), ``distributed`` (torchrun / DDP), ``demo`` (demo data).
+heat map), ``distributed`` (torchrun / DDP), ``demo`` (demo data).
 """
 
 from __future__ import annotations

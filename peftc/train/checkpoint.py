@@ -163,7 +163,7 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {path}: {exc}") from None
 
     def load_model(self) -> Any:
-        from peftc.storage.artifact import load
+        from peftc.compiler import load
 
         return load(self.path / MODEL)
 

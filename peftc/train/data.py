@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from peftc.errors import PeftcError, did_you_mean
+from peftc.errors import PeftcError, TaskError, did_you_mean
 
-__all__ = ["IMAGE_EXTENSIONS", "Corrupt", "DataError", "ImageDataset", "Split", "TaskData", "collate", "discover"]
+__all__ = ["IMAGE_EXTENSIONS", "Corrupt", "DataError", "ImageDataset", "SequenceError", "SequenceTask", "Split", "TaskData",
+           "TaskSequence", "collate", "discover", "ensure_task_name", "read_sequence"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _VAL_NAMES = ("val", "valid", "validation")
@@ -219,3 +222,89 @@ def collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
     images = torch.stack([g[0] for g in good])
     labels = torch.tensor([g[1] for g in good], dtype=torch.long)
     return images, labels, bad
+
+
+# -- task names and sequence files (``tasks.yaml``) -----------------------------------------------------------
+
+
+def ensure_task_name(name: str) -> str:
+    """``name`` if it can name a task (and a folder in an artifact): non-empty, no ``/``, no leading dot."""
+    if not name or "/" in name or name.startswith("."):
+        raise TaskError(f"task names are non-empty, without '/', and do not start with '.', got {name!r}")
+    return name
+
+
+class SequenceError(PeftcError):
+    """The sequence file is missing or malformed."""
+
+
+class SequenceTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    data: Path
+    classes: list[str] | None = None
+    epochs: int | None = Field(default=None, ge=1)
+
+
+class TaskSequence(BaseModel):
+    """A ``tasks.yaml``: tasks in training order, their folders relative to the file (and ``root``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path = Path(".")
+    epochs: int | None = Field(default=None, ge=1)
+    tasks: list[SequenceTask] = Field(min_length=1)
+
+
+def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out[(*path, key.value)] = key.start_mark.line + 1
+            _positions(value, (*path, key.value), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _positions(item, (*path, i), out)
+
+
+def read_sequence(path: str | Path) -> TaskSequence:
+    """Parse and check a sequence file; task folders become absolute (relative to the file and ``root``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SequenceError(f"cannot read sequence file {path}: {exc.strerror or exc}") from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SequenceError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    was_list = isinstance(raw, list)  # a bare list of tasks is accepted too
+    if was_list:
+        raw = {"tasks": raw}
+    if not isinstance(raw, dict):
+        raise SequenceError(f"{path}: expected a mapping with 'tasks:' (a list of {{name, data}})")
+    try:
+        seq = TaskSequence.model_validate(raw)
+    except ValidationError as exc:
+        lines: dict[tuple[Any, ...], int] = {}
+        if node is not None:
+            _positions(node, ("tasks",) if was_list else (), lines)
+        errors = []
+        for err in exc.errors()[:3]:
+            loc = tuple(err["loc"])
+            line = next((lines[loc[:k]] for k in range(len(loc), -1, -1) if loc[:k] in lines), None)
+            key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+            errors.append(f"{path}{f':{line}' if line else ''}: {key}: {err['msg']}")
+        raise SequenceError("\n".join(errors)) from None
+    base = (path.parent / seq.root).resolve()
+    names = [t.name for t in seq.tasks]
+    for t in seq.tasks:
+        ensure_task_name(t.name)
+        if names.count(t.name) > 1:
+            raise SequenceError(f"{path}: task {t.name!r} appears more than once")
+        t.data = t.data if t.data.is_absolute() else base / t.data
+    return seq

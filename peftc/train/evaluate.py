@@ -2,9 +2,9 @@
 
 With the task given, each task's validation images go through that task's state and head, and accuracy is
 the share whose predicted class is right. With ``select``, nobody tells the model the task: the method's own
-selector predicts it per image — LayerNorm tuning's keys (``peftc.methods.ln_tuning.select``), or for a TaER-trained
-artifact the incremental classifier over all seen classes — and an image counts as correct only when both the
-task and the class are right. Task-selection accuracy (right task, whatever the class) is reported beside it.
+selector predicts it per image — a block's task predictor (:mod:`peftc.blocks.contract`: task keys, say), or
+the training head's selection (an incremental classifier over all seen classes) — and an image counts as correct
+only when both the task and the class are right. Task-selection accuracy (right task, whatever the class) is reported beside it.
 
 Data: a task's folder (``--task``), a folder holding one sub-folder per task, a ``tasks.yaml`` sequence, or
 nothing — then each task is read from the folder it was trained on (``train/tasks.json``). Images are read
@@ -13,16 +13,18 @@ with the class order stored at training time, so label ``i`` means the same clas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftc.blocks.contract import TaskPredictor, offers
 from peftc.errors import PeftcError, TaskError
 from peftc.train.data import ImageDataset, TaskData, collate, discover
 from peftc.train.distributed import DistContext, setup
+from peftc.train.heads import TaskSelection, get_head
 from peftc.train.registry import Registry
 from peftc.train.run import batches
 from peftc.train.transforms import backbone_stats, eval_transform
@@ -36,7 +38,7 @@ class EvalError(PeftcError):
 
 # A selector maps a batch of images to the index (into the task list it was built for) of the predicted task
 # and the class predicted within it.
-Selector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Selector = TaskSelection
 
 
 @dataclass(frozen=True)
@@ -83,23 +85,14 @@ def task_accuracy(model: Any, task: str, loader: torch.utils.data.DataLoader, di
     return (correct / total if total else 0.0), int(total), int(skipped)
 
 
-def _ln_selector(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> Selector | None:
-    """LayerNorm tuning's keys (peftc.methods.ln_tuning.select), or None when the model has none."""
-    try:
-        from peftc.methods.ln_tuning.select import task_selector
-
-        sel = task_selector(model)
-        sel.key_parameters()
-    except (ModuleNotFoundError, TaskError):
+def _routed_selection(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> Selector | None:
+    """Task selection by a block of the model (the contract's ``task_predictor``), or None when none offers it."""
+    predictor = task_predictor(model)
+    if predictor is None:
         return None
 
     def pick(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sel.candidates = tasks
-        try:
-            with sel.routing(images) as index:  # the task predicted per sample, its rows in every LN
-                logits = model.net(images)
-        finally:
-            sel.candidates = None
+        index, logits = predictor.route(images, tasks)
         index = index.cpu()
         local = torch.stack([logits[i, spans[t][0]: spans[t][0] + spans[t][1]].argmax().cpu()
                              for i, t in enumerate(index.tolist())])
@@ -108,29 +101,32 @@ def _ln_selector(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> 
     return pick
 
 
+def task_predictor(model: Any) -> TaskPredictor | None:
+    """The first task predictor a block class of ``model`` offers (see :mod:`peftc.blocks.contract`)."""
+    kinds = dict.fromkeys(type(m) for m in model.net.modules() if offers(m, "task_predictor"))
+    for kind in kinds:
+        predictor = kind.task_predictor(model)
+        if predictor is not None:
+            return predictor
+    return None
+
+
 def selector_for(model: Any, tasks: list[str], registry: Registry | None) -> Selector:
-    """The method's task selection over ``tasks``: LN-tuning keys, or a TaER incremental classifier."""
+    """The method's task selection over ``tasks``: a block's task predictor, or the training head's."""
     entries = [(registry.task(t) if registry else None) or {} for t in tasks]
     spans = [(e.get("offset", 0), len(e.get("classes") or []) or int(model.bank.classes(t) or 0))
              for e, t in zip(entries, tasks)]
-    ln = _ln_selector(model, tasks, spans)
-    if ln is not None:
-        return ln
+    routed = _routed_selection(model, tasks, spans)
+    if routed is not None:
+        return routed
     heads = {(registry.task(t) or {}).get("head") for t in tasks} if registry else set()
-    if heads == {"taer"}:
-        from peftc.methods.taer.taer import taer_logits
-
-        classes = [model.bank.classes(t) for t in tasks]
-        offsets = torch.tensor([0, *torch.tensor(classes).cumsum(0).tolist()[:-1]])
-
-        def pick(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            flat = taer_logits(model, images, tasks).argmax(1).cpu()
-            task = torch.bucketize(flat, offsets, right=True) - 1
-            return task, flat - offsets[task]
-
-        return pick
-    raise EvalError(f"spec {model.spec.name!r} has no task selection (LN-tuning keys, or tasks trained with "
-                    "train.head: taer); evaluate with the task given (--task NAME, or per task without --select)")
+    if len(heads) == 1 and None not in heads:
+        chosen = get_head(heads.pop()).task_selection(model, tasks)
+        if chosen is not None:
+            return chosen
+    raise EvalError(f"spec {model.spec.name!r} has no task selection (no block predicts tasks and the tasks' "
+                    "training head selects none); evaluate with the task given (--task NAME, or per task "
+                    "without --select)")
 
 
 @torch.no_grad()
@@ -200,7 +196,7 @@ def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Regist
 def _task_data(artifact: Path, registry: Registry, tasks: list[str], data: str | Path | None, single: bool
                ) -> dict[str, TaskData]:
     """Each task's data: the given task folder, a folder of task folders, a tasks.yaml, or where it trained."""
-    from peftc.train.sequence import read_sequence
+    from peftc.train.data import read_sequence
 
     out = {}
     by_yaml: dict[str, Path] = {}
@@ -233,10 +229,10 @@ def evaluate(artifact: str | Path, data: str | Path | None = None, *, task: str 
              select: bool = False, device: str = "cpu", batch_size: int = 64, image_size: int | None = None,
              workers: int = 0, split: str = "val") -> dict[str, Any]:
     """Load the artifact at ``artifact`` and report accuracy per task (see the module docstring)."""
-    import peftc
+    from peftc.compiler import load
 
     artifact = Path(artifact)
-    model = peftc.load(artifact)
+    model = load(artifact)
     registry = Registry(artifact)
     trained = registry.trained_tasks()
     if task is not None:

@@ -4,7 +4,7 @@ The artifact knows each task's tensors and class count; evaluation also needs th
 order (to read a data folder the way training read it), and a resumed run needs to know what it was doing.
 One JSON file, replaced atomically, holds per task: classes, data folder, recipe, status (``running`` /
 ``finished``), the epoch history and the final validation accuracy, plus how tasks were trained (``head``:
-``task`` or ``taer``) and in which order.
+the training head's name) and in which order.
 
 A task counts as finished only when it is ``finished`` here *and* present in the artifact's manifest, so an
 interruption between the two writes is resumed, never mistaken for a finished task.

@@ -63,7 +63,7 @@ class TaskRun:
     image_size: int = 224
     workers: int = 0
     hooks: Hooks = field(default_factory=Hooks)
-    replay: Any = None  # peftc.methods.taer.taer.ReplayBuffer when the recipe's head is taer
+    memory: Any = None  # what the recipe's training head keeps across tasks (peftc.train.heads), e.g. a replay memory
     forward_module: nn.Module | None = None  # the DDP wrapper while a stage trains in parallel
     corrupt: set[Path] = field(default_factory=set)
     # Where this task's classes sit in the head's outputs: 0 for a per-task head; with one head shared by all

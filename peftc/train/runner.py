@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from peftc.errors import PeftcError, TaskError
+from peftc.errors import PeftcError
 from peftc.language import StageDecl, TrainSection
 from peftc.train.checkpoint import Checkpoint
 from peftc.train.data import discover
 from peftc.train.distributed import DistContext, setup
+from peftc.train.heads import get_head
 from peftc.train.loop import StageOutcome, run_stage
 from peftc.train.progress import Reporter
 from peftc.train.recipe import resolve, stage_recipe
@@ -69,7 +70,7 @@ def _checkpoint(artifact: Path, task: str) -> Checkpoint:
 def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Reporter, model: Any,
                 state: dict[str, Any] | None) -> tuple[Any, TrainSection]:
     """(model, recipe) for a fresh start or a resume from ``state``; ``model``: the artifact, already loaded."""
-    import peftc
+    from peftc.compiler import load
 
     ckpt = _checkpoint(artifact, task)
     if state is not None:
@@ -82,7 +83,7 @@ def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Repo
         reporter.note(f"discarding the unfinished run of task {task!r} (pass --resume to continue it)")
         ckpt.remove()
     if model is None:
-        model = peftc.load(artifact)
+        model = load(artifact)
     overrides = dict(options.overrides)
     if options.epochs is not None:
         overrides["epochs"] = options.epochs
@@ -172,13 +173,10 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     if offset is None:
         offset = _label_offset(model, task, len(task_data.classes), registry, seen[:-1])
     image_size = (state or {}).get("image_size") or options.image_size or int(model.backbone.input_size[-1])
-    replay = None
-    if recipe.head == "taer":
-        from peftc.methods.taer.taer import REPLAY, ReplayBuffer
-
-        replay = ReplayBuffer.load(artifact / TRAIN_DIR / REPLAY, recipe.replay.memory)
+    head = get_head(recipe.head, model.spec.locate(("train", "head")))
+    memory = head.open_memory(artifact / TRAIN_DIR, recipe)
     run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
-                  workers=options.workers, hooks=options.hooks, replay=replay,
+                  workers=options.workers, hooks=options.hooks, memory=memory,
                   offset=offset, seen_tasks=seen)
     info = {"classes": list(task_data.classes), "data": str(Path(data).resolve()),
             "recipe": recipe.model_dump(mode="json"),
@@ -215,11 +213,9 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     accuracy = run.validate() if any(s.validates for s in stages) else None
     summary = _summary(run, task_data, outcomes, accuracy, time.perf_counter() - started)
     if dist.main:
-        if replay is not None:
-            from peftc.methods.taer.taer import REPLAY
-
-            replay.add_task(task, task_data.train, len(task_data.classes), image_size, seed)
-            replay.save(artifact / TRAIN_DIR / REPLAY)
+        if memory is not None:
+            head.close_memory(memory, artifact / TRAIN_DIR, task, task_data.train, len(task_data.classes),
+                              image_size, seed)
         registry.update(task, status="finished", **info, val_accuracy=accuracy, stages=outcomes,
                         corrupt_skipped=summary["corrupt_skipped"])
         model.save(artifact)
@@ -261,9 +257,3 @@ def _summary(run: TaskRun, data: Any, outcomes: list[dict[str, Any]], accuracy: 
         "corrupt_skipped": len(run.corrupt),
         "corrupt_examples": [str(p) for p in sorted(run.corrupt)[:5]],
     }
-
-
-def ensure_task_name(name: str) -> str:
-    if not name or "/" in name or name.startswith("."):
-        raise TaskError(f"task names are non-empty, without '/', and do not start with '.', got {name!r}")
-    return name

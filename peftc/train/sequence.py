@@ -22,96 +22,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from peftc.errors import PeftcError
-from peftc.train.data import discover
+from peftc.compiler import load
+from peftc.train.data import SequenceError, discover, read_sequence
 from peftc.train.distributed import setup
 from peftc.train.evaluate import evaluate_model
 from peftc.train.metrics import continual_metrics, heatmap
 from peftc.train.progress import Reporter
 from peftc.train.registry import TRAIN_DIR, Registry
-from peftc.train.runner import TrainError, TrainOptions, ensure_task_name, train_task
+from peftc.train.runner import TrainError, TrainOptions, train_task
 
-__all__ = ["Sequence", "SequenceError", "read_sequence", "train_sequence"]
+__all__ = ["train_sequence"]
 
 ACCURACY_JSON = "accuracy.json"
 ACCURACY_PNG = "accuracy.png"
-
-
-class SequenceError(PeftcError):
-    """The sequence file is missing or malformed."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SequenceTask(_Strict):
-    name: str
-    data: Path
-    classes: list[str] | None = None
-    epochs: int | None = Field(default=None, ge=1)
-
-
-class Sequence(_Strict):
-    root: Path = Path(".")
-    epochs: int | None = Field(default=None, ge=1)
-    tasks: list[SequenceTask] = Field(min_length=1)
-
-
-def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            out[(*path, key.value)] = key.start_mark.line + 1
-            _positions(value, (*path, key.value), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, (*path, i), out)
-
-
-def read_sequence(path: str | Path) -> Sequence:
-    """Parse and check a sequence file; task folders become absolute (relative to the file and ``root``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SequenceError(f"cannot read sequence file {path}: {exc.strerror or exc}") from None
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SequenceError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    was_list = isinstance(raw, list)  # a bare list of tasks is accepted too
-    if was_list:
-        raw = {"tasks": raw}
-    if not isinstance(raw, dict):
-        raise SequenceError(f"{path}: expected a mapping with 'tasks:' (a list of {{name, data}})")
-    try:
-        seq = Sequence.model_validate(raw)
-    except ValidationError as exc:
-        lines: dict[tuple[Any, ...], int] = {}
-        if node is not None:
-            _positions(node, ("tasks",) if was_list else (), lines)
-        errors = []
-        for err in exc.errors()[:3]:
-            loc = tuple(err["loc"])
-            line = next((lines[loc[:k]] for k in range(len(loc), -1, -1) if loc[:k] in lines), None)
-            key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-            errors.append(f"{path}{f':{line}' if line else ''}: {key}: {err['msg']}")
-        raise SequenceError("\n".join(errors)) from None
-    base = (path.parent / seq.root).resolve()
-    names = [t.name for t in seq.tasks]
-    for t in seq.tasks:
-        ensure_task_name(t.name)
-        if names.count(t.name) > 1:
-            raise SequenceError(f"{path}: task {t.name!r} appears more than once")
-        t.data = t.data if t.data.is_absolute() else base / t.data
-    return seq
 
 
 def _write(directory: Path, record: dict[str, Any]) -> None:
@@ -123,17 +46,16 @@ def _write(directory: Path, record: dict[str, Any]) -> None:
 
 def _check_selection(artifact: Path, options: TrainOptions) -> None:
     """Refuse ``select`` before training when the method has no task selection (not after the whole sequence)."""
-    from peftc.language import load_spec
-    from peftc.storage.artifact import read_manifest
-    from peftc.train.evaluate import EvalError
+    from peftc.train.evaluate import EvalError, task_predictor
+    from peftc.train.heads import get_head
     from peftc.train.recipe import resolve
 
-    spec = load_spec(read_manifest(artifact)["spec"])
-    if resolve(spec.train, options.overrides).head == "taer":
+    model = load(artifact)
+    head = get_head(resolve(model.spec.train, options.overrides).head)
+    if head.selects_tasks() or task_predictor(model) is not None:
         return
-    if any(getattr(rule.args, "block", None) == "task_key" for rule in spec.rules):
-        return
-    raise EvalError(f"spec {spec.name!r} has no task selection (LN-tuning keys, or train.head: taer); drop --select")
+    raise EvalError(f"spec {model.spec.name!r} has no task selection (no block predicts tasks and its training "
+                    "head selects none); drop --select")
 
 
 def _row(model: Any, names: list[str], i: int, data: dict[str, Any], settings: dict[str, tuple[int, str]],
@@ -191,9 +113,8 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
             if any(finished[i + 1:]):
                 raise SequenceError(f"task {task.name!r} is trained but {out_dir / ACCURACY_JSON} has no row for "
                                     "it, and later tasks changed the model since; the sequence cannot be resumed")
-            import peftc  # the latest finished task (trained alone, say): the model is as it left it
-
-            model = model or peftc.load(artifact).to(dist.device)
+            # the latest finished task (trained alone, say): the model is as it left it
+            model = model or load(artifact).to(dist.device)
             matrix.append(_row(model, names, i, data, settings, Registry(artifact), options.workers, dist))
             continue
         epochs = options.epochs or task.epochs or seq.epochs
@@ -214,9 +135,8 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
     record: dict[str, Any] = {"artifact": str(artifact), "tasks": names, "matrix": matrix,
                               **continual_metrics(matrix), "trained": [s["task"] for s in summaries]}
     if select:
-        import peftc
 
-        model = model or peftc.load(artifact).to(dist.device)
+        model = model or load(artifact).to(dist.device)
         size, augment = settings[names[-1]]
         chosen = evaluate_model(model, data, registry=Registry(artifact), select=True, image_size=size,
                                 augment=augment, workers=options.workers, dist=dist)

@@ -3,19 +3,18 @@
 Most methods have one stage, ``fit``: cross-entropy on the task's classes over everything the spec trains (and,
 when the spec has a ``schedule:``, only what the active phase trains — ConFiT's hierarchical fine-tuning,
 applied through ``model.schedule_at(epoch / epochs)`` at the start of every epoch). Methods whose papers train
-in several steps list them, e.g. LayerNorm tuning's keys → LN rows → head rectification.
+in several steps list them (keys → LN rows → head rectification, say).
 
 A stage is a class registered under a name with :func:`register_stage`; the epoch loop asks it which
 parameters to optimise, the loss of a batch, and whether it validates (stages that validate get early stopping
-and the best-epoch restore). Stages that belong to one method live with that method and register themselves
-when their module is imported (listed in ``_PROVIDERS``), so a spec naming them works without the trainer
-importing every method up front. Third-party stages register from Python, like blocks.
+and the best-epoch restore). Stages that belong to one method live in its room (:mod:`peftc.methods`) and register
+themselves when it is imported (:mod:`peftc.plugins` does, on the first lookup); third-party stages register
+from Python, like blocks.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -25,18 +24,14 @@ from torch import nn
 
 from peftc.errors import SpecError, did_you_mean
 from peftc.language import StageDecl, TrainSection
+from peftc.plugins import ensure_loaded
+from peftc.train.heads import get_head
 from peftc.train.run import TaskRun
 
 __all__ = ["FitStage", "Stage", "make_stage", "register_stage", "stage_names"]
 
 _STAGES: dict[str, Callable[[StageDecl, TaskRun, TrainSection], Stage]] = {}
 
-# Stages provided by method modules, imported on first use: stage name -> module that registers it.
-_PROVIDERS: dict[str, str] = {
-    "task_keys": "peftc.methods.ln_tuning.stages",
-    "rectify_head": "peftc.methods.ln_tuning.stages",
-    "distill": "peftc.methods.tocom.stage",
-}
 
 
 class Stage:
@@ -97,20 +92,14 @@ def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
 
 
 def stage_names() -> list[str]:
-    return sorted(set(_STAGES) | set(_PROVIDERS))
+    ensure_loaded()
+    return sorted(_STAGES)
 
 
 def make_stage(decl: StageDecl, run: TaskRun, recipe: TrainSection, where: Any = None) -> Stage:
-    """Build the stage a spec names; an unknown name (or a method module that is not there) is a SpecError."""
-    if decl.stage not in _STAGES and decl.stage in _PROVIDERS:
-        module = _PROVIDERS[decl.stage]
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("peftc"):
-                raise
-            raise SpecError(f"stage {decl.stage!r} comes from {module}, which this peftc does not have",
-                            where) from None
+    """Build the stage a spec names; an unknown name is a SpecError at ``where``."""
+    if decl.stage not in _STAGES:
+        ensure_loaded()
     if decl.stage not in _STAGES:
         raise SpecError(f"unknown training stage {decl.stage!r}" + did_you_mean(decl.stage, stage_names())
                         + f"; stages: {', '.join(stage_names())}", where)
@@ -123,7 +112,7 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: TrainSec
 
 @register_stage("fit")
 class FitStage(Stage):
-    """Cross-entropy on the task's own head over what the spec trains (TaER when ``train.head`` is taer).
+    """Cross-entropy on the task's own head over what the spec trains, or the recipe's training head's loss.
 
     With a ``schedule:`` in the spec, the optimizer covers every tensor any phase trains and each epoch starts
     with ``model.schedule_at(epoch / epochs)``, which switches ``requires_grad`` for the phase.
@@ -134,12 +123,8 @@ class FitStage(Stage):
         unknown = sorted(set(decl.args) - {"temporary_head"})
         if unknown:
             raise SpecError(f"stage 'fit' takes args temporary_head, not {', '.join(unknown)}")
-        self.taer = None
         self._temporary: TemporaryHead | None = None
-        if recipe.head == "taer":
-            from peftc.methods.taer.taer import TaerObjective
-
-            self.taer = TaerObjective(run, recipe)
+        self.head = get_head(recipe.head)(run, recipe)
 
     @property
     def _scheduled(self) -> bool:
@@ -151,16 +136,13 @@ class FitStage(Stage):
         if self._scheduled:
             return list(model.schedule.parameters(model.net))
         params = super().parameters()
-        if self.taer is not None:  # old tasks' heads enter detached: keep them out of the optimizer too
-            frozen = {id(p) for p in self.taer.frozen_parameters()}
-            params = [p for p in params if id(p) not in frozen]
-        return params
+        frozen = {id(p) for p in self.head.frozen_parameters()}  # e.g. old tasks' heads, read detached
+        return [p for p in params if id(p) not in frozen]
 
     def begin(self) -> None:
         if self.decl.args.get("temporary_head"):
             self._temporary = TemporaryHead(self.run.model)
-        if self.taer is not None:
-            self.taer.begin()
+        self.head.begin()
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return self._temporary.state() if self._temporary is not None else {}
@@ -179,19 +161,20 @@ class FitStage(Stage):
         return change.changed
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.taer is not None:
-            return self.taer.loss(images, labels)
+        loss = self.head.loss(images, labels)
+        if loss is not None:
+            return loss
         return supervised_loss(self.run.task_logits(self.run.forward(images)), labels, self.recipe)
 
     def validate(self) -> float | None:
-        return self.taer.validate() if self.taer is not None else super().validate()
+        accuracy = self.head.validate()
+        return accuracy if accuracy is not None else super().validate()
 
     def end(self) -> None:
         if self._temporary is not None:
             self._temporary.remove()
             self._temporary = None
-        if self.taer is not None:
-            self.taer.end()
+        self.head.end()
         if self._scheduled:
             self.run.model.schedule_at(1.0)  # leave the model as the rules made it (every phase's tensors)
 

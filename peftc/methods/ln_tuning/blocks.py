@@ -13,7 +13,7 @@ Two blocks:
   a fixed orthogonal matrix, so keys start mutually orthogonal. It also reads the query — the CLS token of the
   final-norm output — when a selector asks for it.
 
-Folding: :meth:`TaskLayerNorm.folded` is an ``nn.LayerNorm`` holding the active task's row; :meth:`TaskKey.folded`
+Folding: :meth:`TaskLayerNorm.folded` is an ``nn.LayerNorm`` holding the active task's row; :meth:`TaskKeyCore.folded`
 is an identity. The deployed graph is the plain backbone for that task.
 """
 
@@ -31,7 +31,7 @@ from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
-__all__ = ["QueryReady", "TaskKey", "TaskLayerNorm"]
+__all__ = ["QueryReady", "TaskKeyArgs", "TaskKeyCore", "TaskLayerNorm"]
 
 
 class TaskLayerNorm(Block):
@@ -100,7 +100,7 @@ class TaskLayerNorm(Block):
 
 
 class QueryReady(Exception):  # control flow, not an error
-    """Raised by :class:`TaskKey` to end a query-only forward once the query is read."""
+    """Raised by :class:`TaskKeyCore` to end a query-only forward once the query is read."""
 
 
 def orthogonal_row(dim: int, index: int, seed: int = 0) -> torch.Tensor:
@@ -122,8 +122,9 @@ def _orthogonal(dim: int, seed: int) -> torch.Tensor:
     return q.float()
 
 
-class TaskKey(Block):
-    """The active task's key (``R^C``); an identity on the data path that can read the query (the CLS token)."""
+class TaskKeyCore(Block):
+    """The mechanics of the task key (the registered block is :class:`~peftc.methods.ln_tuning.key.TaskKey`):
+    the active task's key (``R^C``); an identity on the data path that can read the query (the CLS token)."""
 
     def __init__(self, dim: int, seed: int = 0):
         super().__init__()
@@ -202,15 +203,3 @@ def ln_bank(site: Site, args: LNBankArgs) -> nn.Module:
         raise PeftcError(f"ln_bank replaces a LayerNorm; {site.name!r} is {kind}")
     _check_last_dim_norm(norm, site.name)
     return TaskLayerNorm.from_layernorm(norm)
-
-
-@register_block("task_key", args=TaskKeyArgs, suffix="task_key")
-def task_key(site: Site, args: TaskKeyArgs) -> nn.Module:
-    """A per-task key (orthogonal init) that reads the CLS query after the final norm; identity on the data."""
-    dim = site.channels("output")
-    block = TaskKey(dim, args.seed)
-    module = site.module
-    weight = next(module.parameters(), None) if module is not None else None
-    if weight is not None:
-        block.to(device=weight.device, dtype=weight.dtype)
-    return block

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.errors import TaskError, did_you_mean
-from peftc.methods.ln_tuning.blocks import QueryReady, TaskKey, TaskLayerNorm
+from peftc.methods.ln_tuning.blocks import QueryReady, TaskKeyCore, TaskLayerNorm
 
 __all__ = ["TaskSelector", "mask_logits", "task_selector"]
 
@@ -66,7 +66,7 @@ class TaskSelector:
         if not self._norms:
             raise TaskError(f"spec {model.spec.name!r} has no ln_bank blocks; per-sample task selection needs "
                             "a model compiled with ln_tuning")
-        keys = [(path, m) for path, m in net.named_modules() if isinstance(m, TaskKey)]
+        keys = [(path, m) for path, m in net.named_modules() if isinstance(m, TaskKeyCore)]
         self._key_path, self._key = keys[0] if keys else (None, None)
         self._head = self._find_head(net)
         self._candidates: list[str] | None = None
@@ -114,7 +114,7 @@ class TaskSelector:
         """Stage (c) (and (b)): the classification head's parameters."""
         return [p for path in self._head for p in self.model.net.get_submodule(path).parameters()]
 
-    def _require_key(self) -> TaskKey:
+    def _require_key(self) -> TaskKeyCore:
         if self._key is None:
             raise TaskError("this model has no task keys (compiled with keys=false); force tasks with set_task")
         return self._key
@@ -200,6 +200,17 @@ class TaskSelector:
         """The head applied to :meth:`features` (averaged over DeiT's two heads, as the model does)."""
         outs = [self.model.net.get_submodule(path)(features) for path in self._head]
         return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+    def route(self, images: torch.Tensor, candidates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contract's task prediction: each image's task among ``candidates`` by its key, and the logits
+        of a forward in which every image uses its predicted task's LN rows."""
+        self.candidates = candidates
+        try:
+            with self.routing(images) as index:
+                logits = self.model.net(images)
+        finally:
+            self.candidates = None
+        return index, logits
 
     @contextmanager
     def routing(self, x: torch.Tensor, tasks: TaskChoice = None) -> Iterator[torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from peftc.blocks.contract import Block
+from peftc.blocks.contract import Block, acts_as
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 
@@ -122,7 +122,7 @@ def _plain_conv(base: nn.Module) -> type[nn.Module]:
 def lora(site: Site, args: LoraArgs) -> nn.Module:
     """Low-rank bypass (α/r)·B·A of a Linear or a convolution; B starts at zero."""
     base = site.module
-    if isinstance(base, nn.Linear):
+    if acts_as(base, nn.Linear):
         block: nn.Module = LoraLinear(base.in_features, base.out_features, args.rank, args.alpha, args.dropout)
     elif isinstance(base, nn.modules.conv._ConvNd) and not getattr(base, "transposed", False):
         block = LoraConv(base, args.rank, args.alpha, args.dropout)

@@ -222,7 +222,7 @@ class TaerObjective:
         self.run = run
         self.recipe = recipe
         self.path = head_path(run.model)
-        self.buffer: ReplayBuffer = run.replay
+        self.buffer: ReplayBuffer = run.memory
         self.old = [t for t in self.buffer.tasks if t != run.task]
         self.offset = sum(self.buffer.classes[self.buffer.tasks.index(t)] for t in self.old)
         self.generator = torch.Generator().manual_seed(run.epoch_seed(-1, 0))

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import fx, nn
 
-from peftc.blocks.contract import Block
+from peftc.blocks.contract import Block, acts_as
 from peftc.blocks.registry import BlockArgs, Site, register_block
 from peftc.errors import PeftcError
 from peftc.methods.tome.tome import TokenMerge, set_r, token_merges
@@ -140,7 +140,7 @@ def _merge_of_block(site: Site) -> tuple[str, TokenMerge] | None:
 def tocom(site: Site, args: ToComArgs) -> ToCom:
     """Token compensator on q and v of a fused qkv Linear (attach with ``parallel``)."""
     base = site.module
-    if not isinstance(base, nn.Linear) or base.out_features != 3 * base.in_features:
+    if not acts_as(base, nn.Linear) or base.out_features != 3 * base.in_features:
         raise PeftcError(f"tocom attaches to a fused qkv Linear(d, 3d); {site.name!r} is {base}")
     found = _merge_of_block(site)
     r_tgt = args.r_tgt
