@@ -11,7 +11,8 @@ task-owned modules times the number of tasks, which for parameter-efficient meth
 Heads with different class counts are padded to the largest one with ``-inf`` (softmax gives those classes
 zero probability); a task id outside ``0..T-1`` yields ``NaN`` rows rather than another task's answer.
 Per-sample routing is exact because every routed module treats samples independently at inference (BatchNorm
-uses its running statistics). Blocks that route tasks themselves (overriding the contract's ``set_task``) are not supported here.
+uses its running statistics). Blocks that route tasks themselves (overriding the contract's ``set_task``)
+are not supported here.
 
 A graph that picks each sample's task *itself* (no task input) is a deploy mode a block offers through the
 contract (``deploy_modes()["select_task"]``, :mod:`peftc.blocks.contract`); :func:`task_placeholder` is the task

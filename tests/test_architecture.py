@@ -66,7 +66,8 @@ def _code_only(source: str) -> str:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            value = first.value if isinstance(first, ast.Expr) else None
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 docstrings.add((first.lineno, first.col_offset))
     kept = []
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -83,12 +84,13 @@ def test_the_method_names_are_found() -> None:
 
 @pytest.mark.parametrize("folder", SHARED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shared_code_names_no_method(folder: Path) -> None:
-    pattern = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(sorted(map(re.escape, _method_names()))) + r")(?![A-Za-z0-9_])")
+    names = "|".join(sorted(map(re.escape, _method_names())))
+    pattern = re.compile(rf"(?<![A-Za-z0-9_])({names})(?![A-Za-z0-9_])")
     hits = []
     for path in sorted(folder.rglob("*.py")):
         for match in pattern.finditer(_code_only(path.read_text(encoding="utf-8"))):
             hits.append(f"{path.relative_to(ROOT)}: {match.group(0)!r}")
-    assert not hits, "shared code names a method (add a hook to the contract or a registry instead):\n" + "\n".join(hits)
+    assert not hits, "shared code names a method (give it a hook or a registry):\n" + "\n".join(hits)
 
 
 def _imports(module: str, path: Path) -> set[str]:
@@ -109,7 +111,8 @@ def _imports(module: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # a submodule imported by name
     return {name for name in found if name in MODULES and name != module}

@@ -115,7 +115,7 @@ class Compiled(nn.Module):
         return {n: t for n, t in out.items() if n not in owned and not n.startswith(heads)}
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``peftc.json`` and ``delta.safetensors`` to ``directory`` atomically (see :mod:`peftc.storage.artifact`)."""
+        """Write ``peftc.json`` and ``delta.safetensors`` to ``directory`` atomically (storage.artifact)."""
         from peftc.storage.artifact import save
 
         return save(self, directory)

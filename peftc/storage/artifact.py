@@ -5,7 +5,8 @@ No pickles anywhere: the manifest is JSON, tensors are safetensors, and backbone
 ``tasks/<name>/`` and shared tensors under ``shared/`` — never the frozen backbone. Writes are atomic: the new
 artifact is written into a hidden sibling directory and swapped in with renames, so an interrupted save leaves
 the previous artifact intact. Reading checks the delta against its manifest and refuses one that belongs to
-another backbone or spec (rebuilding the model an artifact holds is :func:`peftc.compiler.load`). Tensors a block stores packed (``packed_bits``) are
+another backbone or spec (rebuilding the model an artifact holds is :func:`peftc.compiler.load`). Tensors a
+block stores packed (``packed_bits``) are
 stored packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
 (:mod:`peftc.storage.codec`).
 """

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftc.errors import PeftcError, TaskError, did_you_mean
 
-__all__ = ["IMAGE_EXTENSIONS", "Corrupt", "DataError", "ImageDataset", "SequenceError", "SequenceTask", "Split", "TaskData",
-           "TaskSequence", "collate", "discover", "ensure_task_name", "read_sequence"]
+__all__ = ["IMAGE_EXTENSIONS", "Corrupt", "DataError", "ImageDataset", "SequenceError", "SequenceTask", "Split",
+           "TaskData", "TaskSequence", "collate", "discover", "ensure_task_name", "read_sequence"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _VAL_NAMES = ("val", "valid", "validation")

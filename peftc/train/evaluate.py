@@ -4,7 +4,8 @@ With the task given, each task's validation images go through that task's state 
 the share whose predicted class is right. With ``select``, nobody tells the model the task: the method's own
 selector predicts it per image — a block's task predictor (:mod:`peftc.blocks.contract`: task keys, say), or
 the training head's selection (an incremental classifier over all seen classes) — and an image counts as correct
-only when both the task and the class are right. Task-selection accuracy (right task, whatever the class) is reported beside it.
+only when both the task and the class are right. Task-selection accuracy (right task, whatever the class) is
+reported beside it.
 
 Data: a task's folder (``--task``), a folder holding one sub-folder per task, a ``tasks.yaml`` sequence, or
 nothing — then each task is read from the folder it was trained on (``train/tasks.json``). Images are read

@@ -6,7 +6,8 @@ Two blocks:
   active task's scale/bias row ``w, b ∈ R^C``, initialised from the pretrained γ/β. The rows are task state of
   the :class:`~peftc.runtime.tasks.TaskBank` (``task_state: inherit``), so each task owns its own row objects — one
   row of the ``T×C`` tables ``w, b`` of the paper — and a new task starts as a copy of the previous task's rows.
-  For per-sample task selection a :class:`~peftc.methods.ln_tuning.select.TaskSelector` hands the block one row per sample
+  For per-sample task selection a :class:`~peftc.methods.ln_tuning.select.TaskSelector` hands the block one row
+  per sample
   for a single forward (:meth:`TaskLayerNorm.routed`).
 * ``task_key`` (:class:`TaskKey`) sits after the final norm, on the data path as an identity. It owns the
   active task's key ``∈ R^C`` (``task_state: new``): task ``k`` (in order of creation) starts at row ``k`` of

@@ -3,7 +3,8 @@
 Every parameterised layer of a tied block ``i`` computes with ``θ̃ = a_i·θ_prev + b_i·θ_next``, the same-path
 layer's parameters in the neighbouring blocks, mixed by the block's two learnable scalars. The rewrite is plain
 data flow: the neighbours' parameters and the scalars become ``get_attr`` nodes passed to the layer (now a
-:class:`~peftc.methods.replacement.tied.TiedLayer`) as its ``tie`` keyword, and the block's own parameters leave the model —
+:class:`~peftc.methods.replacement.tied.TiedLayer`) as its ``tie`` keyword, and the block's own parameters leave
+the model —
 so the parameter count, the state dict and the optimizer really shrink while gradients reach the neighbours.
 
 Which blocks: the children of a ``Sequential``/``ModuleList`` form *runs of identical blocks* (consecutive

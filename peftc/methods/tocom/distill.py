@@ -19,7 +19,8 @@ Calling :func:`distill` again with the same directory continues where it stopped
 image tensor the batches are a deterministic function of the seed and the step, so an interrupted and resumed
 run gives exactly the tensors of an uninterrupted one.
 
-**Model arithmetic** (:func:`peftc.compose.attach`). A plugin distilled once on a backbone is added to any downstream artifact
+**Model arithmetic** (:func:`peftc.compose.attach`). A plugin distilled once on a backbone is added to any
+downstream artifact
 of the same backbone. The combined spec is the downstream spec's rules, unchanged, followed by the plugin
 spec's rules without
 
@@ -54,10 +55,12 @@ from torch import nn
 from peftc.errors import ArtifactError, PeftcError
 from peftc.methods.tocom.tocom import compensators, set_compression
 from peftc.methods.tome.tome import set_r, token_merges
+from peftc.storage.artifact import replace_directory
+from peftc.train.checkpoint import optimizer_from_files, optimizer_to_files
 
 __all__ = ["DistillResult", "distill", "distillation_kl", "soft_target_kl"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the optimizer is stored as the trainer's checkpoints store it
 _PLUGIN, _OPTIM, _STATE = "plugin.safetensors", "optimizer.safetensors", "state.json"
 
 
@@ -180,14 +183,11 @@ def _backbone_hash(model: nn.Module) -> str | None:
 def _write_checkpoint(directory: Path, model: nn.Module, named: Mapping[str, nn.Parameter],
                       optimizer: torch.optim.Optimizer, step: int, sampler: random.Random, settings: _Settings,
                       losses: list[float]) -> None:
+    """The plugin, the optimizer (the trainer's split into safetensors + JSON) and the RNGs, swapped in whole."""
     from safetensors.torch import save_file
 
-    state = optimizer.state_dict()
-    tensors = {f"state/{i}/{k}": v.detach().cpu().contiguous() for i, entry in state["state"].items()
-               for k, v in entry.items() if isinstance(v, torch.Tensor)}
+    tensors, optim = optimizer_to_files(optimizer.state_dict())
     tensors["rng/torch"] = torch.get_rng_state()
-    scalars = {str(i): {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
-               for i, entry in state["state"].items()}
     version, internal, gauss = sampler.getstate()
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -195,8 +195,7 @@ def _write_checkpoint(directory: Path, model: nn.Module, named: Mapping[str, nn.
         "backbone": _backbone_hash(model),
         "settings": asdict(settings),
         "plugin": {name: list(p.shape) for name, p in named.items()},
-        "param_groups": state["param_groups"],
-        "state_scalars": scalars,
+        "optimizer": optim,
         "sampler": [version, list(internal), gauss],
         "losses": losses,
     }
@@ -211,13 +210,7 @@ def _write_checkpoint(directory: Path, model: nn.Module, named: Mapping[str, nn.
         for f in staging.iterdir():
             with f.open("rb") as handle:
                 os.fsync(handle.fileno())
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            directory.rename(old)
-        staging.rename(directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -235,7 +228,8 @@ def _read_checkpoint(directory: Path, model: nn.Module, named: Mapping[str, nn.P
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{directory}: unreadable distillation checkpoint ({exc})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
+        raise ArtifactError(f"{directory}: unsupported checkpoint format {meta.get('format')!r} (this peftc "
+                            f"writes {CHECKPOINT_FORMAT}; start the distillation in a new directory)")
     ours = _backbone_hash(model)
     if meta.get("backbone") and ours and meta["backbone"] != ours:
         raise ArtifactError(f"{directory}: this checkpoint was written for another backbone "
@@ -248,18 +242,7 @@ def _read_checkpoint(directory: Path, model: nn.Module, named: Mapping[str, nn.P
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(plugin[name])
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state/"):
-            _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
-    for index, scalars in meta["state_scalars"].items():
-        state.setdefault(int(index), {}).update(scalars)
-    groups = meta["param_groups"]
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict(optimizer_from_files(tensors, meta["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
     version, internal, gauss = meta["sampler"]
     sampler.setstate((version, tuple(internal), gauss))

@@ -4,7 +4,8 @@ Each step draws ``r_src ≠ r_tgt`` uniformly in ``0..r_max`` (the same r in eve
 — the same frozen backbone + ToMe at ``r_src``, which is the student with its plugin's Δmask at zero — and
 trains only the plugin on ``soft_target_kl(student at r_tgt, teacher)`` (τ from ``args``). Labels are not used,
 so any folder of images serves; the stage does not validate. The draw is a function of the seed and the step
-(the step counter is checkpointed), so a resumed run draws the same pairs. ``peftc.methods.tocom.distill.distill`` is the
+(the step counter is checkpointed), so a resumed run draws the same pairs.
+``peftc.methods.tocom.distill.distill`` is the
 same procedure as a standalone loop; this stage runs it under the trainer's recipe (AdamW 2e-3, wd 0.05,
 cosine, 10 epochs in ``specs/tocom.yaml``), data loading, DDP, progress and checkpoints.
 
