@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.analysis.trace import image_input_size
 from peftc.blocks.contract import Deployment, offers
 from peftc.export.errors import ExportError
 from peftc.export.fold import FoldReport, fold
@@ -79,12 +80,7 @@ def prepare(
     of that name a block of the model offers, see :mod:`peftc.blocks.contract`)."""
     if sum((task is not None, all_tasks, select_task)) > 1:
         raise ExportError("give one of a task, all tasks or task selection, not several")
-    channels, height, width = model.backbone.input_size
-    if image_size is not None:
-        height, width = (int(v) for v in image_size)
-        if height < 1 or width < 1:
-            raise ExportError(f"image size must be positive, got {height}x{width}")
-    size = (int(channels), int(height), int(width))
+    size = image_input_size(tuple(model.backbone.input_size), image_size)
     reference_model = copy.deepcopy(model).eval()
     info = {"spec": model.spec.name, "backbone": model.backbone.id, "input_size": size, "tasks": list(model.tasks),
             "classes": [model.bank.classes(t) for t in model.tasks]}

@@ -28,10 +28,10 @@ from peftc.language import SchedulerArgs, TrainSection
 from peftc.methods.taer.taer import REPLAY, ConcatHead, ReplayBuffer
 from peftc.train import TrainOptions, train_sequence, train_task
 from peftc.train.checkpoint import optimizer_from_files, optimizer_to_files
+from peftc.train.context import Hooks
 from peftc.train.distributed import DistContext, DistributedError, env_world, setup
 from peftc.train.metrics import continual_metrics, heatmap
 from peftc.train.recipe import LRSchedule, RecipeError, parse_recipe_overrides, resolve
-from peftc.train.run import Hooks
 
 pytest.importorskip("sklearn")
 

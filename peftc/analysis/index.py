@@ -16,7 +16,7 @@ from peftc.analysis.paths import resolve
 from peftc.analysis.trace import node_name
 from peftc.blocks.contract import layer_type
 
-__all__ = ["Candidate", "NodeIndex", "block_positions", "enclosing_block"]
+__all__ = ["Candidate", "NodeIndex", "block_positions", "enclosing_block", "operation_name"]
 
 _SELECTABLE_OPS = ("call_module", "call_function", "call_method", "get_attr")
 
@@ -56,9 +56,7 @@ def _type_names(node: fx.Node, module: nn.Module | None, tensor: torch.Tensor | 
         return tuple(dict.fromkeys(names))
     if tensor is not None:
         return ("Parameter",) if isinstance(tensor, nn.Parameter) else ("Buffer",)
-    target = node.target
-    name = str(target) if node.op == "call_method" else getattr(target, "__name__", str(target))
-    return (f"fn:{name}",)
+    return (operation_name(node),)
 
 
 def block_positions(root: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -82,14 +80,27 @@ def block_positions(root: nn.Module) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def enclosing_block(name: str, positions: Mapping[str, tuple[str, int, int]]) -> tuple[str, int, int] | None:
-    """The repeated block (container, index, count) that ``name`` lies in, innermost first."""
-    parts = name.split(".")
+def enclosing_block(name: str, positions: Mapping[str, tuple[str, int, int]], *, itself: bool = False) -> str | None:
+    """The path of the innermost repeated block that ``name`` lies in (a ``#k`` call suffix ignored); with
+    ``itself``, ``name`` when no block encloses it but it is one."""
+    parts = name.split("#")[0].split(".")
     for cut in range(len(parts) - 1, 0, -1):
-        hit = positions.get(".".join(parts[:cut]))
-        if hit is not None:
-            return hit
-    return positions.get(name)
+        prefix = ".".join(parts[:cut])
+        if prefix in positions:
+            return prefix
+    return name if itself and name in positions else None
+
+
+def operation_name(node: fx.Node) -> str:
+    """``fn:NAME`` for a function or method call (``fn:add``, ``fn:scaled_dot_product_attention``)."""
+    target = node.target
+    name = str(target) if node.op == "call_method" else getattr(target, "__name__", str(target))
+    return f"fn:{name}"
+
+
+def _position(name: str, positions: Mapping[str, tuple[str, int, int]]) -> tuple[str, int, int] | None:
+    block = enclosing_block(name, positions, itself=True)
+    return positions[block] if block is not None else None
 
 
 class NodeIndex:
@@ -109,7 +120,7 @@ class NodeIndex:
                 tensor = value if isinstance(value, torch.Tensor) else None
             name = node_name(node)
             self.candidates.append(
-                Candidate(node, name, module, tensor, enclosing_block(name, positions),
+                Candidate(node, name, module, tensor, _position(name, positions),
                           _type_names(node, module, tensor))
             )
         self.by_node = {c.node: c for c in self.candidates}

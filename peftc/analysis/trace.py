@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.errors import TraceError
+from peftc.errors import PeftcError, TraceError
 
 __all__ = ["LEAF_TYPES", "node_name", "register_leaf", "trace"]
 
@@ -176,3 +176,15 @@ def example_input(input_size: tuple[int, int, int], batch: int = 1, *, device: A
     """A deterministic example batch for shape propagation."""
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, *input_size, generator=gen).to(device)
+
+
+def image_input_size(
+    input_size: tuple[int, int, int], image_size: int | tuple[int, int] | None
+) -> tuple[int, int, int]:
+    """``(C, H, W)``: a backbone's ``input_size`` with ``image_size`` (one side, or ``(H, W)``) overriding ``H, W``."""
+    channels, height, width = input_size
+    if image_size is not None:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height < 1 or width < 1:
+            raise PeftcError(f"image size must be positive, got {height}x{width}")
+    return int(channels), int(height), int(width)

@@ -226,7 +226,7 @@ def select_cmd(
     """
     from peftc.language import parse_overrides
     from peftc.tools.diff import dry_run
-    from peftc.tools.render.fold import fold
+    from peftc.tools.render.collapse import collapse
 
     load_plugins(plugin)
     matches = dry_run(spec, backbone, params=parse_overrides(set_), seed=seed)
@@ -249,10 +249,10 @@ def select_cmd(
             if m.selector == "all":
                 continue  # every node: listing them says nothing
             pairs = list(zip(m.matches, m.types))
-            for f in fold(pairs, lambda p: p[0], lambda p: p[1])[:40]:
+            for f in collapse(pairs, lambda p: p[0], lambda p: p[1])[:40]:
                 times = f" ({f.count}×)" if f.count > 1 else ""
                 branch.add(f"{escape(f.pattern)} [dim]{escape(f.first[1])}{times}[/]")
-            hidden = len(fold(pairs, lambda p: p[0], lambda p: p[1])) - 40
+            hidden = len(collapse(pairs, lambda p: p[0], lambda p: p[1])) - 40
             if hidden > 0:
                 branch.add(f"[dim]… {hidden} more lines (use --json)[/]")
         console.print(root)

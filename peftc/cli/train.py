@@ -71,7 +71,7 @@ def train_cmd(
     """Train a task of an artifact (or a sequence of tasks) with the spec's training recipe."""
     from peftc.train.data import ensure_task_name
     from peftc.train.recipe import parse_recipe_overrides
-    from peftc.train.runner import TrainError, TrainOptions, train_task
+    from peftc.train.task import TrainError, TrainOptions, train_task
 
     if (task is None) == (sequence is None):
         raise TrainError("give either --task NAME with --data PATH, or --sequence tasks.yaml")

@@ -37,7 +37,7 @@ from peftc.analysis.select import select
 from peftc.analysis.trace import trace
 from peftc.errors import ArtifactError, Location, PeftcError
 from peftc.language import MethodSpec, Selector, load_spec
-from peftc.tools.render.fold import Fold, fold
+from peftc.tools.render.collapse import Collapsed, collapse
 from peftc.tools.view import (
     STATES,
     GraphView,
@@ -106,7 +106,7 @@ class Change:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "rule": self.rule, **self.data}
 
-    def fold_payload(self) -> dict[str, Any]:
+    def collapse_payload(self) -> dict[str, Any]:
         """What must be equal for two changes in repeated blocks to fold.
 
         Shapes and FLOPs may differ between members (a stage's first block downsamples); a reshape folds when
@@ -275,7 +275,7 @@ class GraphDiff:
     b: GraphView
     changes: dict[str, list[Change]]
     tensors: dict[str, Any] | None = None  # artifact diffs: which saved tensors differ
-    _folds: dict[str, list[Fold[Change]]] | None = field(default=None, repr=False)
+    _collapsed: dict[str, list[Collapsed[Change]]] | None = field(default=None, repr=False)
 
     # -- queries ---------------------------------------------------------------------------------------------
     def __getitem__(self, kind: str) -> list[Change]:
@@ -285,11 +285,12 @@ class GraphDiff:
     def empty(self) -> bool:
         return not any(self.changes.values()) and not (self.tensors and self.tensors.get("differ"))
 
-    def folded(self, kind: str) -> list[Fold[Change]]:
+    def collapsed(self, kind: str) -> list[Collapsed[Change]]:
         """The changes of ``kind`` with repeated structure folded (``layer3.{0..5}.conv2``)."""
-        if self._folds is None:
-            self._folds = {k: fold(v, lambda c: c.name, Change.fold_payload) for k, v in self.changes.items()}
-        return self._folds[kind]
+        if self._collapsed is None:
+            self._collapsed = {k: collapse(v, lambda c: c.name, Change.collapse_payload)
+                               for k, v in self.changes.items()}
+        return self._collapsed[kind]
 
     def node_kinds(self) -> dict[str, list[str]]:
         """Graph node → the kinds of change that touch it."""
@@ -369,7 +370,7 @@ class GraphDiff:
         out["folded"] = {
             kind: [
                 {"pattern": f.pattern, "count": f.count, "members": [c.name for c in f.members]}
-                for f in self.folded(kind)
+                for f in self.collapsed(kind)
             ]
             for kind in KINDS
         }

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc.analysis.index import block_positions
-from peftc.analysis.trace import example_input, node_name, trace
+from peftc.analysis.index import block_positions, enclosing_block, operation_name
+from peftc.analysis.trace import example_input, image_input_size, node_name, trace
 from peftc.errors import PeftcError
 
 if TYPE_CHECKING:
@@ -85,12 +85,7 @@ def input_shape(
     input_size: tuple[int, int, int], image_size: int | tuple[int, int] | None = None, batch: int = 1
 ) -> tuple[int, int, int, int]:
     """``(batch, C, H, W)`` for a backbone's ``input_size``, with ``image_size`` overriding ``H, W``."""
-    channels, height, width = input_size
-    if image_size is not None:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        if height < 1 or width < 1:
-            raise PeftcError(f"image size must be positive, got {height}x{width}")
-    return (batch, int(channels), int(height), int(width))
+    return (batch, *image_input_size(input_size, image_size))
 
 
 def _shape_of(value: Any) -> Shape:
@@ -301,7 +296,7 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
-class Site:
+class Attachment:
     """Where a rule attached a new module: the node it follows or bypasses."""
 
     module: str
@@ -318,7 +313,7 @@ class GraphView:
     source: dict[str, Any]
     input: tuple[int, ...]
     nodes: dict[str, NodeInfo]
-    sites: dict[str, Site] = field(default_factory=dict)
+    sites: dict[str, Attachment] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
     fx_names: dict[fx.Node, str] = field(default_factory=dict, repr=False)
     _graph: Any = field(default=None, repr=False)
@@ -375,19 +370,8 @@ def _type_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str]:
         )
         return kind, ""
     if node.op in ("call_function", "call_method"):
-        target = node.target
-        name = str(target) if node.op == "call_method" else getattr(target, "__name__", str(target))
-        return f"fn:{name}", ""
+        return operation_name(node), ""
     return ("input" if node.op == "placeholder" else "output"), ""
-
-
-def _enclosing_block(name: str, positions: Mapping[str, tuple[str, int, int]]) -> str | None:
-    parts = name.split("#")[0].split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in positions:
-            return prefix
-    return None
 
 
 class _Ownership:
@@ -480,15 +464,15 @@ def _owner_of(full: str, module_targets: set[str], attr_targets: set[str]) -> tu
     return None, full
 
 
-def _ledger_facts(ledger: Ledger | None) -> tuple[dict[str, Site], dict[str, str], dict[str, str]]:
+def _ledger_facts(ledger: Ledger | None) -> tuple[dict[str, Attachment], dict[str, str], dict[str, str]]:
     """Insertion sites, the last rule that touched each node, and the nodes a rule replaced."""
-    sites: dict[str, Site] = {}
+    sites: dict[str, Attachment] = {}
     last_rule: dict[str, str] = {}
     replaced: dict[str, str] = {}
     for r in ledger.rewrites if ledger else ():
         module = r.detail.get("module")
         if isinstance(module, str) and module != r.node:
-            sites[module] = Site(module, r.node, r.rule, r.action)
+            sites[module] = Attachment(module, r.node, r.rule, r.action)
         if r.action == "replace" or (r.action == "head" and not r.detail.get("reused", False)):
             replaced[r.node] = r.rule
         if not isinstance(module, str) or module == r.node:  # an insertion is not a change to its anchor
@@ -544,7 +528,7 @@ def build_view(
             shape=st.shape,
             flops=st.flops,
             tensors=tuple(owned),
-            block=_enclosing_block(name, positions),
+            block=enclosing_block(name, positions),
             origin=origin,
             rule=rule,
         )

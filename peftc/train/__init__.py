@@ -6,32 +6,27 @@
     train_task("out/clr", "task1", "demo/task1", TrainOptions(epochs=3, image_size=32))
 
 Modules, one job each: ``data`` (folders → splits, bad data → clear errors), ``transforms``, ``recipe``
-(``train:`` + overrides → optimizer and lr schedule), ``run`` (what stages share), ``stages`` (the stage
+(``train:`` + overrides → optimizer and lr schedule), ``context`` (what a task's stages share), ``stages`` (the stage
 registry: fit; methods register their own), ``heads`` (training heads: per task, or a method's own),
-``loop`` (epochs, early stopping, checkpoints), ``checkpoint``
-(safetensors + JSON, no pickles), ``registry`` (what the trainer remembers per task), ``runner`` (one task),
+``epochs`` (the epoch loop, early stopping, checkpoints), ``checkpoint``
+(safetensors + JSON, no pickles), ``journal`` (what the trainer remembers per task), ``task`` (one task),
 ``evaluate`` (accuracy per task, task selection), ``sequence`` and ``metrics`` (accuracy matrix, forgetting,
 heat map), ``distributed`` (torchrun / DDP), ``demo`` (demo data).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["TrainOptions", "evaluate", "train_sequence", "train_task"]
 
 
+_API = {"TrainOptions": "peftc.train.task", "train_task": "peftc.train.task", "evaluate": "peftc.train.evaluate",
+        "train_sequence": "peftc.train.sequence"}
+
+
 def __getattr__(name: str) -> Any:  # keep `import peftc.train` light: submodules load on first use
-    if name in ("TrainOptions", "train_task"):
-        from peftc.train import runner
-
-        return getattr(runner, name)
-    if name == "evaluate":
-        from peftc.train.evaluate import evaluate
-
-        return evaluate
-    if name == "train_sequence":
-        from peftc.train.sequence import train_sequence
-
-        return train_sequence
-    raise AttributeError(name)
+    if name not in _API:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(_API[name]), name)

@@ -23,23 +23,20 @@ import torch
 
 from peftc.blocks.contract import TaskPredictor, offers
 from peftc.errors import PeftcError, TaskError
+from peftc.train.context import batches
 from peftc.train.data import ImageDataset, TaskData, collate, discover
 from peftc.train.distributed import DistContext, setup
 from peftc.train.heads import TaskSelection, get_head
-from peftc.train.registry import Registry
-from peftc.train.run import batches
+from peftc.train.journal import Journal
 from peftc.train.transforms import backbone_stats, eval_transform
 
-__all__ = ["EvalError", "Selector", "evaluate", "evaluate_model", "selector_for", "task_accuracy"]
+__all__ = ["EvalError", "TaskSelection", "evaluate", "evaluate_model", "task_accuracy", "task_selection_for"]
 
 
 class EvalError(PeftcError):
     """Evaluation cannot run as asked (no such task, no data for it, no task selection in this method)."""
 
 
-# A selector maps a batch of images to the index (into the task list it was built for) of the predicted task
-# and the class predicted within it.
-Selector = TaskSelection
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ def task_accuracy(model: Any, task: str, loader: torch.utils.data.DataLoader, di
     return (correct / total if total else 0.0), int(total), int(skipped)
 
 
-def _routed_selection(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> Selector | None:
+def _routed_selection(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> TaskSelection | None:
     """Task selection by a block of the model (the contract's ``task_predictor``), or None when none offers it."""
     predictor = task_predictor(model)
     if predictor is None:
@@ -112,15 +109,15 @@ def task_predictor(model: Any) -> TaskPredictor | None:
     return None
 
 
-def selector_for(model: Any, tasks: list[str], registry: Registry | None) -> Selector:
+def task_selection_for(model: Any, tasks: list[str], journal: Journal | None) -> TaskSelection:
     """The method's task selection over ``tasks``: a block's task predictor, or the training head's."""
-    entries = [(registry.task(t) if registry else None) or {} for t in tasks]
+    entries = [(journal.task(t) if journal else None) or {} for t in tasks]
     spans = [(e.get("offset", 0), len(e.get("classes") or []) or int(model.bank.classes(t) or 0))
              for e, t in zip(entries, tasks)]
     routed = _routed_selection(model, tasks, spans)
     if routed is not None:
         return routed
-    heads = {(registry.task(t) or {}).get("head") for t in tasks} if registry else set()
+    heads = {(journal.task(t) or {}).get("head") for t in tasks} if journal else set()
     if len(heads) == 1 and None not in heads:
         chosen = get_head(heads.pop()).task_selection(model, tasks)
         if chosen is not None:
@@ -131,7 +128,7 @@ def selector_for(model: Any, tasks: list[str], registry: Registry | None) -> Sel
 
 
 @torch.no_grad()
-def selection_accuracy(model: Any, select: Selector, candidates: list[str], loaders: Mapping[str, Any],
+def selection_accuracy(model: Any, select: TaskSelection, candidates: list[str], loaders: Mapping[str, Any],
                        dist: DistContext) -> dict[str, dict[str, float]]:
     """Per true task (the keys of ``loaders``): accuracy (task and class right) and task-selection accuracy
     (task right), the selector choosing among ``candidates``."""
@@ -158,7 +155,7 @@ def selection_accuracy(model: Any, select: Selector, candidates: list[str], load
     return out
 
 
-def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Registry | None = None,
+def evaluate_model(model: Any, data: Mapping[str, TaskData], *, journal: Journal | None = None,
                    select: bool = False, image_size: int | None = None, augment: str = "standard",
                    batch_size: int = 64, workers: int = 0, dist: DistContext | None = None,
                    split: str = "val", candidates: list[str] | None = None) -> dict[str, Any]:
@@ -174,7 +171,7 @@ def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Regist
     loaders = {t: _loader(data[t], cfg, model, split) for t in tasks}
     result: dict[str, Any] = {"tasks": {}, "split": split, "select": select}
     for task in tasks:
-        offset = ((registry.task(task) if registry else None) or {}).get("offset", 0)
+        offset = ((journal.task(task) if journal else None) or {}).get("offset", 0)
         acc, n, skipped = task_accuracy(model, task, loaders[task], dist, offset, len(data[task].classes))
         result["tasks"][task] = {"accuracy": acc, "images": n, "classes": list(data[task].classes),
                                  "chance": 1.0 / len(data[task].classes), "corrupt_skipped": skipped}
@@ -183,7 +180,7 @@ def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Regist
         missing = [t for t in tasks if t not in candidates]
         if missing:
             raise EvalError(f"task {missing[0]!r} is not among the tasks the selector chooses from")
-        chosen = selector_for(model, candidates, registry)
+        chosen = task_selection_for(model, candidates, journal)
         for task, numbers in selection_accuracy(model, chosen, candidates, loaders, dist).items():
             result["tasks"][task]["oracle_accuracy"] = result["tasks"][task]["accuracy"]
             result["tasks"][task].update(numbers)
@@ -194,7 +191,7 @@ def evaluate_model(model: Any, data: Mapping[str, TaskData], *, registry: Regist
     return result
 
 
-def _task_data(artifact: Path, registry: Registry, tasks: list[str], data: str | Path | None, single: bool
+def _task_data(artifact: Path, journal: Journal, tasks: list[str], data: str | Path | None, single: bool
                ) -> dict[str, TaskData]:
     """Each task's data: the given task folder, a folder of task folders, a tasks.yaml, or where it trained."""
     from peftc.train.data import read_sequence
@@ -204,7 +201,7 @@ def _task_data(artifact: Path, registry: Registry, tasks: list[str], data: str |
     if data is not None and Path(data).is_file():
         by_yaml = {item.name: item.data for item in read_sequence(data).tasks}
     for task in tasks:
-        entry = registry.task(task) or {}
+        entry = journal.task(task) or {}
         classes = entry.get("classes")
         if data is None:
             if not entry.get("data"):
@@ -234,8 +231,8 @@ def evaluate(artifact: str | Path, data: str | Path | None = None, *, task: str 
 
     artifact = Path(artifact)
     model = load(artifact)
-    registry = Registry(artifact)
-    trained = registry.trained_tasks()
+    journal = Journal(artifact)
+    trained = journal.trained_tasks()
     if task is not None:
         if task not in model.bank:
             raise TaskError(f"the artifact has no task {task!r}; its tasks: {', '.join(model.tasks)}")
@@ -246,13 +243,13 @@ def evaluate(artifact: str | Path, data: str | Path | None = None, *, task: str 
             raise EvalError(f"{artifact} has no trained task to evaluate")
     dist = setup(device)
     model.to(dist.device)
-    sizes = {(registry.task(t) or {}).get("image_size") for t in tasks} - {None}
-    augments = {((registry.task(t) or {}).get("recipe") or {}).get("augment") for t in tasks} - {None}
+    sizes = {(journal.task(t) or {}).get("image_size") for t in tasks} - {None}
+    augments = {((journal.task(t) or {}).get("recipe") or {}).get("augment") for t in tasks} - {None}
     size = image_size or (sizes.pop() if len(sizes) == 1 else None)
     augment = augments.pop() if len(augments) == 1 else "standard"
-    task_data = _task_data(artifact, registry, tasks, data, single=task is not None)
+    task_data = _task_data(artifact, journal, tasks, data, single=task is not None)
     candidates = list(dict.fromkeys([*trained, *tasks]))  # selection chooses among every trained task
-    result = evaluate_model(model, task_data, registry=registry, select=select, image_size=size, augment=augment,
+    result = evaluate_model(model, task_data, journal=journal, select=select, image_size=size, augment=augment,
                             batch_size=batch_size, workers=workers, dist=dist, split=split, candidates=candidates)
     result["artifact"] = str(artifact)
     return result

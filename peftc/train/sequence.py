@@ -26,10 +26,10 @@ from peftc.compiler import load
 from peftc.train.data import SequenceError, discover, read_sequence
 from peftc.train.distributed import setup
 from peftc.train.evaluate import evaluate_model
+from peftc.train.journal import TRAIN_DIR, Journal
 from peftc.train.metrics import continual_metrics, heatmap
 from peftc.train.progress import Reporter
-from peftc.train.registry import TRAIN_DIR, Registry
-from peftc.train.runner import TrainError, TrainOptions, train_task
+from peftc.train.task import TrainError, TrainOptions, train_task
 
 __all__ = ["train_sequence"]
 
@@ -59,7 +59,7 @@ def _check_selection(artifact: Path, options: TrainOptions) -> None:
 
 
 def _row(model: Any, names: list[str], i: int, data: dict[str, Any], settings: dict[str, tuple[int, str]],
-         registry: Registry, workers: int, dist: Any) -> list[float | None]:
+         journal: Journal, workers: int, dist: Any) -> list[float | None]:
     """Row i of the accuracy matrix: every task j <= i with its task given; None after i."""
     row: list[float | None] = []
     for j, other in enumerate(names):
@@ -67,7 +67,7 @@ def _row(model: Any, names: list[str], i: int, data: dict[str, Any], settings: d
             row.append(None)
             continue
         size, augment = settings[other]
-        result = evaluate_model(model, {other: data[other]}, registry=registry, image_size=size, augment=augment,
+        result = evaluate_model(model, {other: data[other]}, journal=journal, image_size=size, augment=augment,
                                 workers=workers, dist=dist)
         row.append(result["tasks"][other]["accuracy"])
     return row
@@ -83,7 +83,7 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
         _check_selection(artifact, options)
     dist = setup(options.device)
     reporter = Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
-    registry = Registry(artifact)
+    journal = Journal(artifact)
     names = [t.name for t in seq.tasks]
     out_dir = artifact / TRAIN_DIR
     previous: dict[str, Any] = {}
@@ -96,13 +96,13 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
     model = None
     data = {}
     settings: dict[str, tuple[int, str]] = {}
-    finished = [registry.finished(t.name) for t in seq.tasks]
+    finished = [journal.finished(t.name) for t in seq.tasks]
     for i, task in enumerate(seq.tasks):
         if finished[i]:
             if not options.resume:
                 raise TrainError(f"task {task.name!r} of the sequence is already trained in {artifact}; pass "
                                  "--resume to continue the sequence, or use a fresh artifact")
-            entry = registry.task(task.name) or {}
+            entry = journal.task(task.name) or {}
             data[task.name] = discover(task.data, entry.get("classes"), seed=entry.get("seed", options.seed))
             settings[task.name] = (entry.get("image_size"), (entry.get("recipe") or {}).get("augment", "standard"))
             reporter.note(f"task {i + 1}/{len(names)} {task.name}: already trained")
@@ -115,7 +115,7 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
                                     "it, and later tasks changed the model since; the sequence cannot be resumed")
             # the latest finished task (trained alone, say): the model is as it left it
             model = model or load(artifact).to(dist.device)
-            matrix.append(_row(model, names, i, data, settings, Registry(artifact), options.workers, dist))
+            matrix.append(_row(model, names, i, data, settings, Journal(artifact), options.workers, dist))
             continue
         epochs = options.epochs or task.epochs or seq.epochs
         task_options = dataclasses.replace(options, classes=task.classes, epochs=epochs)
@@ -123,10 +123,10 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
         result = train_task(artifact, task.name, task.data, task_options, model=model, dist=dist, reporter=reporter)
         model = result.model
         summaries.append(result.summary)
-        entry = Registry(artifact).task(task.name) or {}
+        entry = Journal(artifact).task(task.name) or {}
         data[task.name] = discover(task.data, result.summary["classes"], seed=entry.get("seed", options.seed))
         settings[task.name] = (result.summary["image_size"], (entry.get("recipe") or {}).get("augment", "standard"))
-        row = _row(model, names, i, data, settings, Registry(artifact), options.workers, dist)
+        row = _row(model, names, i, data, settings, Journal(artifact), options.workers, dist)
         matrix.append(row)
         reporter.note("  accuracy after " + task.name + ": "
                       + "  ".join(f"{n} {a:.3f}" for n, a in zip(names, row) if a is not None))
@@ -138,7 +138,7 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
 
         model = model or load(artifact).to(dist.device)
         size, augment = settings[names[-1]]
-        chosen = evaluate_model(model, data, registry=Registry(artifact), select=True, image_size=size,
+        chosen = evaluate_model(model, data, journal=Journal(artifact), select=True, image_size=size,
                                 augment=augment, workers=options.workers, dist=dist)
         record["select"] = {"average_accuracy": chosen["average_accuracy"],
                             "task_selection_accuracy": chosen["task_selection_accuracy"],

@@ -25,8 +25,8 @@ from torch import nn
 from peftc.errors import SpecError, did_you_mean
 from peftc.language import StageDecl, TrainSection
 from peftc.plugins import ensure_loaded
+from peftc.train.context import TaskRun
 from peftc.train.heads import get_head
-from peftc.train.run import TaskRun
 
 __all__ = ["FitStage", "Stage", "make_stage", "register_stage", "stage_names"]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.methods.ln_tuning.select import task_selector
-from peftc.train.run import batches
+from peftc.train.context import batches
 from peftc.train.stages import Stage, register_stage
 
 __all__ = ["RectifyHeadStage", "TaskKeysStage"]

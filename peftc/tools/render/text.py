@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.tree import Tree
 
-from peftc.tools.render.fold import Fold
+from peftc.tools.render.collapse import Collapsed
 from peftc.tools.view import format_flops, format_shape
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _state(state: str | None) -> str:
     return f"[{_STATE_COLOURS.get(state, 'white')}]{state}[/]"
 
 
-def _times(f: Fold[Any], each: str = "") -> str:
+def _times(f: Collapsed[Any], each: str = "") -> str:
     if f.count == 1:
         return f"({each})" if each else ""
     return f"({f.count}×, {each} each)" if each else f"({f.count}×)"
@@ -69,7 +69,7 @@ def _params_phrase(params: int, tied: int = 0) -> str:
     return ", ".join(parts)
 
 
-def _added(f: Fold[Change]) -> str:
+def _added(f: Collapsed[Change]) -> str:
     c = f.first
     d = c.data
     anchor = d.get("anchor")
@@ -85,7 +85,7 @@ def _added(f: Fold[Change]) -> str:
     return f"{head} {_times(f, _params_phrase(d['params'], d.get('tied', 0)))}  [dim]{tail}[/]"
 
 
-def _removed(f: Fold[Change]) -> str:
+def _removed(f: Collapsed[Change]) -> str:
     d = f.first.data
     return (
         f"[red]-{escape(f.pattern)}[/] {_times(f, _params_phrase(d['params'], d.get('tied', 0)))}  "
@@ -93,7 +93,7 @@ def _removed(f: Fold[Change]) -> str:
     )
 
 
-def _replaced(f: Fold[Change]) -> str:
+def _replaced(f: Collapsed[Change]) -> str:
     a, b = f.first.data["a"], f.first.data["b"]
     if (a["type"], a["config"]) == (b["type"], b["config"]):
         what = f"new [yellow]{escape(b['type'])}({escape(b['config'])})[/]"  # rebuilt, same shape
@@ -110,7 +110,7 @@ def _replaced(f: Fold[Change]) -> str:
     return f"{escape(f.pattern)}: {what} {_times(f, params)}{rule}"
 
 
-def _rewired(f: Fold[Change]) -> str:
+def _rewired(f: Collapsed[Change]) -> str:
     d = f.first.data
     new = [x for x in d["b"] if x not in d["a"]]
     gone = [x for x in d["a"] if x not in d["b"]]
@@ -121,7 +121,7 @@ def _rewired(f: Fold[Change]) -> str:
     return f"{escape(f.pattern)} ← [blue]{now}[/] {was} {_times(f)}".rstrip()
 
 
-def _reshaped(f: Fold[Change]) -> str:
+def _reshaped(f: Collapsed[Change]) -> str:
     first = f.first.data
     after = _spread([m.data["b"] for m in f.members]) if f.count > 1 else _dims(first["b"])
     return f"{escape(f.pattern)}: {_dims(first['a'])} → [magenta]{after}[/] {_times(f)}".rstrip()
@@ -145,7 +145,7 @@ def _spread(shapes: list[Any]) -> str:
     return "×".join(str(x) if x == y else f"{x}…{y}" for x, y in zip(first, last))
 
 
-def _ownership(f: Fold[Change]) -> str:
+def _ownership(f: Collapsed[Change]) -> str:
     groups: dict[tuple[str | None, str | None], dict[str, list[Any]]] = {}
     for t in f.first.data["tensors"]:
         g = groups.setdefault((t["a"], t["b"]), {"param": [], "buffer": [], "param_n": [0], "buffer_n": [0]})
@@ -220,7 +220,7 @@ def build_tree(d: GraphDiff) -> Tree:
         if not d.changes[kind]:
             continue
         branch = root.add(_section_title(kind, d))
-        folds = d.folded(kind)
+        folds = d.collapsed(kind)
         for f in folds[:MAX_LINES]:
             branch.add(_LINES[kind](f))
         if len(folds) > MAX_LINES:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Fold", "fold", "index_set"]
+__all__ = ["Collapsed", "collapse", "index_set"]
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ def index_set(indices: Iterable[int]) -> str:
 
 
 @dataclass(frozen=True)
-class Fold(Generic[T]):
+class Collapsed(Generic[T]):
     """Items folded into one line: ``members`` differ only in the dotted component at ``position``."""
 
     members: tuple[T, ...]
@@ -109,7 +109,7 @@ def _numeric_positions(name: str) -> list[int]:
     return [i for i in range(len(parts) - 1, -1, -1) if parts[i].isdigit()]
 
 
-def fold(items: Sequence[T], name: Callable[[T], str], payload: Callable[[T], Any]) -> list[Fold[T]]:
+def collapse(items: Sequence[T], name: Callable[[T], str], payload: Callable[[T], Any]) -> list[Collapsed[T]]:
     """Group ``items`` into folds, in the order of each fold's first item.
 
     ``name(item)`` is the qualified name; ``payload(item)`` the JSON-able facts that must be equal (names
@@ -118,7 +118,7 @@ def fold(items: Sequence[T], name: Callable[[T], str], payload: Callable[[T], An
     names = [name(item) for item in items]
     positions = [_numeric_positions(n) for n in names]
     pending = list(range(len(items)))
-    folds: dict[int, Fold[T]] = {}
+    folds: dict[int, Collapsed[T]] = {}
     level = 0
     while pending and any(level < len(positions[i]) for i in pending):
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
@@ -140,10 +140,10 @@ def fold(items: Sequence[T], name: Callable[[T], str], payload: Callable[[T], An
             if len(members) < 2:
                 continue
             p = key[0]
-            folds[members[0]] = Fold(tuple(items[i] for i in members), tuple(names[i] for i in members), p)
+            folds[members[0]] = Collapsed(tuple(items[i] for i in members), tuple(names[i] for i in members), p)
             done.update(members)
         pending = [i for i in pending if i not in done]
         level += 1
     for i in pending:
-        folds[i] = Fold((items[i],), (names[i],), None)
+        folds[i] = Collapsed((items[i],), (names[i],), None)
     return [folds[i] for i in sorted(folds)]

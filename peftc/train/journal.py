@@ -20,13 +20,13 @@ from typing import Any
 from peftc.storage.artifact import read_manifest
 from peftc.train.data import DataError
 
-__all__ = ["TRAIN_DIR", "Registry"]
+__all__ = ["TRAIN_DIR", "Journal"]
 
 TRAIN_DIR = "train"
 FILE = "tasks.json"
 
 
-class Registry:
+class Journal:
     """Read-modify-write access to ``<artifact>/train/tasks.json``."""
 
     def __init__(self, artifact: Path):

@@ -4,7 +4,7 @@ The artifact directory is both input and output: it is loaded, the task is added
 classes), trained as the spec's ``train:`` recipe says, and saved back with the task's delta — only when the
 task has finished. Meanwhile ``DIR/train/<task>/checkpoint`` holds a complete checkpoint after every epoch
 (:mod:`peftc.train.checkpoint`); ``--resume`` continues from it with the recipe, classes and seed the run
-started with. ``DIR/train/tasks.json`` remembers each task's classes and history (:mod:`peftc.train.registry`).
+started with. ``DIR/train/tasks.json`` remembers each task's classes and history (:mod:`peftc.train.journal`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 from peftc.errors import PeftcError
 from peftc.language import StageDecl, TrainSection
 from peftc.train.checkpoint import Checkpoint
+from peftc.train.context import Hooks, TaskRun
 from peftc.train.data import discover
 from peftc.train.distributed import DistContext, setup
+from peftc.train.epochs import StageOutcome, run_stage
 from peftc.train.heads import get_head
-from peftc.train.loop import StageOutcome, run_stage
+from peftc.train.journal import TRAIN_DIR, Journal
 from peftc.train.progress import Reporter
 from peftc.train.recipe import resolve, stage_recipe
-from peftc.train.registry import TRAIN_DIR, Registry
-from peftc.train.run import Hooks, TaskRun
 from peftc.train.stages import make_stage
 
 __all__ = ["TaskResult", "TrainError", "TrainOptions", "train_task"]
@@ -90,16 +90,16 @@ def _load_start(artifact: Path, task: str, options: TrainOptions, reporter: Repo
     return model, resolve(model.spec.train, overrides)
 
 
-def _label_offset(model: Any, task: str, classes: int, registry: Registry, before: list[str]) -> int:
+def _label_offset(model: Any, task: str, classes: int, journal: Journal, before: list[str]) -> int:
     """Where the task's classes start in the head's outputs (see TaskRun.offset)."""
-    from peftc.train.run import head_classes
+    from peftc.train.context import head_classes
 
     if model.bank.module_slots:
         return 0  # every task has its own head
     size = head_classes(model)
     if size is None or size == classes:
         return 0  # no head, or one label space shared by all tasks
-    offset = max([(registry.task(t) or {}).get("offset", 0) + len((registry.task(t) or {}).get("classes", []))
+    offset = max([(journal.task(t) or {}).get("offset", 0) + len((journal.task(t) or {}).get("classes", []))
                   for t in before] or [0])
     if offset + classes > size:
         raise TrainError(f"the head of spec {model.spec.name!r} is shared by all tasks and has {size} classes; the "
@@ -136,10 +136,10 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     artifact = Path(artifact)
     dist = dist or setup(options.device)
     reporter = reporter or Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
-    registry = Registry(artifact)
-    if registry.finished(task):
+    journal = Journal(artifact)
+    if journal.finished(task):
         if options.resume:
-            entry = registry.task(task) or {}
+            entry = journal.task(task) or {}
             summary = {"task": task, "status": "already finished", "val_accuracy": entry.get("val_accuracy"),
                        "classes": entry.get("classes"), "artifact": str(artifact)}
             return TaskResult(summary, model)
@@ -168,10 +168,10 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     _add_task(model, task, len(task_data.classes))
     model.set_task(task)
     model.to(dist.device)
-    seen = [*(t for t in registry.trained_tasks() if t != task), task]
+    seen = [*(t for t in journal.trained_tasks() if t != task), task]
     offset = (state or {}).get("offset")
     if offset is None:
-        offset = _label_offset(model, task, len(task_data.classes), registry, seen[:-1])
+        offset = _label_offset(model, task, len(task_data.classes), journal, seen[:-1])
     image_size = (state or {}).get("image_size") or options.image_size or int(model.backbone.input_size[-1])
     head = get_head(recipe.head, model.spec.locate(("train", "head")))
     memory = head.open_memory(artifact / TRAIN_DIR, recipe)
@@ -187,7 +187,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     stages = [make_stage(decl, run, r, where=model.spec.locate(("train", "stages", i, "stage")))
               for i, (decl, r) in enumerate(zip(decls, recipes))]  # unknown stage names fail before training
     if dist.main and state is None:
-        registry.update(task, status="running", **info)
+        journal.update(task, status="running", **info)
     if state is not None:
         ckpt.restore_rng(state)
         reporter.note(f"resuming task {task!r} after stage {state['stage'] + 1}, epoch {state['epoch'] + 1}")
@@ -216,7 +216,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
         if memory is not None:
             head.close_memory(memory, artifact / TRAIN_DIR, task, task_data.train, len(task_data.classes),
                               image_size, seed)
-        registry.update(task, status="finished", **info, val_accuracy=accuracy, stages=outcomes,
+        journal.update(task, status="finished", **info, val_accuracy=accuracy, stages=outcomes,
                         corrupt_skipped=summary["corrupt_skipped"])
         model.save(artifact)
         ckpt.remove()

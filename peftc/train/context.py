@@ -1,6 +1,6 @@
 """One task's training run: the model, the data, the recipe, and what every stage needs from them.
 
-A :class:`TaskRun` is what stages (:mod:`peftc.train.stages`) and the epoch loop (:mod:`peftc.train.loop`)
+A :class:`TaskRun` is what stages (:mod:`peftc.train.stages`) and the epoch loop (:mod:`peftc.train.epochs`)
 share: loaders built the same way on every process (seeded per stage and epoch, so an epoch replays exactly
 after a resume), the forward (through DistributedDataParallel when there is one), accuracy on the validation
 split, the corrupt-image tally, and snapshots of the task's state for early stopping.

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from peftc.language import TrainSection
+from peftc.train.context import TaskRun, batches
 from peftc.train.recipe import LRSchedule, build_optimizer
-from peftc.train.run import TaskRun, batches
 from peftc.train.stages import Stage
 
 __all__ = ["StageOutcome", "run_stage"]
