@@ -70,7 +70,7 @@ EXPLANATIONS: dict[str, str] = {
         "parameters), the fx graph and its generated code (~0.7 MiB of Python objects by tracemalloc) and "
         "allocator residue from compilation. The ratio shrinks as the model and batch grow; snapshotting only "
         "what a new task needs (the LoRA blocks are shared in the lora spec) would remove part of it "
-        "(peftc/tasks.py, reported to its owner)."),
+        "(peftc/runtime/tasks.py, reported to its owner)."),
     "clr_forward": (
         "not a measurable difference. peftc's graph runs the same kernels as the wrappers (conv, depthwise conv, "
         "BatchNorm, in the same order). Timed in one process, 8 interleaved rounds of eval forwards of "
