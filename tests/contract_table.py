@@ -47,7 +47,6 @@ CONVS = ("*conv*.weight", "*downsample.0.weight")  # a torchvision ResNet's conv
 # onnx       export -> ONNX Runtime parity (rows with onnx="slow" are marked slow, deselected by default)
 # golden     the golden diff (tests/test_diff.py)
 ALL_CHECKS = frozenset({"identity", "roundtrip", "isolation", "new_task", "bytes", "fold", "onnx", "golden"})
-Check = Literal["identity", "roundtrip", "isolation", "new_task", "bytes", "fold", "onnx", "golden"]
 
 
 @dataclass(frozen=True)
