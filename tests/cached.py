@@ -16,10 +16,6 @@ from torch import nn
 
 from peftc.analysis.backbones import Backbone, build_backbone
 
-# Where identity at init is checked with a real forward pass (one 224x224 image each). With the ViT-B/16 count
-# checks on timm:vit_base_patch16_224 (vit_b_skeleton), every spec compiles on all four ViTs without edits.
-IDENTITY_VITS = ("timm:vit_tiny_patch16_224", "timm:deit_small_patch16_224", "vit_b_16")
-
 
 @cache
 def backbone(name: str, **kwargs: object) -> Backbone:

@@ -1,8 +1,9 @@
 """Graph diffs: golden JSON for the built-in specs, folding, ownership, artifacts, DOT, HTML in Chromium, CLI.
 
 Golden files live in tests/golden/diff/ and are only rewritten with ``pytest --update-golden`` (or
-``PEFTC_UPDATE_GOLDEN=1``): a pass that changes what a built-in spec does to resnet18 or vit_tiny fails here
-until someone looks at the new diff and regenerates the reference on purpose.
+``PEFTC_UPDATE_GOLDEN=1``): a pass that changes what a built-in spec does to resnet18, vit_tiny or vit_b_16 fails
+here until someone looks at the new diff and regenerates the reference on purpose. Which (spec, backbone,
+params) pairs have a golden diff is the contract table's say (tests/contract_table.py, rows with "golden").
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ from peftc.tools.render.style import STATUS
 from peftc.tools.view import GraphView, input_shape, view_backbone
 
 from .conftest import synthetic_task, train_steps
+from .contract_table import GOLDEN_DIFF as GOLDEN
+from .contract_table import GOLDEN_SIZES, ROWS, Row, rows
 
-GOLDEN = Path(__file__).parent / "golden" / "diff"
 SPECS_DIR = str(Path(builtin_specs()["clr"]).parent)
-# backbone → example image size (None: the backbone's own; a ViT needs its 224)
-GOLDEN_BACKBONES = {"resnet18": 64, "timm:vit_tiny_patch16_224": None}
 runner = CliRunner()
 
 
@@ -51,23 +51,28 @@ def _backbone(name: str) -> tuple[Backbone, GraphView]:
     """Each golden backbone is built, traced and run once (the reference view) for all specs."""
     if name not in _BUILT:
         bb = build_backbone(name)
-        _BUILT[name] = bb, view_backbone(bb, input_shape(bb.input_size, GOLDEN_BACKBONES[name]))
+        _BUILT[name] = bb, view_backbone(bb, input_shape(bb.input_size, GOLDEN_SIZES[name]))
     return _BUILT[name]
 
 
-def _golden_payload(spec: str, backbone: str) -> dict[str, Any]:
-    """The JSON diff of ``spec`` on ``backbone``, or the error that says the spec does not apply there."""
-    bb, reference = _backbone(backbone)
+def _row(spec: str, backbone: str) -> Row:
+    return next(r for r in ROWS if r.spec == spec and r.backbone == backbone and not r.label)
+
+
+def _golden_payload(row: Row) -> dict[str, Any]:
+    """The JSON diff of the row's spec on its backbone, or the error that says the spec does not apply there."""
+    bb, reference = _backbone(row.backbone)
     try:
-        return peftc.diff(spec, backbone=bb, image_size=GOLDEN_BACKBONES[backbone], reference=reference).to_json()
+        return peftc.diff(row.spec, backbone=bb, params=dict(row.params), image_size=GOLDEN_SIZES[row.backbone],
+                          reference=reference).to_json()
     except peftc.PeftcError as exc:
         message = str(exc).replace(SPECS_DIR + os.sep, "specs/")
-        return {"schema": SCHEMA, "spec": spec, "backbone": backbone,
+        return {"schema": SCHEMA, "spec": row.spec, "backbone": row.backbone,
                 "error": {"type": type(exc).__name__, "message": message}}
 
 
-def _golden_path(spec: str, backbone: str) -> Path:
-    return GOLDEN / f"{spec}@{backbone.replace(':', '_')}.json"
+def _golden_path(row: Row) -> Path:
+    return GOLDEN / f"{row.golden_name}.json"
 
 
 def _first_difference(expected: Any, actual: Any, path: str = "$") -> str | None:
@@ -90,11 +95,13 @@ def _first_difference(expected: Any, actual: Any, path: str = "$") -> str | None
     return None if expected == actual else f"{path}: {expected!r} != {actual!r}"
 
 
-@pytest.mark.parametrize("backbone", list(GOLDEN_BACKBONES))
-@pytest.mark.parametrize("spec", sorted(builtin_specs()))
-def test_golden_diff(spec: str, backbone: str, update_golden: bool) -> None:
-    path = _golden_path(spec, backbone)
-    actual = _golden_payload(spec, backbone)
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in rows("golden")])
+def test_golden_diff(row: Row, update_golden: bool) -> None:
+    spec, backbone = row.spec, row.backbone
+    path = _golden_path(row)
+    actual = _golden_payload(row)
+    if not row.applies:  # the table says where a spec does not apply; the compiler must say so too
+        assert actual.get("error", {}).get("message", "").startswith(row.error), actual.get("error") or "it applies"
     if update_golden:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(actual, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -112,24 +119,25 @@ def test_golden_diff(spec: str, backbone: str, update_golden: bool) -> None:
 
 def test_a_reference_view_changes_nothing_but_cost() -> None:
     bb, reference = _backbone("resnet18")
-    assert peftc.diff("bitfit", backbone=bb, image_size=64).to_json() == _golden_payload("bitfit", "resnet18")
+    assert peftc.diff("bitfit", backbone=bb, image_size=64).to_json() == _golden_payload(_row("bitfit", "resnet18"))
     with pytest.raises(peftc.PeftcError, match="reference= is a view of resnet18 at"):
         peftc.diff("bitfit", backbone=bb, image_size=32, reference=reference)
 
 
 def test_golden_files_have_a_spec() -> None:
-    """A golden file whose spec was removed or renamed is stale, not silently ignored."""
-    wanted = {_golden_path(s, b).name for s in builtin_specs() for b in GOLDEN_BACKBONES}
+    """A golden file whose spec (or table row) was removed or renamed is stale, not silently ignored."""
+    wanted = {_golden_path(r).name for r in rows("golden")}
     stale = sorted(p.name for p in GOLDEN.glob("*.json") if p.name not in wanted)
-    assert not stale, f"golden files without a built-in spec: {stale}"
+    assert not stale, f"golden files without a built-in spec and a golden row in tests/contract_table.py: {stale}"
 
 
 def test_a_changed_pass_fails_the_golden(monkeypatch: pytest.MonkeyPatch) -> None:
-    golden = json.loads(_golden_path("clr", "resnet18").read_text(encoding="utf-8"))
-    assert _first_difference(golden, _golden_payload("clr", "resnet18")) is None
+    row = _row("clr", "resnet18")
+    golden = json.loads(_golden_path(row).read_text(encoding="utf-8"))
+    assert _first_difference(golden, _golden_payload(row)) is None
     broken = dataclasses.replace(get_primitive("insert"), run=lambda ctx: None)  # a broken insert pass
     monkeypatch.setitem(primitives._REGISTRY, "insert", broken)
-    difference = _first_difference(golden, _golden_payload("clr", "resnet18"))
+    difference = _first_difference(golden, _golden_payload(row))
     assert difference is not None and difference.startswith("$.summary")
 
 

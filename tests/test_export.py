@@ -28,7 +28,7 @@ from peftc.export.triton import triton_config
 from peftc.runtime.model import Compiled
 
 from .conftest import synthetic_task, train_steps
-from .test_fold import VIT_TINY, Tiny, perturb
+from .test_fold import VIT_TINY, Tiny
 
 runner = CliRunner()
 SIZE = 64
@@ -83,7 +83,7 @@ def test_clr_resnet18_onnx_parity_triton_and_run(artifact: Path, tmp_path: Path)
     image = graph.graph.input[0].type.tensor_type.shape.dim
     assert image[0].dim_param and [d.dim_value for d in image[1:]] == [3, SIZE, SIZE]
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert meta["peftc.task"] == "b" and meta["peftc.spec"] == "clr" and meta["peftc.backbone"] == "resnet18"
+    assert meta["peftc.task"] == "b" and meta["peftc.language"] == "clr" and meta["peftc.backbone"] == "resnet18"
 
     x = torch.randn(5, 3, SIZE, SIZE)
     got, want = OrtRunner(str(out), "cpu")(x), eager(artifact, "b", x)
@@ -137,25 +137,6 @@ def vit_parity(model: Compiled, path: Path, task: str | None = None) -> ExportRe
     got = OrtRunner(str(path), "cpu")(x)
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     return result
-
-
-def test_lora_vit_tiny_folds_to_the_backbone_and_exports(tmp_path: Path) -> None:
-    model = peftc.compile("lora", "timm:vit_tiny_patch16_224", targets=["qkv", "proj", "fc1", "fc2"])
-    perturb(model)
-    result = vit_parity(model, tmp_path / "lora.onnx")
-    assert result.fold is not None and result.fold["counts"] == {"bypass": 48}
-    assert result.fold["params_after"] == VIT_TINY
-
-
-def test_ln_tuning_forced_task_exports(tmp_path: Path) -> None:
-    model = peftc.compile("ln_tuning", "timm:vit_tiny_patch16_224")
-    model.add_task("b")
-    model.set_task("b")  # forced: no per-sample key selection
-    perturb(model)
-    model.set_task("default")
-    result = vit_parity(model, tmp_path / "ln.onnx", task="b")
-    assert result.task == "b" and result.fold is not None and result.fold["remaining"] == {}
-    assert result.fold["params_after"] == VIT_TINY  # 25 LN rows folded into plain LayerNorms, key gone
 
 
 def test_ln_tuning_selects_each_samples_task_inside_one_graph(tmp_path: Path) -> None:

@@ -236,18 +236,6 @@ def perturb(model: Compiled, std: float = 0.05) -> None:
 VIT_TINY = 5_717_416  # timm vit_tiny_patch16_224 with its 1000-class head
 
 
-@pytest.mark.parametrize(("spec", "merged"), [("fact", {"bypass": 48}), ("bitfit", {})])
-def test_vit_methods_fold_to_exactly_the_backbone(spec: str, merged: dict[str, int]) -> None:
-    model = peftc.compile(spec, "timm:vit_tiny_patch16_224")
-    perturb(model)
-    result = fold(model)
-    assert result.report.counts() == merged and result.report.remaining == {}
-    assert result.report.params_after == VIT_TINY  # FacT's shared U/V and cores are gone; BitFit biases stay
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert_close(result.module(x), model(x))
-
-
 def test_non_linear_and_declining_blocks_stay_and_are_reported() -> None:
     spec = tiny_spec(
         {"label": "adapter", "parallel": {"to": {"name": "fc2"}, "block": "test_relu_bypass", "scale": 0.1}},
