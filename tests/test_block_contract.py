@@ -8,12 +8,16 @@ per task (VeRA's projections; see tests/test_vera.py for the real method).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import peftc
 from peftc.blocks import Block, BlockArgs, Site, register_block
+from peftc.language import RuleArgs, Selector, primitives
+from peftc.language.primitives import Primitive
+from peftc.passes import PassContext
 from tests.cached import module as cached
 
 VIT = "timm:vit_tiny_patch16_224"
@@ -103,3 +107,42 @@ def test_shared_state_is_one_copy_for_every_task_and_stored_once() -> None:
     slots = set(model.bank.tensor_slots)
     assert "blocks.0.mlp.fc2.noisy.scale" in slots and not any("noise" in s for s in slots)
     assert sorted(model.shared_state()) == ["blocks.0.mlp.fc2.noisy.noise.matrix"]
+
+
+class _ScaleArgs(RuleArgs):
+    """Multiply the selected nodes' outputs by a learnable scalar (a test-only third-party primitive)."""
+
+    target: Selector
+
+
+def _scale(ctx: PassContext) -> None:
+    graph = ctx.gm.graph
+    for cand in ctx.select(ctx.args.target, "target"):
+        path = ctx.module_path_for(cand, "gain")
+        added = ctx.add_block(path, _Gain())
+        with graph.inserting_after(cand.node):
+            new = graph.call_module(path, (cand.node,))
+        cand.node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        new.meta.update(peftc_name=path, peftc_rule=ctx.rule.label)
+        ctx.record("test_gain", cand.name, module=path, params=added)
+    ctx.state.graph_changed()
+
+
+class _Gain(Block):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def test_a_third_party_primitive_is_one_registration(monkeypatch) -> None:
+    monkeypatch.setitem(primitives._REGISTRY, "test_gain", Primitive(
+        "test_gain", _ScaleArgs, _scale, adds_params=True, reads_shapes=False, once=False, summary=""))
+    spec = {"peftc": 1, "name": "gain", "rules": [{"freeze": {}}, {"test_gain": {"target": {"role": "fc2"}}}]}
+    model = peftc.compile(spec, cached(VIT))
+    assert model.report.added_params == 12  # the report reads adds_params from the registry
+    assert [r.label for r in model.report.rules] == ["freeze", "test_gain"]
+    with pytest.raises(peftc.PeftcError, match="unknown key 'targte'"):  # the loader validates with its model
+        peftc.compile({**spec, "rules": [{"test_gain": {"targte": {"role": "fc2"}}}]}, cached(VIT))

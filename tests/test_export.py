@@ -83,7 +83,7 @@ def test_clr_resnet18_onnx_parity_triton_and_run(artifact: Path, tmp_path: Path)
     image = graph.graph.input[0].type.tensor_type.shape.dim
     assert image[0].dim_param and [d.dim_value for d in image[1:]] == [3, SIZE, SIZE]
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert meta["peftc.task"] == "b" and meta["peftc.language"] == "clr" and meta["peftc.backbone"] == "resnet18"
+    assert meta["peftc.task"] == "b" and meta["peftc.spec"] == "clr" and meta["peftc.backbone"] == "resnet18"
 
     x = torch.randn(5, 3, SIZE, SIZE)
     got, want = OrtRunner(str(out), "cpu")(x), eager(artifact, "b", x)
