@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from peftc.analysis.index import Candidate, NodeIndex
 from peftc.analysis.paths import fresh_path
+from peftc.analysis.propagation import propagate_shapes
 from peftc.analysis.select import select
 from peftc.analysis.trace import assign_names, example_input
 from peftc.blocks import Site, get_block
@@ -134,38 +134,10 @@ class CompileState:
             x = example_input(self.input_size, device=param.device if param is not None else "cpu")
             if param is not None and param.is_floating_point():
                 x = x.to(param.dtype)
-            _propagate_shapes(self.gm, x)
+            propagate_shapes(self.gm, x)
             self._shapes_valid = True
         meta = node.meta.get("tensor_meta")
         return getattr(meta, "shape", None)
-
-
-class _Propagation(nn.Module):
-    """Runs shape propagation as its forward, so ``functional_call`` can swap every tensor of ``gm`` for a
-    meta tensor of the same shape for its duration: the shapes come out without computing anything."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, x: torch.Tensor) -> None:
-        ShapeProp(self.gm).propagate(x)
-
-
-def _propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
-    """Record every node's output shape (``node.meta["tensor_meta"]``) for the example input ``x``.
-
-    On the meta device first (a ViT-B forward at 224² costs a third of a second of real compute on a small
-    CPU, the meta run only the interpreter's bookkeeping); an op without a meta kernel makes it run for real.
-    """
-    every = (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
-    meta = {name: t.to("meta") for name, t in every}  # every alias too: a shared tensor left real would mix
-    with torch.no_grad():
-        try:
-            torch.func.functional_call(_Propagation(gm), {f"gm.{k}": v for k, v in meta.items()}, (x.to("meta"),),
-                                       tie_weights=False)
-        except Exception:  # any failure on meta: the real run is the reference
-            ShapeProp(gm).propagate(x)
 
 
 def own_tensors(cand: Candidate, ledger: Ledger, pattern: str | list[str] = "*") -> Iterator[tuple[str, str, Any]]:

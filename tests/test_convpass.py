@@ -103,8 +103,8 @@ def test_shapes_propagated_on_meta_equal_a_real_run(monkeypatch: pytest.MonkeyPa
     including the tensors Convpass's blocks share (aliases under several names)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    from peftc.analysis.propagation import propagate_shapes
     from peftc.analysis.trace import example_input
-    from peftc.passes.base import _propagate_shapes
 
     def shapes(meta: object) -> object:
         return meta.shape if hasattr(meta, "shape") else tuple(shapes(m) for m in meta)  # multi-output nodes
@@ -117,8 +117,8 @@ def test_shapes_propagated_on_meta_equal_a_real_run(monkeypatch: pytest.MonkeyPa
             assert args[0].device.type == "meta", "fell back to a real run"
             return super().propagate(*args)
 
-    monkeypatch.setattr("peftc.passes.base.ShapeProp", MetaOnly)
-    _propagate_shapes(gm, x)
+    monkeypatch.setattr("peftc.analysis.propagation.ShapeProp", MetaOnly)
+    propagate_shapes(gm, x)
     monkeypatch.undo()
     on_meta = {n.name: shapes(n.meta["tensor_meta"]) for n in gm.graph.nodes if "tensor_meta" in n.meta}
     with torch.no_grad():

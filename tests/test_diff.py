@@ -30,7 +30,7 @@ from peftc.analysis.backbones import Backbone, build_backbone
 from peftc.blocks import BlockArgs, Site, register_block
 from peftc.cli import app
 from peftc.language import builtin_specs, get_primitive, primitives
-from peftc.tools.diff import KINDS, SCHEMA, GraphDiff
+from peftc.tools.compare import KINDS, SCHEMA, GraphDiff
 from peftc.tools.render.style import STATUS
 from peftc.tools.view import GraphView, input_shape, view_backbone
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from peftc.cli import app
 from peftc.errors import SpecError
-from peftc.tools.diff import dry_run, inspect_nodes, parse_selector
+from peftc.tools.inspect import dry_run, inspect_nodes, parse_selector
 
 runner = CliRunner()
 

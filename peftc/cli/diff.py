@@ -153,7 +153,7 @@ def diff_cmd(
 
 
 def _shape_text(shape: Any) -> str:
-    from peftc.tools.view import format_shape
+    from peftc.analysis.propagation import format_shape
 
     return format_shape(tuple(shape) if isinstance(shape, list) and shape and isinstance(shape[0], int) else shape)
 
@@ -177,7 +177,7 @@ def inspect_cmd(
 ) -> None:
     """List a backbone's selectable nodes: qualified names, types, shapes, parameters, FLOPs, roles."""
     from peftc.language import parse_overrides
-    from peftc.tools.diff import inspect_nodes, parse_selector
+    from peftc.tools.inspect import inspect_nodes, parse_selector
     from peftc.tools.view import format_flops
 
     if set_ and spec is None:
@@ -225,8 +225,8 @@ def select_cmd(
     here (it is shown, not fatal, unless --strict).
     """
     from peftc.language import parse_overrides
-    from peftc.tools.diff import dry_run
-    from peftc.tools.render.collapse import collapse
+    from peftc.tools.collapse import collapse
+    from peftc.tools.inspect import dry_run
 
     load_plugins(plugin)
     matches = dry_run(spec, backbone, params=parse_overrides(set_), seed=seed)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from peftc.tools.render.style import STATE_FILL, STATUS, node_label, node_tooltip
 
 if TYPE_CHECKING:
-    from peftc.tools.diff import GraphDiff
+    from peftc.tools.compare import GraphDiff
 
 __all__ = ["quote", "render_dot"]
 

@@ -14,14 +14,15 @@ import json
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from peftc.analysis.propagation import format_shape
 from peftc.tools.render.layout import BAND_TOP, BOW, MARGIN, NODE_H, NODE_W, ROW, Layout, layout
 from peftc.tools.render.style import STATE_FILL, STATUS, node_label, node_tooltip, short_name
-from peftc.tools.view import format_flops, format_shape
+from peftc.tools.view import format_flops
 
 if TYPE_CHECKING:
     import networkx as nx
 
-    from peftc.tools.diff import GraphDiff
+    from peftc.tools.compare import GraphDiff
 
 __all__ = ["render_html"]
 

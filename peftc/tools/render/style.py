@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from peftc.tools.view import format_flops, format_shape
+from peftc.analysis.propagation import format_shape
+from peftc.tools.view import format_flops
 
 if TYPE_CHECKING:
     from peftc.tools.view import NodeInfo

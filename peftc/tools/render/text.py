@@ -19,11 +19,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.tree import Tree
 
-from peftc.tools.render.collapse import Collapsed
-from peftc.tools.view import format_flops, format_shape
+from peftc.analysis.propagation import format_shape
+from peftc.tools.collapse import Collapsed
+from peftc.tools.view import format_flops
 
 if TYPE_CHECKING:
-    from peftc.tools.diff import Change, GraphDiff
+    from peftc.tools.compare import Change, GraphDiff
 
 __all__ = ["MAX_LINES", "SECTIONS", "build_tree", "render_text"]
 

@@ -1,0 +1,195 @@
+"""Propagation: running a traced graph on an example batch to learn what every node makes.
+
+Two uses, two costs. The compiler only needs output *shapes* (blocks built from example shapes):
+:func:`propagate_shapes` runs on the meta device, swapping every tensor for a meta one (a ViT-B forward at 224²
+costs a third of a second of real compute on a small CPU, the meta run only the interpreter's bookkeeping), and
+runs for real only when an op has no meta kernel. The graph tools (diff, inspect, the HTML view) also want
+FLOPs: :func:`propagate` interprets the graph on a deterministic batch and records each node's shape and FLOPs.
+FLOPs are measured, not guessed: every node runs under :class:`torch.utils.flop_counter.FlopCounterMode`, which
+counts the multiply-accumulates of convolutions, matrix products and attention kernels as 2 FLOPs each
+(element-wise ops, norms and activations count 0, as in fvcore and PyTorch's own counter); CPU attention kernels
+the counter does not know (``scaled_dot_product_attention``, the fused ``nn.MultiheadAttention`` path) get the
+standard closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from peftc.analysis.trace import example_input, image_input_size, node_name
+from peftc.errors import PeftcError
+
+__all__ = ["NodeStats", "Shape", "ShapeError", "format_shape", "input_shape", "propagate", "propagate_shapes"]
+
+# A node's output: a tensor shape, a list of them (tuple outputs such as ``unbind``), or None (no tensor).
+Shape = Union[tuple[int, ...], list["Shape"], None]
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """What running one node on the example batch showed."""
+
+    shape: Shape
+    dtype: str | None
+    flops: int
+
+    @property
+    def is_tensor(self) -> bool:
+        """True when the node produces tensors (not a Python int, a shape tuple, None …)."""
+        return self.shape is not None
+
+
+class ShapeError(PeftcError):
+    """The example batch does not fit the graph (usually: the wrong ``--image-size``)."""
+
+
+def input_shape(
+    input_size: tuple[int, int, int], image_size: int | tuple[int, int] | None = None, batch: int = 1
+) -> tuple[int, int, int, int]:
+    """``(batch, C, H, W)`` for a backbone's ``input_size``, with ``image_size`` overriding ``H, W``."""
+    return (batch, *image_input_size(input_size, image_size))
+
+
+def _shape_of(value: Any) -> Shape:
+    if isinstance(value, torch.Tensor):
+        return tuple(int(d) for d in value.shape)
+    if isinstance(value, (tuple, list)) and value and any(isinstance(v, torch.Tensor) for v in value):
+        return [_shape_of(v) for v in value]
+    return None
+
+
+def _dtype_of(value: Any) -> str | None:
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype).removeprefix("torch.")
+    if isinstance(value, (tuple, list)):
+        return next((d for d in map(_dtype_of, value) if d), None)
+    return None
+
+
+def _attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """``softmax(q kᵀ) v``: 2·N·M·D for the scores plus 2·N·M·Dv for the weighted sum, per batch and head."""
+    batch = math.prod(q.shape[:-2])
+    n, d = q.shape[-2], q.shape[-1]
+    m, dv = k.shape[-2], v.shape[-1]
+    return 2 * batch * n * m * (d + dv)
+
+
+def _mha_flops(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> int:
+    """Projections plus attention for ``nn.MultiheadAttention`` (its fused CPU path goes uncounted)."""
+    e = module.embed_dim
+    if query.dim() == 2:
+        query, key = (
+            query.unsqueeze(1 if not module.batch_first else 0),
+            key.unsqueeze(1 if not module.batch_first else 0),
+        )
+    if module.batch_first:
+        b, n, m = query.shape[0], query.shape[1], key.shape[1]
+    else:
+        n, b, m = query.shape[0], query.shape[1], key.shape[0]
+    kdim, vdim = module.kdim, module.vdim
+    projections = 2 * b * (n * e * e + m * kdim * e + m * vdim * e + n * e * e)
+    return projections + 2 * b * n * m * 2 * e
+
+
+class _Propagator(fx.Interpreter):
+    """Runs the graph node by node, recording shapes and counted FLOPs (node.meta is left untouched)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.stats: dict[fx.Node, NodeStats] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.utils.flop_counter import FlopCounterMode  # imported on first use: `import peftc` stays light
+
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        flops = int(counter.get_total_flops())
+        if flops == 0:
+            flops = self._fallback_flops(n)
+        self.stats[n] = NodeStats(_shape_of(result), _dtype_of(result), flops)
+        return result
+
+    def _fallback_flops(self, n: fx.Node) -> int:
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            q, k, v = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args[:3])
+            if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+                return _attention_flops(q, k, v)
+        if n.op == "call_module":
+            module = self.module.get_submodule(str(n.target))
+            if isinstance(module, nn.MultiheadAttention) and len(n.args) >= 2:
+                query, key = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args[:2])
+                if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+                    return _mha_flops(module, query, key)
+        return 0
+
+
+def propagate(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, NodeStats]:
+    """Run ``gm`` once on a deterministic example batch of ``shape``; per-node shapes and FLOPs.
+
+    The graph runs in its current mode under ``no_grad`` (compiled models and built backbones are in
+    eval mode, so no running statistic moves). A batch that does not fit raises :class:`ShapeError`
+    naming the node.
+    """
+    param = next(gm.parameters(), None)
+    x = example_input(tuple(shape[1:]), batch=shape[0], device=param.device if param is not None else "cpu")
+    if param is not None and param.is_floating_point():
+        x = x.to(param.dtype)
+    prop = _Propagator(gm)
+    try:
+        with torch.no_grad():
+            prop.run(x)
+    except Exception as exc:
+        failed = next((n for n in gm.graph.nodes if n not in prop.stats and n.op != "placeholder"), None)
+        where = f" at {node_name(failed)!r}" if failed is not None else ""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ShapeError(
+            f"shape propagation with an input of {format_shape(tuple(shape))} failed{where}: {first}; "
+            "pass an image size this backbone accepts (--image-size)"
+        ) from None
+    for node in gm.graph.nodes:  # placeholders without a value (fixed optional args) and the like
+        prop.stats.setdefault(node, NodeStats(None, None, 0))
+    return prop.stats
+
+
+class _Propagation(nn.Module):
+    """Runs shape propagation as its forward, so ``functional_call`` can swap every tensor of ``gm`` for a
+    meta tensor of the same shape for its duration: the shapes come out without computing anything."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x: torch.Tensor) -> None:
+        ShapeProp(self.gm).propagate(x)
+
+
+def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
+    """Record every node's output shape (``node.meta["tensor_meta"]``) for the example input ``x``.
+
+    On the meta device first (a ViT-B forward at 224² costs a third of a second of real compute on a small
+    CPU, the meta run only the interpreter's bookkeeping); an op without a meta kernel makes it run for real.
+    """
+    every = (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+    meta = {name: t.to("meta") for name, t in every}  # every alias too: a shared tensor left real would mix
+    with torch.no_grad():
+        try:
+            torch.func.functional_call(_Propagation(gm), {f"gm.{k}": v for k, v in meta.items()}, (x.to("meta"),),
+                                       tie_weights=False)
+        except Exception:  # any failure on meta: the real run is the reference
+            ShapeProp(gm).propagate(x)
+
+
+def format_shape(shape: Shape) -> str:
+    """``(1, 64, 56, 56)`` → ``1×64×56×56``; tuple outputs as ``(1×3×197×64, …)``; no tensor → ``-``."""
+    if shape is None:
+        return "-"
+    if isinstance(shape, list):
+        return "(" + ", ".join(format_shape(s) for s in shape) + ")"
+    return "×".join(str(d) for d in shape) if shape else "scalar"
