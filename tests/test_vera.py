@@ -1,4 +1,7 @@
-"""VeRA (arXiv 2310.11454) — the block contract's worked example: shared frozen projections, per-task vectors."""
+"""VeRA (arXiv 2310.11454) — the block contract's worked example: shared frozen projections, per-task vectors.
+
+Identity at init, save/load, task isolation and fold ≈ eager are the contract battery's (``vera@vit_tiny`` in
+tests/contract_table.py); this file keeps the method's facts and its parity with HF PEFT."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import torch
 from safetensors import safe_open
 
 import peftc
-from peftc.export import fold
 from peftc.methods.vera.vera import Vera
 from tests.cached import module as cached
 
@@ -35,20 +37,6 @@ def test_counts_are_r_plus_out_per_layer(model: peftc.runtime.model.Compiled) ->
     blocks = [m for m in model.net.modules() if isinstance(m, Vera)]
     assert len(blocks) == 36 and len({id(b.projections) for b in blocks}) == 1  # one pair for every layer
     assert blocks[0].projections.A.shape == (16, 768) and blocks[0].projections.B.shape == (768, 16)  # largest
-
-
-def test_identity_at_init_and_fold_after_training(model: peftc.runtime.model.Compiled) -> None:
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(x), cached(VIT)(x))
-    work = peftc.compile("vera", cached(VIT), rank=16)
-    _perturb(work, 0)
-    with torch.no_grad():
-        eager = work(x)
-        assert not torch.allclose(eager, cached(VIT)(x), atol=1e-3)  # the perturbation shows
-        folded = fold(work)
-        assert folded.report.counts() == {"bypass": 36} and folded.report.remaining == {}
-        torch.testing.assert_close(folded.module(x), eager, atol=2e-4, rtol=1e-4)
 
 
 def test_projections_are_stored_once_and_vectors_per_task(tmp_path: Path) -> None:
