@@ -137,3 +137,13 @@ def test_the_architecture_walkthrough_shows_the_shipped_vera() -> None:
     for lang, snippet in snippets:
         for line in snippet.strip("\n").splitlines():
             assert line.rstrip() in sources[lang], f"walk-through line not in the shipped {lang}: {line!r}"
+
+
+def test_import_peftc_and_the_cli_need_no_torch() -> None:
+    """``import peftc`` is lazy and ``peftc --help`` builds its command tree without importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, peftc, peftc.cli; assert 'torch' not in sys.modules, [m for m in sys.modules if 'torch' in m]"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

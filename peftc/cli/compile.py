@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from peftc.cli.app import app
 from peftc.cli.common import console, fmt_int, handle_errors, load_plugins, print_json
-from peftc.runtime.report import Report
+
+if TYPE_CHECKING:
+    from peftc.runtime.report import Report
 
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="Override a spec param: name=value (repeatable).")
