@@ -147,3 +147,12 @@ def test_import_peftc_and_the_cli_need_no_torch() -> None:
     code = "import sys, peftc, peftc.cli; assert 'torch' not in sys.modules, [m for m in sys.modules if 'torch' in m]"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """pyproject lists its packages explicitly (the package-dir mapping needs it): a new room must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "peftc").rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
