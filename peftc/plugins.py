@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from typing import Any, TypeVar
 
-from peftc.errors import PeftcError
+from peftc.errors import PeftcError, SpecError, did_you_mean
 
-__all__ = ["BUILTIN", "ensure_loaded", "load_plugin"]
+__all__ = ["BUILTIN", "Registry", "ensure_loaded", "load_plugin"]
+
+T = TypeVar("T")
 
 BUILTIN = ("peftc.passes", "peftc.methods")  # the generic primitives, then every built-in method's room
 ENTRY_POINT_GROUPS = ("peftc.plugins", "peftc.blocks")
@@ -44,3 +47,29 @@ def load_plugin(module: str) -> None:
         importlib.import_module(module)
     except ImportError as exc:
         raise PeftcError(f"cannot import plugin module {module!r}: {exc}") from None
+
+
+class Registry(dict[str, T]):
+    """Name → plug-in of one kind (blocks, primitives, stages, training heads). Lookups load the rooms and the
+    installed plugins first, so a name registered anywhere is found however peftc was entered."""
+
+    def __init__(self, kind: str, plural: str, initial: dict[str, T] | None = None, *, ordered: bool = False):
+        super().__init__(initial or {})
+        self.kind, self.plural, self.ordered = kind, plural, ordered  # ordered: list in registration order
+
+    def find(self, name: str) -> T:
+        """The plug-in ``name``; raises KeyError when there is none."""
+        if name not in self:
+            ensure_loaded()
+        return self[name]
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted (in registration order when ``ordered``)."""
+        ensure_loaded()
+        return list(self) if self.ordered else sorted(self)
+
+    def unknown(self, name: str, where: Any = None) -> SpecError:
+        """The error for a spec naming no such plug-in: the closest names, then all of them."""
+        known = self.names()
+        return SpecError(f"unknown {self.kind} {name!r}" + did_you_mean(name, known)
+                         + f"; {self.plural}: {', '.join(known)}", where)

@@ -19,8 +19,8 @@ import pytest
 
 import peftc.methods
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import _REGISTRY as BLOCKS
-from peftc.language.primitives import _REGISTRY as PRIMITIVES
+from peftc.blocks.registry import BLOCKS
+from peftc.language.primitives import PRIMITIVES
 from peftc.plugins import ensure_loaded
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -138,7 +138,7 @@ class _Gain(Block):
 
 
 def test_a_third_party_primitive_is_one_registration(monkeypatch) -> None:
-    monkeypatch.setitem(primitives._REGISTRY, "test_gain", Primitive(
+    monkeypatch.setitem(primitives.PRIMITIVES, "test_gain", Primitive(
         "test_gain", _ScaleArgs, _scale, adds_params=True, reads_shapes=False, once=False, summary=""))
     spec = {"peftc": 1, "name": "gain", "rules": [{"freeze": {}}, {"test_gain": {"target": {"role": "fc2"}}}]}
     model = peftc.compile(spec, cached(VIT))

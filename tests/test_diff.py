@@ -136,7 +136,7 @@ def test_a_changed_pass_fails_the_golden(monkeypatch: pytest.MonkeyPatch) -> Non
     golden = json.loads(_golden_path(row).read_text(encoding="utf-8"))
     assert _first_difference(golden, _golden_payload(row)) is None
     broken = dataclasses.replace(get_primitive("insert"), run=lambda ctx: None)  # a broken insert pass
-    monkeypatch.setitem(primitives._REGISTRY, "insert", broken)
+    monkeypatch.setitem(primitives.PRIMITIVES, "insert", broken)
     difference = _first_difference(golden, _golden_payload(row))
     assert difference is not None and difference.startswith("$.summary")
 

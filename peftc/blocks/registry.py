@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import fx, nn
 
 from peftc.errors import PeftcError
-from peftc.plugins import ensure_loaded
+from peftc.plugins import Registry
 
-__all__ = ["BlockArgs", "BlockType", "Site", "block_names", "get_block", "register_block"]
+__all__ = ["BLOCKS", "BlockArgs", "BlockType", "Site", "block_names", "get_block", "register_block"]
 
 
 class BlockArgs(BaseModel):
@@ -89,7 +89,7 @@ class BlockType:
         return self.factory(site, parsed)
 
 
-_REGISTRY: dict[str, BlockType] = {}
+BLOCKS: Registry[BlockType] = Registry("block", "blocks")
 
 
 def register_block(
@@ -103,7 +103,7 @@ def register_block(
 
     def decorate(factory: Callable[[Site, Any], nn.Module]) -> Callable[[Site, Any], nn.Module]:
         doc = (factory.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = BlockType(name, factory, args, suffix or name, doc[0] if doc else "")
+        BLOCKS[name] = BlockType(name, factory, args, suffix or name, doc[0] if doc else "")
         return factory
 
     return decorate
@@ -111,11 +111,8 @@ def register_block(
 
 def get_block(name: str) -> BlockType:
     """The registered block ``name``; raises KeyError when there is none."""
-    if name not in _REGISTRY:
-        ensure_loaded()
-    return _REGISTRY[name]
+    return BLOCKS.find(name)
 
 
 def block_names() -> list[str]:
-    ensure_loaded()
-    return sorted(_REGISTRY)
+    return BLOCKS.names()

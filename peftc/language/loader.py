@@ -24,7 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 import peftc.language.primitives as primitives
-from peftc.blocks.registry import block_names, get_block
+from peftc.blocks.registry import BLOCKS, get_block
 from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
 from peftc.language.messages import from_validation, know_models
@@ -307,9 +307,7 @@ def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -
     if len(ops) != 1 or ops[0] not in known:
         bad = next((k for k in ops if k not in known), None)
         if bad is not None:
-            msg = f"unknown primitive {bad!r}" + did_you_mean(bad, known)
-            where = locate(doc.positions, (*path, bad), doc.file)
-            raise SpecError(msg + f"; primitives: {', '.join(known)}", where)
+            raise primitives.PRIMITIVES.unknown(bad, locate(doc.positions, (*path, bad), doc.file))
         raise SpecError(f"a rule names exactly one primitive ({', '.join(known)}), got {ops or 'none'}", where)
     op = ops[0]
     when = raw.get("when")
@@ -380,11 +378,7 @@ def _check_block(args: Any, path: Path_, doc: _Doc) -> None:
     try:
         block = get_block(block_name)
     except KeyError:
-        raise SpecError(
-            f"unknown block {block_name!r}" + did_you_mean(block_name, block_names())
-            + f"; blocks: {', '.join(block_names())}",
-            locate(doc.positions, (*path, "block"), doc.file),
-        ) from None
+        raise BLOCKS.unknown(block_name, locate(doc.positions, (*path, "block"), doc.file)) from None
     try:
         parsed = block.args.model_validate(args.args)
     except ValidationError as exc:

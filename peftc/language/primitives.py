@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftc.language.schema import RuleArgs
-from peftc.plugins import ensure_loaded
+from peftc.plugins import Registry
 
-__all__ = ["Primitive", "get_primitive", "primitive_names", "register_primitive"]
+__all__ = ["PRIMITIVES", "Primitive", "get_primitive", "primitive_names", "register_primitive"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Primitive:
     summary: str
 
 
-_REGISTRY: dict[str, Primitive] = {}
+PRIMITIVES: Registry[Primitive] = Registry("primitive", "primitives", ordered=True)
+REGISTRY = PRIMITIVES
 
 
 def register_primitive(
@@ -41,7 +42,7 @@ def register_primitive(
 
     def decorate(run: Callable[[Any], None]) -> Callable[[Any], None]:
         doc = (args.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = Primitive(name, args, run, adds_params, reads_shapes, once, doc[0] if doc else "")
+        PRIMITIVES[name] = Primitive(name, args, run, adds_params, reads_shapes, once, doc[0] if doc else "")
         return run
 
     return decorate
@@ -49,12 +50,9 @@ def register_primitive(
 
 def get_primitive(name: str) -> Primitive:
     """The registered primitive ``name``; raises KeyError when there is none."""
-    if name not in _REGISTRY:
-        ensure_loaded()
-    return _REGISTRY[name]
+    return PRIMITIVES.find(name)
 
 
 def primitive_names() -> list[str]:
     """Every registered primitive, in registration order (peftc's own first)."""
-    ensure_loaded()
-    return list(_REGISTRY)
+    return PRIMITIVES.names()

@@ -26,11 +26,11 @@ from peftc.errors import PeftcError, TaskError
 from peftc.train.context import batches
 from peftc.train.data import ImageDataset, TaskData, collate, discover
 from peftc.train.distributed import DistContext, setup
-from peftc.train.heads import TaskSelection, get_head
+from peftc.train.heads import TaskGuess, get_head
 from peftc.train.journal import Journal
 from peftc.train.transforms import backbone_stats, eval_transform
 
-__all__ = ["EvalError", "TaskSelection", "evaluate", "evaluate_model", "task_accuracy", "task_selection_for"]
+__all__ = ["EvalError", "TaskGuess", "evaluate", "evaluate_model", "task_accuracy", "task_guess_for"]
 
 
 class EvalError(PeftcError):
@@ -83,7 +83,7 @@ def task_accuracy(model: Any, task: str, loader: torch.utils.data.DataLoader, di
     return (correct / total if total else 0.0), int(total), int(skipped)
 
 
-def _routed_selection(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> TaskSelection | None:
+def _routed_guess(model: Any, tasks: list[str], spans: list[tuple[int, int]]) -> TaskGuess | None:
     """Task selection by a block of the model (the contract's ``task_predictor``), or None when none offers it."""
     predictor = task_predictor(model)
     if predictor is None:
@@ -109,17 +109,17 @@ def task_predictor(model: Any) -> TaskPredictor | None:
     return None
 
 
-def task_selection_for(model: Any, tasks: list[str], journal: Journal | None) -> TaskSelection:
+def task_guess_for(model: Any, tasks: list[str], journal: Journal | None) -> TaskGuess:
     """The method's task selection over ``tasks``: a block's task predictor, or the training head's."""
     entries = [(journal.task(t) if journal else None) or {} for t in tasks]
     spans = [(e.get("offset", 0), len(e.get("classes") or []) or int(model.bank.classes(t) or 0))
              for e, t in zip(entries, tasks)]
-    routed = _routed_selection(model, tasks, spans)
+    routed = _routed_guess(model, tasks, spans)
     if routed is not None:
         return routed
     heads = {(journal.task(t) or {}).get("head") for t in tasks} if journal else set()
     if len(heads) == 1 and None not in heads:
-        chosen = get_head(heads.pop()).task_selection(model, tasks)
+        chosen = get_head(heads.pop()).guess_tasks(model, tasks)
         if chosen is not None:
             return chosen
     raise EvalError(f"spec {model.spec.name!r} has no task selection (no block predicts tasks and the tasks' "
@@ -128,7 +128,7 @@ def task_selection_for(model: Any, tasks: list[str], journal: Journal | None) ->
 
 
 @torch.no_grad()
-def selection_accuracy(model: Any, select: TaskSelection, candidates: list[str], loaders: Mapping[str, Any],
+def selection_accuracy(model: Any, select: TaskGuess, candidates: list[str], loaders: Mapping[str, Any],
                        dist: DistContext) -> dict[str, dict[str, float]]:
     """Per true task (the keys of ``loaders``): accuracy (task and class right) and task-selection accuracy
     (task right), the selector choosing among ``candidates``."""
@@ -180,7 +180,7 @@ def evaluate_model(model: Any, data: Mapping[str, TaskData], *, journal: Journal
         missing = [t for t in tasks if t not in candidates]
         if missing:
             raise EvalError(f"task {missing[0]!r} is not among the tasks the selector chooses from")
-        chosen = task_selection_for(model, candidates, journal)
+        chosen = task_guess_for(model, candidates, journal)
         for task, numbers in selection_accuracy(model, chosen, candidates, loaders, dist).items():
             result["tasks"][task]["oracle_accuracy"] = result["tasks"][task]["accuracy"]
             result["tasks"][task].update(numbers)

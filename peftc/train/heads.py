@@ -15,14 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftc.errors import SpecError, did_you_mean
-from peftc.plugins import ensure_loaded
+from peftc.plugins import Registry
 
-__all__ = ["TaskSelection", "TrainHead", "get_head", "head_names", "register_head"]
+__all__ = ["TaskGuess", "TrainHead", "get_head", "head_names", "register_head"]
 
 # Maps a batch of images to the index (into the task list it was built for) of each image's predicted task and
 # the class predicted within that task.
-TaskSelection = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+TaskGuess = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class TrainHead:
@@ -46,14 +45,14 @@ class TrainHead:
         """Task ``task`` finished: update the memory with its data and write it back."""
 
     @classmethod
-    def task_selection(cls, model: Any, tasks: list[str]) -> TaskSelection | None:
+    def guess_tasks(cls, model: Any, tasks: list[str]) -> TaskGuess | None:
         """How an image's task is predicted among ``tasks`` for models trained with this head (None: it is not)."""
         return None
 
     @classmethod
-    def selects_tasks(cls) -> bool:
-        """True when models trained with this head can predict an image's task (it overrides task_selection)."""
-        return cls.task_selection.__func__ is not TrainHead.task_selection.__func__
+    def guesses_tasks(cls) -> bool:
+        """True when models trained with this head can predict an image's task (it overrides guess_tasks)."""
+        return cls.guess_tasks.__func__ is not TrainHead.guess_tasks.__func__
 
     # -- within the fit stage -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -75,7 +74,7 @@ class TrainHead:
         return None
 
 
-_HEADS: dict[str, type[TrainHead]] = {"task": TrainHead}
+_HEADS: Registry[type[TrainHead]] = Registry("training head", "heads", {"task": TrainHead})
 
 
 def register_head(name: str) -> Callable[[type[TrainHead]], type[TrainHead]]:
@@ -90,15 +89,12 @@ def register_head(name: str) -> Callable[[type[TrainHead]], type[TrainHead]]:
 
 
 def head_names() -> list[str]:
-    ensure_loaded()
-    return sorted(_HEADS)
+    return _HEADS.names()
 
 
 def get_head(name: str, where: Any = None) -> type[TrainHead]:
     """The head registered as ``name``; an unknown one is a SpecError at ``where``."""
-    if name not in _HEADS:
-        ensure_loaded()
-    if name not in _HEADS:
-        raise SpecError(f"unknown training head {name!r}" + did_you_mean(name, head_names())
-                        + f"; heads: {', '.join(head_names())}", where)
-    return _HEADS[name]
+    try:
+        return _HEADS.find(name)
+    except KeyError:
+        raise _HEADS.unknown(name, where) from None

@@ -52,7 +52,7 @@ def _check_selection(artifact: Path, options: TrainOptions) -> None:
 
     model = load(artifact)
     head = get_head(resolve(model.spec.train, options.overrides).head)
-    if head.selects_tasks() or task_predictor(model) is not None:
+    if head.guesses_tasks() or task_predictor(model) is not None:
         return
     raise EvalError(f"spec {model.spec.name!r} has no task selection (no block predicts tasks and its training "
                     "head selects none); drop --select")

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.errors import SpecError, did_you_mean
+from peftc.errors import SpecError
 from peftc.language import StageDecl, TrainSection
-from peftc.plugins import ensure_loaded
+from peftc.plugins import Registry
 from peftc.train.context import TaskRun
 from peftc.train.heads import get_head
 
 __all__ = ["FitStage", "Stage", "make_stage", "register_stage", "stage_names"]
 
-_STAGES: dict[str, Callable[[StageDecl, TaskRun, TrainSection], Stage]] = {}
+_STAGES: Registry[type[Stage]] = Registry("training stage", "stages")
 
 
 
@@ -92,18 +92,16 @@ def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
 
 
 def stage_names() -> list[str]:
-    ensure_loaded()
-    return sorted(_STAGES)
+    return _STAGES.names()
 
 
 def make_stage(decl: StageDecl, run: TaskRun, recipe: TrainSection, where: Any = None) -> Stage:
     """Build the stage a spec names; an unknown name is a SpecError at ``where``."""
-    if decl.stage not in _STAGES:
-        ensure_loaded()
-    if decl.stage not in _STAGES:
-        raise SpecError(f"unknown training stage {decl.stage!r}" + did_you_mean(decl.stage, stage_names())
-                        + f"; stages: {', '.join(stage_names())}", where)
-    return _STAGES[decl.stage](decl, run, recipe)
+    try:
+        stage = _STAGES.find(decl.stage)
+    except KeyError:
+        raise _STAGES.unknown(decl.stage, where) from None
+    return stage(decl, run, recipe)
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, recipe: TrainSection) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from peftc.methods.taer.taer import REPLAY, ReplayBuffer, TaerObjective, taer_logits
-from peftc.train.heads import TaskSelection, TrainHead, register_head
+from peftc.train.heads import TaskGuess, TrainHead, register_head
 
 __all__ = ["TaerHead"]
 
@@ -33,7 +33,7 @@ class TaerHead(TrainHead):
         memory.save(train_dir / REPLAY)
 
     @classmethod
-    def task_selection(cls, model: Any, tasks: list[str]) -> TaskSelection:
+    def guess_tasks(cls, model: Any, tasks: list[str]) -> TaskGuess:
         """The argmax over the concatenated heads of ``tasks``: the class it falls in names the task."""
         classes = [model.bank.classes(t) for t in tasks]
         offsets = torch.tensor([0, *torch.tensor(classes).cumsum(0).tolist()[:-1]])
