@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftc.language import TrainSection
-from peftc.train.data import ImageDataset, TaskData, collate
+from peftc.train.data import DataError, ImageDataset, TaskData, check_readable, collate
 from peftc.train.distributed import DistContext
 from peftc.train.progress import Reporter
 from peftc.train.transforms import backbone_stats, eval_transform, train_transform
@@ -120,7 +120,9 @@ class TaskRun:
                                            num_workers=self.workers)
 
     def note_corrupt(self, paths: list[Path]) -> None:
-        self.corrupt.update(paths)
+        if paths:
+            self.corrupt.update(paths)
+            check_readable(self.data, self.corrupt)
 
     def validate(self, batch_size: int | None = None) -> float:
         """Accuracy of the active task's head on the validation split (exact across processes)."""
@@ -131,7 +133,10 @@ class TaskRun:
             correct += int((logits.argmax(1) == labels).sum())
             total += len(labels)
         correct, total = self.dist.sum([correct, total])
-        return correct / total if total else 0.0
+        if not total:
+            raise DataError(f"task {self.task!r}: no validation image could be read ({self.data.val.root}); an "
+                            "accuracy over none would steer early stopping blind")
+        return correct / total
 
     # -- early-stopping snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, torch.Tensor]:
