@@ -58,8 +58,10 @@ def _check_writable(path: Path) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    from peftc.storage.atomic import write_file
+
     try:
-        path.write_text(text, encoding="utf-8")
+        write_file(path, text)
     except OSError as exc:
         raise PeftcError(f"cannot write {path}: {exc.strerror or exc}") from None
 

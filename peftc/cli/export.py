@@ -62,10 +62,12 @@ def export_cmd(
 ) -> None:
     """Export an artifact to ONNX (folded, dynamic batch, verified with ONNX Runtime) and/or a Triton repository."""
     from peftc.export.onnx import export_onnx
-    from peftc.export.triton import model_name, triton_config, write_repository
+    from peftc.export.triton import check_name, model_name, triton_config, write_repository
 
     if onnx is None and triton is None:
         raise PeftcError("nothing to export: give --onnx OUT.onnx and/or --triton REPO_DIR")
+    if name is not None:
+        check_name(name)  # before the (slow) export
     load_plugins(plugin)
     with contextlib.ExitStack() as stack:
         target = onnx

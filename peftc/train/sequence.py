@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from peftc.compiler import load
+from peftc.storage.atomic import write_file
 from peftc.train.data import SequenceError, discover, read_sequence
 from peftc.train.distributed import setup
 from peftc.train.evaluate import evaluate_model
@@ -38,10 +38,7 @@ ACCURACY_PNG = "accuracy.png"
 
 
 def _write(directory: Path, record: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{ACCURACY_JSON}.partial"
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / ACCURACY_JSON)
+    write_file(directory / ACCURACY_JSON, json.dumps(record, indent=1) + "\n")
 
 
 def _check_selection(artifact: Path, options: TrainOptions) -> None:
