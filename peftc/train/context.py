@@ -101,7 +101,11 @@ class TaskRun:
         return zlib.crc32(f"{self.seed}/{self.task}/{stage}/{epoch}".encode())
 
     def train_loader(self, batch_size: int, stage: int, epoch: int) -> torch.utils.data.DataLoader:
-        """The epoch's shuffled training batches (this process's share), seeded by stage and epoch."""
+        """The epoch's shuffled training batches (this process's share), seeded by stage and epoch.
+
+        A last batch of a single image is dropped (a different one each epoch): BatchNorm cannot train on one
+        sample. Other incomplete last batches are kept.
+        """
         dataset = self.train_set
         seed = self.epoch_seed(stage, epoch)
         generator = torch.Generator().manual_seed(seed)
@@ -110,8 +114,10 @@ class TaskRun:
                 dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        share = len(sampler)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                            num_workers=self.workers, generator=generator,
+                                           drop_last=share > batch_size and share % batch_size == 1,
                                            pin_memory=self.device.type == "cuda")
 
     def val_loader(self, batch_size: int) -> torch.utils.data.DataLoader:
