@@ -155,7 +155,7 @@ def eval_cmd(
     json_: JsonOpt = False,
 ) -> None:
     """Report accuracy per task (task given, or predicted with --select)."""
-    from peftc.train.evaluate import EvalError, evaluate
+    from peftc.train.evaluation import EvalError, evaluate
 
     if split not in ("val", "train"):
         raise EvalError(f"--split must be val or train, got {split!r}")

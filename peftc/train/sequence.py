@@ -25,7 +25,7 @@ from peftc.compiler import load
 from peftc.storage.atomic import write_file
 from peftc.train.data import SequenceError, discover, read_sequence
 from peftc.train.distributed import setup
-from peftc.train.evaluate import evaluate_model
+from peftc.train.evaluation import evaluate_model
 from peftc.train.journal import TRAIN_DIR, Journal
 from peftc.train.metrics import continual_metrics, heatmap
 from peftc.train.progress import Reporter
@@ -43,7 +43,7 @@ def _write(directory: Path, record: dict[str, Any]) -> None:
 
 def _check_selection(artifact: Path, options: TrainOptions) -> None:
     """Refuse ``select`` before training when the method has no task selection (not after the whole sequence)."""
-    from peftc.train.evaluate import EvalError, task_predictor
+    from peftc.train.evaluation import EvalError, task_predictor
     from peftc.train.heads import get_head
     from peftc.train.recipe import resolve
 
