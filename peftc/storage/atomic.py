@@ -104,16 +104,23 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def _held_signals() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (they are delivered afterwards) while a swap must not stop half-way."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM back while a swap must not stop half-way; one that came is re-raised afterwards.
+
+    (Python runs signal handlers in the main thread only, so elsewhere there is nothing to hold.)
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -156,13 +163,15 @@ def replace_directory(staging: Path, target: Path) -> None:
     if target.exists() and not target.is_dir():
         raise IsADirectoryError(errno.ENOTDIR, f"{target} exists and is not a directory", str(target))
     _ACTIVE.discard(str(staging))
+    swapped = False
     try:
         with _held_signals():
             old = _swap(staging, target)
-    except InterruptedAfterWrite:
-        raise
-    except KeyboardInterrupt:  # delivered as the signals were released: the swap is done
-        raise InterruptedAfterWrite(f"{target} was written before the interrupt") from None
+            swapped = True
+    except KeyboardInterrupt:
+        if not swapped:
+            raise
+        raise InterruptedAfterWrite(f"{target} was written before the interrupt") from None  # held until now
     _finish(target, old)
 
 

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftc.errors import PeftcError, TaskError, did_you_mean, render_path
+from peftc.images import to_rgb
 from peftc.language.reader import read_yaml_file
 
 __all__ = ["IMAGE_EXTENSIONS", "Corrupt", "DataError", "ImageDataset", "SequenceError", "SequenceTask", "Split",
@@ -201,27 +202,9 @@ def load_rgb(path: Path) -> Any:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _to_rgb(image)
+            return to_rgb(image)
     except Exception as exc:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
-
-
-def _to_rgb(image: Any) -> Any:
-    """RGB at 8 bits. 16-bit and 32-bit integer images are scaled from their full range and float images from
-    [0, 1] (PIL's own ``convert("RGB")`` clips them, turning most pixels white)."""
-    from PIL import Image
-
-    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
-        return image.convert("RGB")
-    import numpy as np
-
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        scaled = values * 255.0 if values.size and np.nanmax(values) <= 1.0 else values
-    else:
-        scaled = values / 257.0 if values.size and values.max() <= 65535 else values / 16843009.0
-    gray = np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(gray, mode="L").convert("RGB")
 
 
 def check_readable(data: TaskData, corrupt: set[Path]) -> None:
