@@ -165,8 +165,10 @@ def write_onnx(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     names = ["image", "task"] if deployable.all_tasks else ["image"]
+    written = _opset_of(target)
+    notes = [f"opset {opset} was asked for; the exporter wrote opset {written}"] if opset and opset != written else []
     return ExportResult(
-        path=str(target), bytes=size, external_data=data_name, opset=_opset_of(target),  # what was written
+        path=str(target), bytes=size, external_data=data_name, opset=written, notes=notes,
         spec=deployable.spec, backbone=deployable.backbone, task=deployable.task, tasks=deployable.tasks,
         classes=deployable.classes, input_names=names, input_shape=["batch", *deployable.input_size],
         folded=deployable.fold is not None, fold=deployable.fold.to_dict() if deployable.fold else None,

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -405,3 +406,58 @@ def test_triton_name_stays_one_folder(name: str, artifact: Path, tmp_path: Path)
         triton_config(name, input_size=(3, 8, 8), classes=2, all_tasks=False)
     code, out = cli("export", artifact, "--triton", tmp_path / "repo", "--name", name)
     assert code == 1 and "Triton model name" in out and not (tmp_path / "repo").exists()
+
+
+def test_export_reports_the_opset_it_wrote(tmp_path: Path, monkeypatch) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    import peftc.export.onnx as onnx_export
+    from peftc.export.source import Deployable
+
+    class Program:  # what the exporter hands back: it writes opset 18 whatever was asked
+        def save(self, path: str, external_data: bool) -> None:
+            x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3])
+            y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+            graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g", [x], [y])
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+    monkeypatch.setattr(onnx_export, "_export", lambda deployable, opset: Program())
+    monkeypatch.setattr(onnx_export, "_annotate", lambda program, deployable: None)
+    module = torch_identity()
+    deployable = Deployable(module, (3,), "default", ["default"], [3], module, None, "tiny", "tiny")
+    result = onnx_export.write_onnx(deployable, tmp_path / "m.onnx", opset=1, check=False)
+    assert result.opset == 18 and "opset 1 was asked for; the exporter wrote opset 18" in result.notes
+
+
+def torch_identity() -> Any:
+    from torch import nn
+
+    return nn.Identity()
+
+
+# -- 8. documented commands work as written ---------------------------------------------------------------------
+
+
+def test_a_str_param_takes_what_the_user_typed() -> None:
+    from peftc.language import parse_overrides
+
+    spec = load_spec(ROOT / "docs" / "tutorial" / "stage_clr.yaml", parse_overrides(["pointwise=true", "stages=234"]))
+    assert spec.values["stages"] == "234"
+
+
+def test_ctrl_c_on_the_benchmark_runner_stops_the_running_suite() -> None:
+    from benchmarks.__main__ import stop_group
+
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                              "print(p.pid, flush=True)\ntime.sleep(60)"],
+                             start_new_session=True, stdout=subprocess.PIPE, text=True)
+    grandchild = Path(f"/proc/{int(child.stdout.readline())}/stat")  # a process the suite started
+    stop_group(child)
+    assert child.poll() is not None
+    for _ in range(100):
+        if not grandchild.exists() or grandchild.read_text().split(") ")[1][0] in "ZX":  # gone, or dead unreaped
+            return
+        time.sleep(0.05)
+    pytest.fail("a process the suite started is still running")
