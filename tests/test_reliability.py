@@ -32,7 +32,7 @@ from peftc.train.data import SequenceError, read_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FAST = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 def cli(*args: str) -> tuple[int, str]:
