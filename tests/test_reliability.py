@@ -115,7 +115,7 @@ def test_hostile_yaml_is_one_message_for_specs_and_task_files(case: str, tmp_pat
 # -- the property: mutated specs, manifests and task files validate or fail with one located message -----------
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-                    st.floats(allow_nan=True), st.text(max_size=30), st.sampled_from(HOSTILE[:5]),
+                    st.floats(allow_nan=True), st.text(max_size=30), st.sampled_from(HOSTILE),
                     st.sampled_from(["$rank", "${nope}", "re:(", "layer[", "*", "fn:", "::0", "1::", "Conv2d"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
@@ -166,10 +166,9 @@ SPECS = _spec_data()
 @given(st.sampled_from(sorted(SPECS)).flatmap(lambda name: mutated(SPECS[name])), st.booleans())
 def test_mutated_builtin_specs_load_or_fail_with_a_location(tmp_path_factory, doc: Any, alias: bool) -> None:
     path = tmp_path_factory.mktemp("spec") / "mutant.yaml"
-    text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
-    if alias and isinstance(doc, dict):  # the same document again through anchors and a merge key
-        text = "base: &base\n" + "".join(f"  {line}\n" for line in text.splitlines()) + "<<: *base\n"
-    path.write_text(text, encoding="utf-8")
+    if alias and isinstance(doc, dict) and isinstance(doc.get("rules"), list) and doc["rules"]:
+        doc["rules"].append(doc["rules"][0])  # one object twice: the dump writes an anchor and an alias
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
     try:
         spec = load_spec(path)
     except PeftcError as exc:

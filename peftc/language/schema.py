@@ -95,6 +95,12 @@ class ParamDecl(RuleArgs):
     max: float | None = None
     doc: str = ""
 
+    @model_validator(mode="after")
+    def _check_range(self) -> ParamDecl:
+        if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
+            raise ValueError(f"min and max apply to int and float params, not to a {self.type} param")
+        return self
+
     def coerce(self, value: Any, what: str) -> Any:
         """Check ``value`` against the declared type, range and choices; returns the typed value."""
         if value is None:
