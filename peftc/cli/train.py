@@ -185,7 +185,7 @@ def eval_cmd(
 def demo_data_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder to write the tasks into.")],
     tasks: Annotated[int, typer.Option("--tasks", min=1, max=5, help="Number of two-class tasks.")] = 5,
-    size: Annotated[int, typer.Option("--size", min=8, help="Image side in pixels.")] = 32,
+    size: Annotated[int, typer.Option("--size", min=8, max=1024, help="Image side in pixels.")] = 32,
     per_class: Annotated[Optional[int], typer.Option("--per-class", min=1, help="Train images per class "
                                                      "(default: all).")] = None,
     val_per_class: Annotated[Optional[int], typer.Option("--val-per-class", min=1, help="Val images per class "
