@@ -5,9 +5,10 @@ artifact of a randomly initialised backbone can be loaded again). ``pretrained=T
 download its weights; ``weights=FILE`` loads a local safetensors or ``.pt/.pth`` state dict (``weights_only``,
 so loading never runs code). A hash of the resulting weights identifies the backbone in artifacts.
 
-The hash is computed when first asked for (saving an artifact, loading one), over a snapshot of the tensors as
-they were built: the compiler gives every tensor that training can write its own storage, so the snapshot keeps
-the original values however long the model trains before it is saved.
+A backbone built here is hashed at once. A module a user passes in is hashed when first asked for (saving an
+artifact, loading one), over a zero-copy snapshot of its tensors: they stay alive in the user's module anyway, and
+the compiler gives every tensor that training can write its own storage, so the snapshot keeps the original values
+however long the model trains before it is saved.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def build_backbone(
         _load_weights(module, str(weights), backbone_id)
     module.eval()
     source = "pretrained" if pretrained else ("weights" if weights else "random")
-    return Backbone(
+    built = Backbone(
         id=backbone_id,
         module=module,
         source=source,
@@ -260,6 +261,8 @@ def build_backbone(
         weights_file=str(Path(weights).resolve()) if weights else None,
         input_size=_input_size(module, backbone_id),
     )
+    built.digest()  # nobody else holds these weights: a snapshot kept for later would keep dropped layers alive
+    return built
 
 
 def from_module(module: nn.Module, backbone_id: str | None = None) -> Backbone:
