@@ -10,11 +10,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftc.cli.app import app
-from peftc.cli.common import console, handle_errors, print_json
+from peftc.cli.common import MAX_IMAGE_SIZE, console, handle_errors, print_json
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (progress still goes to stderr).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (under torchrun: each process's GPU).")]
-SizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=8,
+SizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=8, max=MAX_IMAGE_SIZE,
                                                 help="Train/evaluate at this size (default: the backbone's input).")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
 
@@ -155,7 +155,7 @@ def eval_cmd(
     json_: JsonOpt = False,
 ) -> None:
     """Report accuracy per task (task given, or predicted with --select)."""
-    from peftc.train.evaluate import EvalError, evaluate
+    from peftc.train.evaluation import EvalError, evaluate
 
     if split not in ("val", "train"):
         raise EvalError(f"--split must be val or train, got {split!r}")

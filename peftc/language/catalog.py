@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-import yaml
+from peftc.errors import SpecError
+from peftc.language.reader import read_yaml_file
 
 __all__ = ["builtin_specs", "iter_builtin_summaries"]
 
@@ -25,8 +26,8 @@ def iter_builtin_summaries() -> Iterator[tuple[str, str]]:
     """(name, one-line summary) of every built-in spec, without validating them."""
     for name, path in sorted(builtin_specs().items()):
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
+            data = read_yaml_file(path, SpecError, "spec").data or {}
+        except SpecError:
             data = {}
         summary = str(data.get("summary", "")).strip() if isinstance(data, dict) else ""
         yield name, summary.splitlines()[0] if summary else ""

@@ -10,7 +10,7 @@ Modules, one job each: ``data`` (folders → splits, bad data → clear errors),
 registry: fit; methods register their own), ``heads`` (training heads: per task, or a method's own),
 ``epochs`` (the epoch loop, early stopping, checkpoints), ``checkpoint``
 (safetensors + JSON, no pickles), ``journal`` (what the trainer remembers per task), ``task`` (one task),
-``evaluate`` (accuracy per task, task selection), ``sequence`` and ``metrics`` (accuracy matrix, forgetting,
+``evaluation`` (accuracy per task, task selection), ``sequence`` and ``metrics`` (accuracy matrix, forgetting,
 heat map), ``distributed`` (torchrun / DDP), ``demo`` (demo data).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 __all__ = ["TrainOptions", "evaluate", "train_sequence", "train_task"]
 
 
-_API = {"TrainOptions": "peftc.train.task", "train_task": "peftc.train.task", "evaluate": "peftc.train.evaluate",
+_API = {"TrainOptions": "peftc.train.task", "train_task": "peftc.train.task", "evaluate": "peftc.train.evaluation",
         "train_sequence": "peftc.train.sequence"}
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftc.language import TrainSection
-from peftc.train.data import ImageDataset, TaskData, collate
+from peftc.train.data import DataError, ImageDataset, TaskData, check_readable, collate
 from peftc.train.distributed import DistContext
 from peftc.train.progress import Reporter
 from peftc.train.transforms import backbone_stats, eval_transform, train_transform
@@ -101,7 +101,11 @@ class TaskRun:
         return zlib.crc32(f"{self.seed}/{self.task}/{stage}/{epoch}".encode())
 
     def train_loader(self, batch_size: int, stage: int, epoch: int) -> torch.utils.data.DataLoader:
-        """The epoch's shuffled training batches (this process's share), seeded by stage and epoch."""
+        """The epoch's shuffled training batches (this process's share), seeded by stage and epoch.
+
+        A last batch of a single image is dropped (a different one each epoch): BatchNorm cannot train on one
+        sample. Other incomplete last batches are kept.
+        """
         dataset = self.train_set
         seed = self.epoch_seed(stage, epoch)
         generator = torch.Generator().manual_seed(seed)
@@ -110,8 +114,10 @@ class TaskRun:
                 dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=seed)
         else:
             sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        share = len(sampler)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                            num_workers=self.workers, generator=generator,
+                                           drop_last=share > batch_size and share % batch_size == 1,
                                            pin_memory=self.device.type == "cuda")
 
     def val_loader(self, batch_size: int) -> torch.utils.data.DataLoader:
@@ -120,7 +126,9 @@ class TaskRun:
                                            num_workers=self.workers)
 
     def note_corrupt(self, paths: list[Path]) -> None:
-        self.corrupt.update(paths)
+        if paths:
+            self.corrupt.update(paths)
+            check_readable(self.data, self.corrupt)
 
     def validate(self, batch_size: int | None = None) -> float:
         """Accuracy of the active task's head on the validation split (exact across processes)."""
@@ -131,7 +139,10 @@ class TaskRun:
             correct += int((logits.argmax(1) == labels).sum())
             total += len(labels)
         correct, total = self.dist.sum([correct, total])
-        return correct / total if total else 0.0
+        if not total:
+            raise DataError(f"task {self.task!r}: no validation image could be read ({self.data.val.root}); an "
+                            "accuracy over none would steer early stopping blind")
+        return correct / total
 
     # -- early-stopping snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, torch.Tensor]:
