@@ -29,13 +29,13 @@ from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
 from peftc.language.messages import from_validation, know_models
 from peftc.language.predicate import Predicate, PredicateSyntaxError, UnknownName
-from peftc.language.recipe import OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
+from peftc.language.recipe import OnlineArgs, OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
 from peftc.language.schema import FORMAT_VERSION, ParamDecl, Selector, SpecDocument, TensorArgs
 
 __all__ = ["builtin_specs", "iter_builtin_summaries", "load_spec", "parse_overrides"]
 
 know_models((SpecDocument, ParamDecl, Selector, Phase, TensorArgs, TrainSection, OptimizerArgs, SchedulerArgs,
-             ReplayArgs, StageDecl))
+             ReplayArgs, StageDecl, OnlineArgs))
 
 
 @dataclass

@@ -268,8 +268,9 @@ def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...]
             _positions(item, (*path, i), out)
 
 
-def read_sequence(path: str | Path) -> TaskSequence:
-    """Parse and check a sequence file; task folders become absolute (relative to the file and ``root``)."""
+def read_sequence(path: str | Path, schema: type[TaskSequence] = TaskSequence) -> TaskSequence:
+    """Parse and check a sequence file (or a subclass's, e.g. a stream file); task folders become absolute
+    (relative to the file and ``root``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -288,7 +289,7 @@ def read_sequence(path: str | Path) -> TaskSequence:
     if not isinstance(raw, dict):
         raise SequenceError(f"{path}: expected a mapping with 'tasks:' (a list of {{name, data}})")
     try:
-        seq = TaskSequence.model_validate(raw)
+        seq = schema.model_validate(raw)
     except ValidationError as exc:
         lines: dict[tuple[Any, ...], int] = {}
         if node is not None:
