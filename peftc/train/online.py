@@ -221,6 +221,10 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     _loop(run, StreamSamples(stream, transform), evaluator, ckpt, options, reporter)
     record = _finish(run, artifact, out, reporter)
     ckpt.remove()
+    try:
+        ckpt.path.parent.rmdir()  # the stream's folder, when nothing else is in it
+    except OSError:
+        pass
     return record
 
 
