@@ -16,6 +16,7 @@ same state as an uninterrupted run (tested: model, memory and metrics).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -115,9 +116,19 @@ class _Run:
         self.train_seconds, self.corrupt = state["train_seconds"], state["corrupt"]
 
 
-def _settings(recipe: Any, spec: Any, stream: Stream, options: OnlineOptions, image_size: int) -> dict[str, Any]:
+def _learner_args(recipe: Any, model: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A spec's ``online.args`` belong to the spec's learner: another learner (an override) gets only its own."""
+    own = model.spec.train.online.learner if model.spec.train else recipe.online.learner
+    if recipe.online.learner != own:
+        return dict((overrides.get("online") or {}).get("args") or {})
+    return recipe.online.args
+
+
+def _settings(recipe: Any, model: Any, spec: Any, stream: Stream, options: OnlineOptions,
+              image_size: int) -> dict[str, Any]:
     online = recipe.online
-    settings = {"stream": stream.name, "learner": online.learner, "args": online.args,
+    settings = {"stream": stream.name, "learner": online.learner,
+                "args": _learner_args(recipe, model, options.overrides),
                 "batch_size": options.batch_size or spec.batch_size or online.batch_size,
                 "memory": options.memory or spec.memory or online.memory,
                 "sampling": options.sampling or spec.sampling or online.sampling,
@@ -195,7 +206,7 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
         model.save(artifact)  # a model from Python: its artifact starts here
     recipe = resolve(model.spec.train, options.overrides)
     image_size = options.image_size or model.backbone.input_size[-1]
-    settings = _settings(recipe, spec, stream, options, image_size)
+    settings = _settings(recipe, model, spec, stream, options, image_size)
     learner_cls = get_learner(settings["learner"])
     out = artifact / TRAIN_DIR
     ckpt = Checkpoint(out / stream.name / "checkpoint")
@@ -221,10 +232,8 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     _loop(run, StreamSamples(stream, transform), evaluator, ckpt, options, reporter)
     record = _finish(run, artifact, out, reporter)
     ckpt.remove()
-    try:
+    with contextlib.suppress(OSError):
         ckpt.path.parent.rmdir()  # the stream's folder, when nothing else is in it
-    except OSError:
-        pass
     return record
 
 
