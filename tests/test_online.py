@@ -312,3 +312,41 @@ def test_bad_input_one_message(cli_art: tuple[Path, Path], tmp_path: Path, extra
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in art.rglob("*")) == before  # nothing written
+
+
+def _tiny_learner(name: str, args: dict | None = None) -> tuple[OnlineLearner, torch.Tensor, torch.Tensor]:
+    model = peftc.compile(FULL, SmallCNN()).train()
+    learner = get_learner(name)(model, 10, args or {})
+    gen = torch.Generator().manual_seed(0)
+    learner.observe(torch.tensor([0, 1, 2, 3, 4, 5]))  # classes seen before
+    return learner, torch.randn(6, 3, 16, 16, generator=gen), torch.randn(4, 3, 16, 16, generator=gen)
+
+
+def test_taer_online_keeps_the_rows_of_absent_classes() -> None:
+    learner, images, replayed = _tiny_learner("taer")
+    labels, replay_labels = torch.tensor([4, 5, 4, 5, 4, 5]), torch.tensor([0, 1, 2, 3])
+    learner.observe(labels)
+    fc = learner.model.net.fc
+    before = fc.weight.detach().clone(), fc.bias.detach().clone()
+    learner.loss(images, labels, (replayed, replay_labels)).backward()
+    torch.optim.SGD(learner.model.trainable_parameters(), lr=0.5).step()
+    changed = (fc.weight.detach() != before[0]).any(1)
+    assert changed.tolist() == [c in (4, 5) for c in range(10)]
+    assert ((fc.bias.detach() != before[1]) == changed).all()
+    assert (learner.model.net.get_submodule("features.0").weight.grad != 0).any()  # the body learns from the replay too
+
+
+def test_er_ace_loss_is_mammoths() -> None:
+    import torch.nn.functional as F
+
+    learner, images, replayed = _tiny_learner("er_ace")
+    labels, replay_labels = torch.tensor([2, 3, 2, 3, 2, 3]), torch.tensor([0, 1, 4, 5])
+    learner.observe(labels)
+    with torch.no_grad():
+        logits = learner.model(images)
+        keep = torch.zeros(10, dtype=torch.bool)
+        keep[[2, 3]] = True
+        keep[5:] = True  # seen_so_far.max() onwards
+        stream = F.cross_entropy(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), labels)
+        want = stream + F.cross_entropy(learner.model(replayed), replay_labels)
+        assert torch.allclose(learner.loss(images, labels, (replayed, replay_labels)), want, atol=1e-6)

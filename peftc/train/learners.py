@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peftc.errors import PeftcError, did_you_mean
 from peftc.plugins import Registry
 
-__all__ = ["LearnerError", "OnlineLearner", "Replay", "get_learner", "learner_names", "register_learner"]
+__all__ = ["LearnerError", "OnlineLearner", "Replay", "get_learner", "head_path", "learner_names", "register_learner"]
 
 Replay = tuple[torch.Tensor, torch.Tensor] | None  # (images, labels) drawn from the memory; None while it is empty
 
@@ -78,6 +78,18 @@ class OnlineLearner:
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         self.seen = state["seen"].clone()
+
+
+def head_path(model: Any) -> str:
+    """The module path of the model's classification head (the graph's ``head`` role), for learners that read
+    its input (features) or treat its rows per class."""
+    from peftc.analysis.index import NodeIndex, block_positions
+    from peftc.analysis.roles import head
+
+    net = model.net
+    for cand in head(NodeIndex(net, block_positions(net))):
+        return str(cand.node.target)
+    raise LearnerError(f"spec {model.spec.name!r} on {model.backbone.id}: the model has no classification head")
 
 
 _LEARNERS: Registry[type[OnlineLearner]] = Registry("online learner", "online learners", {"er": OnlineLearner})

@@ -27,21 +27,9 @@ import torch.nn.functional as F
 
 from peftc.methods.generative_ocl.ms_loss import multi_similarity_loss
 from peftc.methods.generative_ocl.ncm import class_means, ncm_predict
-from peftc.train.learners import LearnerError, OnlineLearner, Replay, register_learner
+from peftc.train.learners import LearnerError, OnlineLearner, Replay, head_path, register_learner
 
-__all__ = ["GenerativeLearner", "head_path"]
-
-
-def head_path(model: Any) -> str:
-    """The module path of the model's classification head (the ``head`` role of the graph)."""
-    from peftc.analysis.index import NodeIndex, block_positions
-    from peftc.analysis.roles import head
-
-    net = model.net
-    for cand in head(NodeIndex(net, block_positions(net))):
-        return str(cand.node.target)
-    raise LearnerError(f"spec {model.spec.name!r} on {model.backbone.id}: no classification head to read features "
-                       "from; name a module with online.args.feature")
+__all__ = ["GenerativeLearner"]
 
 
 @register_learner("generative_ocl")
