@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from torch import nn
 from typer.testing import CliRunner
 
 import peftc
 from peftc.cli import app
 from peftc.methods.generative_ocl.ms_loss import multi_similarity_loss
-from peftc.train.learners import OnlineLearner, Replay, get_learner, register_learner
+from peftc.train.demo import demo_cnn
+from peftc.train.learners import OnlineLearner, Replay, get_learner, head_path, register_learner
 from peftc.train.memory import ReplayMemory
 from peftc.train.online import OnlineOptions, train_stream
 from peftc.train.stream import build_stream, read_stream
@@ -32,19 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FULL = {"peftc": 1, "name": "full_online", "summary": "everything trains; one head",
         "rules": [{"label": "all", "train": {"buffers": True}}, {"label": "head", "head": {}}],
         "train": {"optimizer": "sgd", "lr": 0.1, "augment": "none"}}
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(128, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 @register_learner("test_recording_er")
@@ -77,7 +64,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """ER (softmax head) and the generative classifier on the same stream, memory, model and seed."""
     out = {}
-    net = SmallCNN()
+    net = demo_cnn()
     base = tmp_path_factory.mktemp("runs")
     for name, spec, learner in (("er", FULL, "test_recording_er"), ("generative", "generative_ocl", None)):
         positions: list[int] = []
@@ -143,7 +130,7 @@ def test_ncm_equals_a_direct_computation(runs: dict, digits: Path) -> None:
     learner.load_state({k[8:]: v for k, v in saved.items() if k.startswith("learner/")})
     learner.prepare(memory)
     feats: list[torch.Tensor] = []
-    hook = model.net.get_submodule("fc").register_forward_pre_hook(lambda m, a: feats.append(a[0]))
+    hook = model.net.get_submodule(head_path(model)).register_forward_pre_hook(lambda m, a: feats.append(a[0]))
     with torch.no_grad():
         model(memory.images)
         queries = memory.images[:50] + 0.1 * torch.randn_like(memory.images[:50])
@@ -223,7 +210,7 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path: Path) -> None:
     from peftc.train.demo import make_demo_data
 
     make_demo_data(tmp_path / "small", size=16, per_class=12, val_per_class=4)
-    net = SmallCNN()
+    net = demo_cnn()
 
     def run(directory: Path, stop_at: int | None = None, resume: bool = False) -> dict:
         def stop(step: int, positions: range, loss: float) -> None:
@@ -315,7 +302,7 @@ def test_bad_input_one_message(cli_art: tuple[Path, Path], tmp_path: Path, extra
 
 
 def _tiny_learner(name: str, args: dict | None = None) -> tuple[OnlineLearner, torch.Tensor, torch.Tensor]:
-    model = peftc.compile(FULL, SmallCNN()).train()
+    model = peftc.compile(FULL, demo_cnn()).train()
     learner = get_learner(name)(model, 10, args or {})
     gen = torch.Generator().manual_seed(0)
     learner.observe(torch.tensor([0, 1, 2, 3, 4, 5]))  # classes seen before
@@ -326,14 +313,14 @@ def test_taer_online_keeps_the_rows_of_absent_classes() -> None:
     learner, images, replayed = _tiny_learner("taer")
     labels, replay_labels = torch.tensor([4, 5, 4, 5, 4, 5]), torch.tensor([0, 1, 2, 3])
     learner.observe(labels)
-    fc = learner.model.net.fc
+    fc = learner.model.net.get_submodule(head_path(learner.model))
     before = fc.weight.detach().clone(), fc.bias.detach().clone()
     learner.loss(images, labels, (replayed, replay_labels)).backward()
     torch.optim.SGD(learner.model.trainable_parameters(), lr=0.5).step()
     changed = (fc.weight.detach() != before[0]).any(1)
     assert changed.tolist() == [c in (4, 5) for c in range(10)]
     assert ((fc.bias.detach() != before[1]) == changed).all()
-    assert (learner.model.net.get_submodule("features.0").weight.grad != 0).any()  # the body learns from the replay too
+    assert (learner.model.net.get_submodule("0").weight.grad != 0).any()  # the body learns from the replay too
 
 
 def test_er_ace_loss_is_mammoths() -> None:
