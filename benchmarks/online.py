@@ -6,14 +6,14 @@
 Every learner runs the same stream, memory, model and seed through ``peftc train --stream``'s runtime
 (``peftc.train.online``): batch 10, one pass, reservoir memory, SGD lr 0.1, the small demo CNN
 (``peftc.train.demo.demo_cnn``) trained from scratch at 16×16. Datasets: ``digits`` — ``peftc demo-data``, 5
-two-class tasks (~1,440 stream samples); ``shapes`` — a synthetic 20-class set made here (class = an oriented
-colour grating, drawn with a random phase and contrast under a random distractor grating and noise), cut into 10
-two-class tasks by a seeded class order (3,000 stream samples). Reported per learner and classifier, mean ± std over seeds: final
-average accuracy, average incremental accuracy, forgetting (max over earlier evaluations minus final, averaged
-over all tasks but the last: Chaudhry et al. 2018, Mammoth/PyCIL), the recent-class share (test predictions
-falling into the newest task's classes after the last task; 1/T for an unbiased learner) and training images/s
-(loss, step and memory update; evaluations excluded). Target: the generative classifier's final average accuracy
-is above ER-softmax's at every setting. Results go to ``benchmarks/results/online.json``.
+two-class tasks (~1,440 stream samples); ``shapes`` — a synthetic 20-class set made here (class = an oriented colour
+grating, drawn with a random phase and contrast under a random distractor grating and noise), cut into 10 two-class
+tasks by a seeded class order (3,000 stream samples). Reported per learner and classifier, mean ± std over seeds:
+final average accuracy, average incremental accuracy, forgetting (max over earlier evaluations minus final, averaged
+over all tasks but the last: Chaudhry et al. 2018, Mammoth/PyCIL), the recent-class share (test predictions falling
+into the newest task's classes after the last task; 1/T for an unbiased learner) and training images/s (loss, step
+and memory update; evaluations excluded). Target: the generative classifier's final average accuracy is above
+ER-softmax's at every setting. Results go to ``benchmarks/results/online.json``.
 """
 
 from __future__ import annotations
