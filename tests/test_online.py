@@ -337,3 +337,25 @@ def test_er_ace_loss_is_mammoths() -> None:
         stream = F.cross_entropy(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), labels)
         want = stream + F.cross_entropy(learner.model(replayed), replay_labels)
         assert torch.allclose(learner.loss(images, labels, (replayed, replay_labels)), want, atol=1e-6)
+
+
+def test_a_folder_split_into_tasks_by_a_seeded_class_order(tmp_path: Path) -> None:
+    from PIL import Image
+
+    names = [f"c{i}" for i in range(6)]
+    for name in names:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "data" / name / f"{i}.png")
+    orders = []
+    for seed in (0, 1, 2):
+        file = tmp_path / f"s{seed}.yaml"
+        file.write_text(f"data: data\nsplit: 3\nseed: {seed}\n")
+        stream = build_stream(read_stream(file))
+        assert stream.tasks == ("task1", "task2", "task3") and sorted(stream.classes) == names
+        assert [len(d.classes) for d in stream.data] == [2, 2, 2]
+        assert len(stream) == 6 * 4 and stream.boundaries == [8, 16, 24]  # one image per class held out
+        orders.append(stream.classes)
+    assert len({tuple(o) for o in orders}) > 1  # the seed orders the classes
+    (tmp_path / "sorted.yaml").write_text("data: data\nsplit: 2\nclass_order: sorted\n")
+    assert build_stream(read_stream(tmp_path / "sorted.yaml")).classes == names

@@ -133,8 +133,9 @@ def _settings(recipe: Any, model: Any, spec: Any, stream: Stream, options: Onlin
                 "memory": options.memory or spec.memory or online.memory,
                 "sampling": options.sampling or spec.sampling or online.sampling,
                 "seed": spec.seed if spec.seed is not None else options.seed, "image_size": image_size,
-                "val_fraction": options.val_fraction, "lr": recipe.effective_lr(online.batch_size)}
+                "val_fraction": options.val_fraction}
     settings["replay_batch_size"] = online.replay_batch_size or settings["batch_size"]
+    settings["lr"] = recipe.effective_lr(settings["batch_size"])
     if settings["memory"] > len(stream):
         raise StreamError(f"memory {settings['memory']} is larger than the stream ({len(stream)} samples): the "
                           "memory would keep everything; lower memory (stream file, train.online.memory or --memory)")
@@ -213,6 +214,10 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     resuming = options.resume and ckpt.exists
     if options.resume and not ckpt.exists:
         raise CheckpointError(f"nothing to resume: no checkpoint at {ckpt.path}")
+    reporter = Reporter(quiet=options.quiet)
+    if ckpt.exists and not options.resume:
+        reporter.note(f"discarding the checkpoint of an earlier run of stream {stream.name!r} (--resume continues it)")
+        ckpt.remove()
     device = setup(options.device).device
     num_classes = len(stream.classes)
     _prepare_head(model, stream.name, num_classes, resuming)
@@ -225,7 +230,6 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
                optimizer, torch.Generator().manual_seed(settings["seed"] + 1))
     if resuming:
         run.restore(ckpt)
-    reporter = Reporter(quiet=options.quiet)
     mean, std = backbone_stats(model.backbone.id)
     transform = eval_transform(image_size, "none", mean, std)
     evaluator = OnlineEval(stream.data, stream.offsets, transform, device)

@@ -42,7 +42,8 @@ class StreamError(PeftcError):
 
 
 class StreamFile(TaskSequence):
-    """A stream file (see the module docstring): a tasks.yaml, or one folder and a split."""
+    """A stream file (see the module docstring): a tasks.yaml, or one folder and a split. A tasks.yaml's
+    ``epochs`` are ignored: a stream is learned in one pass."""
 
     name: str = "stream"
     tasks: list[SequenceTask] = Field(default_factory=list)
