@@ -206,10 +206,29 @@ def test_memory_policies(policy: str) -> None:
     assert torch.equal(copy.images, memory.images) and copy.seen_per_class == memory.seen_per_class
 
 
-def test_resume_reaches_the_uninterrupted_state(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo tasks with 12 training images per class: a 120-sample stream."""
     from peftc.train.demo import make_demo_data
 
-    make_demo_data(tmp_path / "small", size=16, per_class=12, val_per_class=4)
+    root = tmp_path_factory.mktemp("small") / "digits"
+    make_demo_data(root, size=16, per_class=12, val_per_class=4)
+    return root / "tasks.yaml"
+
+
+@pytest.mark.parametrize("spec,learner", [("linear_probe", "generative_ocl"), ("clr", "er_ace"), ("bitfit", "taer")])
+def test_any_compiled_model_is_a_learner(small: Path, tmp_path: Path, spec: str, learner: str) -> None:
+    model = peftc.compile(spec, demo_cnn())
+    frozen = {n: p.detach().clone() for n, p in model.net.named_parameters() if not p.requires_grad}
+    options = OnlineOptions(overrides={"online": {"learner": learner}}, memory=50, image_size=16, quiet=True)
+    record = train_stream(tmp_path / "art", small, options, model=model)
+    assert record["learner"] == learner and record["samples"] == 120
+    assert len(record["classifiers"][get_learner(learner).classifiers[0]]["matrix"]) == 5
+    after = dict(model.net.named_parameters())
+    assert frozen and all(torch.equal(after[n], v) for n, v in frozen.items())  # what the spec freezes stays
+
+
+def test_resume_reaches_the_uninterrupted_state(small: Path, tmp_path: Path) -> None:
     net = demo_cnn()
 
     def run(directory: Path, stop_at: int | None = None, resume: bool = False) -> dict:
@@ -219,7 +238,7 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path: Path) -> None:
 
         options = OnlineOptions(image_size=16, quiet=True, memory=50, checkpoint_every=3, resume=resume,
                                 on_step=stop)
-        return train_stream(directory, tmp_path / "small" / "tasks.yaml", options,
+        return train_stream(directory, small, options,
                             model=peftc.load(directory, backbone=net) if resume else peftc.compile(
                                 "generative_ocl", net))
 

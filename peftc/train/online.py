@@ -152,9 +152,10 @@ def _prepare_head(model: Any, name: str, classes: int, resuming: bool) -> None:
             model.add_task(name, classes)
         else:
             outputs = head_classes(model)
-            if outputs is None or outputs < classes:
+            if outputs != classes:
                 raise PeftcError(f"spec {model.spec.name!r} has no per-task head and its head has {outputs} outputs "
-                                 f"for a stream of {classes} classes; add a head rule (head: {{}})")
+                                 f"for a stream of {classes} classes; add a head rule (head: {{}}), or compile "
+                                 f"with num_classes={classes}")
     model.set_task(name)
 
 
