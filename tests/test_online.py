@@ -347,15 +347,21 @@ def test_er_ace_loss_is_mammoths() -> None:
 
     learner, images, replayed = _tiny_learner("er_ace")
     labels, replay_labels = torch.tensor([2, 3, 2, 3, 2, 3]), torch.tensor([0, 1, 4, 5])
+
+    def mammoth(*unmasked: int) -> torch.Tensor:
+        with torch.no_grad():
+            logits = learner.model(images)
+            keep = torch.zeros(10, dtype=torch.bool)
+            keep[list(unmasked)] = True
+            stream = F.cross_entropy(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), labels)
+            return stream + F.cross_entropy(learner.model(replayed), replay_labels)
+
     learner.observe(labels)
-    with torch.no_grad():
-        logits = learner.model(images)
-        keep = torch.zeros(10, dtype=torch.bool)
-        keep[[2, 3]] = True
-        keep[5:] = True  # seen_so_far.max() onwards
-        stream = F.cross_entropy(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), labels)
-        want = stream + F.cross_entropy(learner.model(replayed), replay_labels)
-        assert torch.allclose(learner.loss(images, labels, (replayed, replay_labels)), want, atol=1e-6)
+    with torch.no_grad():  # present classes, and from seen_so_far.max() = 5 on
+        assert torch.allclose(learner.loss(images, labels, (replayed, replay_labels)), mammoth(2, 3, 5, 6, 7, 8, 9),
+                              atol=1e-6)
+        learner.observe(torch.tensor([9]))  # the last class seen: only the present classes stay
+        assert torch.allclose(learner.loss(images, labels, (replayed, replay_labels)), mammoth(2, 3), atol=1e-6)
 
 
 def test_a_folder_split_into_tasks_by_a_seeded_class_order(tmp_path: Path) -> None:

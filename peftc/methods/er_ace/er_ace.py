@@ -3,7 +3,8 @@ Abrupt Representation Change in Online Continual Learning"), as Mammoth's ``mode
 
 * stream loss: cross-entropy of the incoming batch with the logits of every class absent from that batch masked
   out, except the classes from the highest label seen so far upwards (Mammoth unmasks ``seen_so_far.max():``,
-  i.e. that class and every class not seen yet); the mask applies once replay has begun;
+  i.e. that class and every class above it, while the highest label is not the last class); the mask applies
+  once replay has begun;
 * replay loss: plain cross-entropy of a replayed batch over all classes, added with weight 1.
 
 Mammoth starts masking and replaying at the second task (``current_task > 0``): a boundary the task-free stream
@@ -30,6 +31,8 @@ class ErAce(OnlineLearner):
             return F.cross_entropy(logits, labels)
         keep = torch.zeros_like(self.seen)
         keep[labels.cpu()] = True
-        keep[int(self.seen.nonzero().max()):] = True
+        highest = int(self.seen.nonzero().max())
+        if highest < len(self.seen) - 1:  # Mammoth: unmask from the highest seen label on, while any is unseen
+            keep[highest:] = True
         stream = F.cross_entropy(self.masked(logits, keep), labels)
         return stream + F.cross_entropy(self.model(replay[0]), replay[1])
