@@ -68,7 +68,7 @@ class GenerativeLearner(OnlineLearner):
         finally:
             handle.remove()
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits of the proxy head, features) from one forward."""
         with self._tap() as taps:
             logits = self.model(images)
@@ -81,7 +81,7 @@ class GenerativeLearner(OnlineLearner):
     def loss(self, images: torch.Tensor, labels: torch.Tensor, replay: Replay) -> torch.Tensor:
         if replay is not None:
             images, labels = torch.cat([images, replay[0]]), torch.cat([labels, replay[1]])
-        logits, feats = self.forward(images)
+        logits, feats = self.embed(images)
         a = self.args
         metric = multi_similarity_loss(feats, labels, alpha=a["alpha"], beta=a["beta"], lam=a["lam"],
                                        margin=a["margin"])
@@ -94,16 +94,16 @@ class GenerativeLearner(OnlineLearner):
             return
         device = next(iter(self.model.parameters())).device
         step = int(self.args["eval_batch_size"])
-        feats = torch.cat([self.forward(memory.images[i: i + step].to(device))[1]
+        feats = torch.cat([self.embed(memory.images[i: i + step].to(device))[1]
                            for i in range(0, len(memory), step)])
         self.means, self.present = class_means(feats, memory.labels.to(device), len(self.seen),
                                                bool(self.args["normalize"]))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, feats = self.forward(images)
+        logits, feats = self.embed(images)
         softmax = self.masked(logits).argmax(1)
-        if not self.present.any():
+        if not self.present.any():  # an empty memory has no class means yet: the proxy head answers
             return {"ncm": softmax, "softmax": softmax}
         return {"ncm": ncm_predict(feats, self.means, self.present, bool(self.args["normalize"])),
                 "softmax": softmax}
