@@ -209,7 +209,8 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     recipe = resolve(model.spec.train, options.overrides)
     image_size = options.image_size or model.backbone.input_size[-1]
     settings = _settings(recipe, model, spec, stream, options, image_size)
-    learner_cls = get_learner(settings["learner"])
+    num_classes = len(stream.classes)
+    learner = get_learner(settings["learner"])(model, num_classes, settings["args"])  # bad args fail here
     out = artifact / TRAIN_DIR
     ckpt = Checkpoint(out / stream.name / "checkpoint")
     resuming = options.resume and ckpt.exists
@@ -220,10 +221,8 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
         reporter.note(f"discarding the checkpoint of an earlier run of stream {stream.name!r} (--resume continues it)")
         ckpt.remove()
     device = setup(options.device).device
-    num_classes = len(stream.classes)
     _prepare_head(model, stream.name, num_classes, resuming)
     model.to(device)
-    learner = learner_cls(model, num_classes, settings["args"])
     optimizer = build_optimizer(model.trainable_parameters(), recipe, settings["lr"])
     torch.manual_seed(settings["seed"])
     run = _Run(stream, settings, model, learner, ReplayMemory(settings["memory"], settings["sampling"],
