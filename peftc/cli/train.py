@@ -74,7 +74,7 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Train a task of an artifact (or a sequence of tasks) with the spec's training recipe."""
+    """Train a task of an artifact (or a sequence of tasks) with the spec's recipe, or learn a stream online."""
     from peftc.train.data import ensure_task_name
     from peftc.train.recipe import parse_recipe_overrides
     from peftc.train.task import TrainError, TrainOptions, train_task
@@ -207,7 +207,7 @@ def eval_cmd(
     split: Annotated[str, typer.Option("--split", help="val or train.")] = "val",
     json_: JsonOpt = False,
 ) -> None:
-    """Report accuracy per task (task given, or predicted with --select)."""
+    """Report accuracy per task (task given, or predicted with --select); for a stream, every classifier."""
     from peftc.train.evaluate import EvalError, evaluate
     from peftc.train.journal import TRAIN_DIR
     from peftc.train.online import ONLINE_JSON
