@@ -220,7 +220,10 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     if ckpt.exists and not options.resume:
         reporter.note(f"discarding the checkpoint of an earlier run of stream {stream.name!r} (--resume continues it)")
         ckpt.remove()
-    device = setup(options.device).device
+    dist = setup(options.device)
+    if dist.enabled:
+        raise PeftcError("an online stream is learned by one process, batch after batch; run it without torchrun")
+    device = dist.device
     _prepare_head(model, stream.name, num_classes, resuming)
     model.to(device)
     optimizer = build_optimizer(model.trainable_parameters(), recipe, settings["lr"])
