@@ -202,6 +202,9 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     artifact = Path(artifact)
     spec = read_stream(stream_file)
     stream = build_stream(spec, options.seed, options.val_fraction)
+    dist = setup(options.device)
+    if dist.enabled:
+        raise PeftcError("an online stream is learned by one process, batch after batch; run it without torchrun")
     if model is None:
         model = load(artifact)
     elif not (artifact / MANIFEST).is_file():
@@ -220,12 +223,8 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
     if ckpt.exists and not options.resume:
         reporter.note(f"discarding the checkpoint of an earlier run of stream {stream.name!r} (--resume continues it)")
         ckpt.remove()
-    dist = setup(options.device)
-    if dist.enabled:
-        raise PeftcError("an online stream is learned by one process, batch after batch; run it without torchrun")
-    device = dist.device
     _prepare_head(model, stream.name, num_classes, resuming)
-    model.to(device)
+    model.to(dist.device)
     optimizer = build_optimizer(model.trainable_parameters(), recipe, settings["lr"])
     torch.manual_seed(settings["seed"])
     run = _Run(stream, settings, model, learner, ReplayMemory(settings["memory"], settings["sampling"],
@@ -235,7 +234,7 @@ def train_stream(artifact: str | Path, stream_file: str | Path, options: OnlineO
         run.restore(ckpt)
     mean, std = backbone_stats(model.backbone.id)
     transform = eval_transform(image_size, "none", mean, std)
-    evaluator = OnlineEval(stream.data, stream.offsets, transform, device)
+    evaluator = OnlineEval(stream.data, stream.offsets, transform, dist.device)
     _loop(run, StreamSamples(stream, transform), evaluator, ckpt, options, reporter)
     record = _finish(run, artifact, out, reporter)
     ckpt.remove()
