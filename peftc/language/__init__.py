@@ -16,8 +16,8 @@ _NAMES = {
     "load_spec": "loader", "parse_overrides": "loader",
     "Primitive": "primitives", "get_primitive": "primitives", "primitive_names": "primitives",
     "register_primitive": "primitives",
-    "OptimizerArgs": "recipe", "Phase": "recipe", "ReplayArgs": "recipe", "SchedulerArgs": "recipe",
-    "StageDecl": "recipe", "TrainSection": "recipe",
+    "OnlineArgs": "recipe", "OptimizerArgs": "recipe", "Phase": "recipe", "ReplayArgs": "recipe",
+    "SchedulerArgs": "recipe", "StageDecl": "recipe", "TrainSection": "recipe",
     "BlockRuleArgs": "schema", "ParamDecl": "schema", "RuleArgs": "schema", "Selector": "schema",
     "TaskState": "schema", "TensorArgs": "schema",
 }

@@ -28,13 +28,13 @@ from peftc.language.ir import MethodSpec, Path_, Rule, locate
 from peftc.language.messages import from_validation, know_models
 from peftc.language.predicate import Predicate, PredicateError, UnknownName
 from peftc.language.reader import YamlDocument, read_yaml, read_yaml_file
-from peftc.language.recipe import OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
+from peftc.language.recipe import OnlineArgs, OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
 from peftc.language.schema import FORMAT_VERSION, ParamDecl, Selector, SpecDocument, TensorArgs
 
 __all__ = ["load_spec", "parse_overrides"]
 
 know_models((SpecDocument, ParamDecl, Selector, Phase, TensorArgs, TrainSection, OptimizerArgs, SchedulerArgs,
-             ReplayArgs, StageDecl))
+             ReplayArgs, StageDecl, OnlineArgs))
 
 
 _Doc = YamlDocument
