@@ -14,8 +14,7 @@ Loading runs four steps, each reporting errors at ``file:line:col`` plus the pat
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +23,21 @@ from pydantic import ValidationError
 import peftc.language.primitives as primitives
 from peftc.blocks.registry import BLOCKS, get_block
 from peftc.errors import Location, SpecError, did_you_mean
+from peftc.language.catalog import builtin_specs
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
 from peftc.language.messages import from_validation, know_models
 from peftc.language.predicate import Predicate, PredicateError, UnknownName
 from peftc.language.reader import YamlDocument, read_yaml, read_yaml_file
-from peftc.language.recipe import OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
+from peftc.language.recipe import OnlineArgs, OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
 from peftc.language.schema import FORMAT_VERSION, ParamDecl, Selector, SpecDocument, TensorArgs
 
-__all__ = ["builtin_specs", "iter_builtin_summaries", "load_spec", "parse_overrides"]
+__all__ = ["load_spec", "parse_overrides"]
 
 know_models((SpecDocument, ParamDecl, Selector, Phase, TensorArgs, TrainSection, OptimizerArgs, SchedulerArgs,
-             ReplayArgs, StageDecl))
+             ReplayArgs, StageDecl, OnlineArgs))
 
 
 _Doc = YamlDocument
-
-
-def builtin_specs() -> dict[str, Path]:
-    """Built-in spec name → file (the YAML files shipped in ``peftc.specs``)."""
-    root = resources.files("peftc.specs")
-    return {entry.name[:-5]: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
 
 
 def _find_spec_file(ref: str, base: Path | None, where: Location) -> Path:
@@ -418,13 +412,3 @@ def load_spec(
         train=_validate_train(_substitute(top.train, values, ("train",), doc), doc),
         schedule=_validate_schedule(_substitute(top.schedule, values, ("schedule",), doc), doc),
     )
-
-
-def iter_builtin_summaries() -> Iterator[tuple[str, str]]:
-    """(name, one-line summary) of every built-in spec, without validating them."""
-    for name, path in sorted(builtin_specs().items()):
-        try:
-            data = read_yaml_file(path, SpecError, "spec").data or {}
-        except SpecError:
-            data = {}
-        yield name, str(data.get("summary", "")).strip().splitlines()[0] if data.get("summary") else ""

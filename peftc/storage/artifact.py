@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ def manifest_for(model: Any, delta_sha256: str, n_tensors: int) -> dict[str, Any
         "peftc": __version__,
         "spec": model.spec.to_document(),
         "params": dict(model.spec.values),
-        "backbone": asdict(model.backbone),
+        "backbone": model.backbone.to_dict(),
         "tasks": [{"name": t, "classes": model.bank.classes(t)} for t in model.bank.names],
         "active_task": model.active_task,
         "delta": {"file": DELTA, "sha256": delta_sha256, "tensors": n_tensors},

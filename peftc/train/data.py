@@ -280,8 +280,9 @@ class TaskSequence(BaseModel):
     tasks: list[SequenceTask] = Field(min_length=1)
 
 
-def read_sequence(path: str | Path) -> TaskSequence:
-    """Parse and check a sequence file; task folders become absolute (relative to the file and ``root``)."""
+def read_sequence(path: str | Path, schema: type[TaskSequence] = TaskSequence) -> TaskSequence:
+    """Parse and check a sequence file (or a subclass's, e.g. a stream file); task folders become absolute
+    (relative to the file and ``root``)."""
     path = Path(path)
     doc = read_yaml_file(path, SequenceError, "sequence file")
     raw = doc.data
@@ -291,7 +292,7 @@ def read_sequence(path: str | Path) -> TaskSequence:
     if not isinstance(raw, dict):
         raise SequenceError(f"{path}: expected a mapping with 'tasks:' (a list of {{name, data}})")
     try:
-        seq = TaskSequence.model_validate(raw)
+        seq = schema.model_validate(raw)
     except ValidationError as exc:
         errors = []
         for err in exc.errors()[:3]:

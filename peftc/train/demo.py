@@ -94,3 +94,18 @@ def make_demo_data(directory: str | Path, *, tasks: int = 5, size: int = 32, per
     except OSError as exc:
         raise DemoDataError(f"cannot write demo data to {root}: {exc.strerror or exc}") from None
     return summary
+
+
+def demo_cnn(classes: int = 10, seed: int = 0) -> Any:
+    """A small CNN (three conv-BN-ReLU stages, ~94k parameters) that learns the demo digits from scratch in
+    seconds on a CPU: the learner of the online tests and benchmark (``peftc.compile(spec, demo_cnn())``)."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stages: list[nn.Module] = []
+        for c_in, c_out in ((3, 32), (32, 64), (64, 128)):
+            stages += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            stages.append(nn.MaxPool2d(2) if c_out < 128 else nn.AdaptiveAvgPool2d(1))
+        return nn.Sequential(*stages, nn.Flatten(), nn.Linear(128, classes))
