@@ -83,9 +83,18 @@ def heatmap(matrix: Matrix, tasks: list[str], path: Path, title: str) -> Path | 
                         color="black" if data[i, j] > 0.6 else "white", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=120)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from peftc.storage.atomic import write_file
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_file(path, png.getvalue())
