@@ -375,6 +375,17 @@ def test_ctrl_c_while_importing_exits_130_in_one_line() -> None:
     assert done.returncode == 130 and done.stderr == "interrupted\n"
 
 
+def test_ctrl_c_inside_an_import_that_swallows_it_still_exits_130(tmp_path: Path) -> None:
+    """Some libraries catch KeyboardInterrupt while importing and leave a broken module; peftc exits instead."""
+    (tmp_path / "slow_library.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                              "time.sleep(5)\n")
+    script = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom peftc.launch import install_interrupt_handler\n"
+              "install_interrupt_handler()\ntry:\n    import slow_library\nexcept BaseException:\n    pass\n"
+              "print('carried on with a half-imported library')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 130 and done.stderr == "interrupted\n" and done.stdout == ""
+
+
 @pytest.mark.parametrize(("args", "option"), [
     (["run", "x", "--batch", "1000000000"], "--batch"), (["run", "x", "--threads", "-1"], "--threads"),
     (["inspect", "resnet18", "--image-size", "100000"], "--image-size"), (["backbones", "--limit", "-1"], "--limit"),
