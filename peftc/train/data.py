@@ -255,6 +255,7 @@ class TaskSequence(BaseModel):
     root: Path = Path(".")
     epochs: int | None = Field(default=None, ge=1)
     tasks: list[SequenceTask] = Field(min_length=1)
+    split: dict[str, Any] | None = None  # how `peftc split` made it: kind, class order, seed (peftc.train.split)
 
 
 def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:

@@ -21,12 +21,14 @@ import torch
 from peftc.errors import PeftcError
 from peftc.language import StageDecl, TrainSection
 from peftc.train.checkpoint import Checkpoint
-from peftc.train.context import Hooks, TaskRun
+from peftc.train.context import Hooks, TaskRun, default_workers
 from peftc.train.data import discover
 from peftc.train.distributed import DistContext, setup
 from peftc.train.epochs import StageOutcome, run_stage
 from peftc.train.heads import get_head
 from peftc.train.journal import TRAIN_DIR, Journal
+from peftc.train.logs import RunLog
+from peftc.train.precision import Precision, cast_frozen, restore_frozen
 from peftc.train.progress import Reporter
 from peftc.train.recipe import resolve, stage_recipe
 from peftc.train.stages import make_stage
@@ -53,14 +55,22 @@ class TrainOptions:
     classes: Sequence[str] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)  # recipe keys (--recipe, --lr, --batch-size, ...)
     epochs: int | None = None  # overrides the recipe's epochs and caps every stage's
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when it really works, else CPU
     resume: bool = False
     seed: int = 0
     image_size: int | None = None
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers; None: min(8, CPUs)
     val_fraction: float = 0.2
     quiet: bool = False
     hooks: Hooks = field(default_factory=Hooks)
+    frozen_dtype: str | None = None  # bf16 | fp16: frozen conv/linear weights stored in 16 bits (peftc.train.precision)
+    compile: bool = False  # torch.compile the training forward (and its backward)
+    channels_last: bool | None = None  # None: on for CNNs on CUDA
+    log: tuple[str, ...] = ()  # extra loggers beside JSONL + CSV: "tensorboard"
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = default_workers()
 
 
 def _checkpoint(artifact: Path, task: str) -> Checkpoint:
@@ -168,6 +178,14 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     _add_task(model, task, len(task_data.classes))
     model.set_task(task)
     model.to(dist.device)
+    precision = Precision(recipe.precision, dist.device)
+    memory_format = _memory_format(model, dist.device, options.channels_last)
+    if memory_format is torch.channels_last:
+        model.to(memory_format=memory_format)
+    frozen = cast_frozen(model, options.frozen_dtype, precision)
+    if frozen is not None:
+        reporter.note(f"frozen conv/linear weights in {options.frozen_dtype}: {frozen.bytes_before / 2**20:,.1f} MiB → "
+                      f"{frozen.bytes_after / 2**20:,.1f} MiB ({len(frozen.names)} tensors)")
     seen = [*(t for t in journal.trained_tasks() if t != task), task]
     offset = (state or {}).get("offset")
     if offset is None:
@@ -175,9 +193,30 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     image_size = (state or {}).get("image_size") or options.image_size or int(model.backbone.input_size[-1])
     head = get_head(recipe.head, model.spec.locate(("train", "head")))
     memory = head.open_memory(artifact / TRAIN_DIR, recipe)
+    log = RunLog(artifact / TRAIN_DIR / task / "log", fresh=state is None, loggers=options.log) if dist.main else None
     run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
-                  workers=options.workers, hooks=options.hooks, memory=memory,
-                  offset=offset, seen_tasks=seen)
+                  workers=int(options.workers or 0), hooks=options.hooks, memory=memory,
+                  offset=offset, seen_tasks=seen, precision=precision, compile=options.compile,
+                  memory_format=memory_format, log=log)
+    try:
+        return _train(run, artifact, task, data, task_data, options, journal, state, ckpt, started, head, frozen)
+    finally:
+        run.close()
+
+
+def _memory_format(model: Any, device: torch.device, asked: bool | None) -> torch.memory_format:
+    """channels_last for a CNN when asked, or by default on CUDA (where cuDNN's NHWC kernels are faster)."""
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    wanted = device.type == "cuda" if asked is None else asked
+    return torch.channels_last if wanted and has_conv else torch.contiguous_format
+
+
+def _train(run: TaskRun, artifact: Path, task: str, data: str | Path, task_data: Any, options: TrainOptions,
+           journal: Journal, state: dict[str, Any] | None, ckpt: Checkpoint, started: float, head: Any,
+           frozen: Any) -> TaskResult:
+    """The stages of one task, then the journal and the artifact (see :func:`train_task`)."""
+    model, recipe, dist, reporter, memory = run.model, run.recipe, run.dist, run.reporter, run.memory
+    seed, image_size, offset = run.seed, run.image_size, run.offset
     info = {"classes": list(task_data.classes), "data": str(Path(data).resolve()),
             "recipe": recipe.model_dump(mode="json"),
             "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset}
@@ -212,6 +251,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
         dist.barrier()
     accuracy = run.validate() if any(s.validates for s in stages) else None
     summary = _summary(run, task_data, outcomes, accuracy, time.perf_counter() - started)
+    restore_frozen(model, frozen)
     if dist.main:
         if memory is not None:
             head.close_memory(memory, artifact / TRAIN_DIR, task, task_data.train, len(task_data.classes),
