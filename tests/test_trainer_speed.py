@@ -256,6 +256,8 @@ def test_split_gives_pycil_ordered_class_incremental_tasks_that_train(tmp_path, 
     record = json.loads(run.output)
     assert len(record["matrix"]) == 10 and len(record["trained"]) == 10
     assert record["forgetting"] is not None and "forgetting_avalanche" in record
+    # a linear probe trains nothing shared: each task starts where the untrained model would, so FWT is 0
+    assert record["start_accuracy"] == record["untrained_accuracy"] and record["forward_transfer"] == 0.0
 
 
 def test_split_refuses_what_cannot_be_split(tmp_path, twenty):

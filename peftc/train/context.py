@@ -55,6 +55,9 @@ class _EpochShuffle(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed_of(self.epoch))
+        # skip the one draw a DataLoader takes from its sampler's generator (the workers' base seed): the order
+        # is then the one a per-epoch DataLoader(RandomSampler(generator)) gave, as in earlier peftc versions
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
     def __len__(self) -> int:

@@ -59,7 +59,7 @@ class TrainOptions:
     resume: bool = False
     seed: int = 0
     image_size: int | None = None
-    workers: int | None = None  # DataLoader workers; None: min(8, CPUs)
+    workers: int | None = 0  # DataLoader workers; None: min(8, CPUs) (the CLI's default)
     val_fraction: float = 0.2
     quiet: bool = False
     hooks: Hooks = field(default_factory=Hooks)
@@ -135,12 +135,14 @@ def _add_task(model: Any, task: str, classes: int) -> None:
 
 
 def train_task(artifact: str | Path, task: str, data: str | Path, options: TrainOptions | None = None,
-               *, model: Any = None, dist: DistContext | None = None, reporter: Reporter | None = None
-               ) -> TaskResult:
+               *, model: Any = None, dist: DistContext | None = None, reporter: Reporter | None = None,
+               untrained: dict[str, torch.Tensor] | None = None) -> TaskResult:
     """Train ``task`` of the artifact at ``artifact`` on the data at ``data``; returns a summary (JSON-able).
 
     ``model`` may be the artifact already in memory (a sequence passes it on from task to task); it is
-    trained in place. Returns the JSON-able summary and the trained model.
+    trained in place. Returns the JSON-able summary and the trained model. Before training, the new task's
+    validation accuracy is measured (``start_accuracy``: a[j-1][j] of forward transfer) and, given the
+    ``untrained`` shared state of a sequence's start, also with that state (``untrained_accuracy``: b_j).
     """
     options = options or TrainOptions()
     artifact = Path(artifact)
@@ -199,9 +201,29 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
                   offset=offset, seen_tasks=seen, precision=precision, compile=options.compile,
                   memory_format=memory_format, log=log)
     try:
-        return _train(run, artifact, task, data, task_data, options, journal, state, ckpt, started, head, frozen)
+        start = _start_accuracy(run, untrained) if state is None else (state.get("start_accuracy") or {})
+        return _train(run, artifact, task, data, task_data, options, journal, state, ckpt, started, head, frozen,
+                      start)
     finally:
         run.close()
+
+
+def _start_accuracy(run: TaskRun, untrained: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """The new task's accuracy before any training, with the model as it is and with the untrained shared state
+    (forward transfer's a[j-1][j] and b_j); the random generators are left as they were."""
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        out = {"start_accuracy": run.validate()}
+        if untrained is not None:
+            shared = run.model.shared_state()
+            now = {k: shared[k].clone() for k in untrained}
+            with torch.no_grad():
+                for key, value in untrained.items():
+                    shared[key].copy_(value)
+                out["untrained_accuracy"] = run.validate()
+                for key, value in now.items():
+                    shared[key].copy_(value)
+    return out
 
 
 def _memory_format(model: Any, device: torch.device, asked: bool | None) -> torch.memory_format:
@@ -213,13 +235,13 @@ def _memory_format(model: Any, device: torch.device, asked: bool | None) -> torc
 
 def _train(run: TaskRun, artifact: Path, task: str, data: str | Path, task_data: Any, options: TrainOptions,
            journal: Journal, state: dict[str, Any] | None, ckpt: Checkpoint, started: float, head: Any,
-           frozen: Any) -> TaskResult:
+           frozen: Any, start: dict[str, float]) -> TaskResult:
     """The stages of one task, then the journal and the artifact (see :func:`train_task`)."""
     model, recipe, dist, reporter, memory = run.model, run.recipe, run.dist, run.reporter, run.memory
     seed, image_size, offset = run.seed, run.image_size, run.offset
     info = {"classes": list(task_data.classes), "data": str(Path(data).resolve()),
             "recipe": recipe.model_dump(mode="json"),
-            "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset}
+            "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset, "start_accuracy": start}
     decls = recipe.stages or [StageDecl(stage="fit")]
     outcomes: list[dict[str, Any]] = list((state or {}).get("outcomes", []))
     recipes = [stage_recipe(recipe, decl, options.epochs) for decl in decls]
@@ -250,7 +272,7 @@ def _train(run: TaskRun, artifact: Path, task: str, data: str | Path, task_data:
             ckpt.write(model, {**base, "outcomes": outcomes, "epoch": -1, "stage_done": True})
         dist.barrier()
     accuracy = run.validate() if any(s.validates for s in stages) else None
-    summary = _summary(run, task_data, outcomes, accuracy, time.perf_counter() - started)
+    summary = {**_summary(run, task_data, outcomes, accuracy, time.perf_counter() - started), **start}
     restore_frozen(model, frozen)
     if dist.main:
         if memory is not None:
