@@ -491,7 +491,8 @@ def test_two_cpu_processes_train_with_ddp(tmp_path, demo):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "peftc", "train", str(art), "--task", "task1", "--data", str(demo / "task1"), "--epochs", "2",
-           "--batch-size", "16", "--image-size", "32", "--recipe", "augment=none", "--quiet", "--json", "--workers", "0"]
+           "--batch-size", "16", "--image-size", "32", "--recipe", "augment=none", "--quiet", "--json",
+           "--workers", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # only rank 0 reports
