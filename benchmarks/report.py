@@ -13,6 +13,7 @@ import ast
 import importlib.util
 import json
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,23 @@ def _replacement(data: dict[str, Any]) -> str:
     return _table(["backbone", "variant", "params", "trainable", "peak MiB", "step ms"], rows)
 
 
+def _trainer(data: dict[str, Any]) -> str:
+    cfg = data.get("config", {})
+    ours, hand = data["peftc_images_per_s"], data["hand_images_per_s"]
+    rows = [["peftc train", f"{statistics.median(ours):,.1f}", f"{min(ours):,.1f}–{max(ours):,.1f}"],
+            ["hand-written loop", f"{statistics.median(hand):,.1f}", f"{min(hand):,.1f}–{max(hand):,.1f}"]]
+    rows += [[f"loader alone, {w} workers", f"{v:,.1f}", ""] for w, v in data.get("loader_images_per_s", {}).items()]
+    text = (f"`{cfg.get('spec')}` on {cfg.get('backbone')} at {cfg.get('image')} px, batch {cfg.get('batch')}, "
+            f"{cfg.get('images')} training images, {cfg.get('workers')} loader workers, {cfg.get('threads')} "
+            f"thread(s), {cfg.get('rounds')} rounds (second epoch of each).\n\n")
+    text += _table(["measure", "images/s (median)", "range"], rows)
+    text += (f"\n\nOverhead, hand-loop images/s over peftc's (median of the per-round ratios): "
+             f"**{data['overhead']:.3f}**.")
+    if data.get("gpu") is None:
+        text += f"\n\nGPU figures: not measured ({data.get('gpu_note', 'no GPU')})."
+    return text
+
+
 def _generic(data: dict[str, Any]) -> str:
     """Tables of whatever flat records the file holds: lists of flat dicts, and dicts of timing summaries."""
     parts = []
@@ -328,7 +346,7 @@ def _generic(data: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compile_time": _compile, "train_step": _train_step, "storage": _storage, "tome": _tome, "deploy": _deploy,
-    "replacement": _replacement}
+    "replacement": _replacement, "trainer": _trainer}
 PLOTS_OF = {"compile_time": ["compile_time"], "train_step": ["ratios", "memory"], "tome": ["tome_throughput"],
             "storage": []}
 

@@ -283,3 +283,61 @@ def test_split_refuses_what_cannot_be_split(tmp_path, twenty):
     doc = json.loads(out.output)
     assert [t["name"] for t in doc["tasks"]] == ["photo", "sketch"] and doc["split"]["kind"] == "domain-incremental"
     assert all(t["classes"] == ["a", "b"] for t in doc["tasks"])
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------------------------------
+
+FSDP_WORKER = '''
+import json, sys
+from pathlib import Path
+import torch
+import peftc
+from peftc.train import TrainOptions, train_task
+from peftc.train.context import Hooks
+from peftc.train.distributed import setup
+from tests.test_trainer_speed import Tiny
+
+tmp, data = Path(sys.argv[1]), Path(sys.argv[2])
+dist = setup("cpu")
+trained, seen = {}, set()
+
+def on_step(run, *_):
+    weight = run.model.net.conv.weight
+    seen.add((type(weight).__name__, tuple(getattr(weight, "to_local", lambda: weight)().shape)))
+
+for sharding in ("ddp", "fsdp"):
+    torch.manual_seed(0)
+    model = peftc.compile("bitfit", Tiny(), num_classes=2)
+    if dist.main:
+        model.save(tmp / sharding)
+    dist.barrier()
+    options = TrainOptions(device="cpu", workers=0, quiet=True, image_size=16, sharding=sharding,
+                           hooks=Hooks(on_step=on_step if sharding == "fsdp" else None),
+                           overrides={"batch_size": 16, "lr": 0.05, "augment": "none", "epochs": 1})
+    result = train_task(tmp / sharding, "t", data, options, model=model, dist=dist)
+    trained[sharding] = {n: p.detach().clone() for n, p in result.model.named_trainable_parameters()}
+if dist.main:
+    diff = max(float((trained["ddp"][k] - trained["fsdp"][k]).abs().max()) for k in trained["ddp"])
+    print(json.dumps({"diff": diff, "seen": sorted(seen), "keys": sorted(trained["fsdp"])}))
+'''
+
+
+def test_fsdp_on_two_cpu_processes_shards_frozen_weights_and_matches_ddp(tmp_path, colours):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(colours)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["seen"] == [["DTensor", [4, 3, 3, 3]]]  # conv.weight (8 x 3 x 3 x 3): half per process
+    assert "conv.bias" in out["keys"] and "conv.weight" not in out["keys"]  # only trained tensors optimize
+    assert out["diff"] < 1e-5  # the same steps as DDP: sharding frozen weights changes nothing numerically
+    assert "t" in peftc.load(tmp_path / "fsdp", backbone=Tiny()).tasks

@@ -71,6 +71,8 @@ def train_cmd(
                                                           "format for CNNs (default: on CUDA).")] = None,
     log: Annotated[Optional[list[str]], typer.Option("--log", help="Also log to: tensorboard (JSONL and CSV are "
                                                      "always written to DIR/train/<task>/log).")] = None,
+    sharding: Annotated[str, typer.Option("--sharding", help="Under torchrun: ddp (a replica per process) or fsdp "
+                                          "(frozen weights sharded over the processes).")] = "ddp",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling, augmentation and new heads.")] = 0,
     image_size: SizeOpt = None,
@@ -105,7 +107,7 @@ def train_cmd(
     options = TrainOptions(classes=_classes(classes), overrides=overrides, epochs=epochs, device=device,
                            resume=resume, seed=seed, image_size=image_size, workers=workers, val_fraction=val_split,
                            quiet=quiet, frozen_dtype=frozen_dtype, compile=compile_, channels_last=channels_last,
-                           log=check_loggers(log or []))
+                           log=check_loggers(log or []), sharding=sharding)
     if sequence is not None:
         if data is not None or classes:
             raise TrainError("--data and --classes belong to one task; a sequence names them per task in its file")

@@ -8,6 +8,7 @@ split, the corrupt-image tally, and snapshots of the task's state for early stop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from peftc.train.distributed import DistContext
 from peftc.train.logs import RunLog
 from peftc.train.precision import Precision
 from peftc.train.progress import Reporter
+from peftc.train.sharding import Sharding
 from peftc.train.transforms import backbone_stats, eval_transform, train_transform
 
 __all__ = ["Hooks", "TaskRun", "batches", "default_workers", "head_classes", "predict"]
@@ -104,6 +106,7 @@ class TaskRun:
     memory_format: torch.memory_format = torch.contiguous_format  # channels_last for CNNs on CUDA
     log: RunLog | None = None  # per-step / per-epoch metric files (main process only)
     ddp: nn.Module | None = None  # the DDP wrapper while a stage trains in parallel (gradient sync control)
+    sharding: Sharding | None = None  # FSDP: frozen weights sharded over the processes (no DDP wrapper then)
     _loaders: dict[tuple[int, int], torch.utils.data.DataLoader] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -183,12 +186,13 @@ class TaskRun:
         """Accuracy of the active task's head on the validation split (exact across processes)."""
         correct, total = 0, 0
         loader = self.val_loader(batch_size or self.recipe.batch_size)
-        for images, labels, bad in batches(loader, self.device, self.memory_format):
-            self.note_corrupt(bad)
-            with self.precision.autocast():  # type: ignore[union-attr]
-                logits = self.task_logits(predict(self.model, images))
-            correct += int((logits.argmax(1) == labels).sum())
-            total += len(labels)
+        with self.sharding.gathered() if self.sharding is not None else contextlib.nullcontext():
+            for images, labels, bad in batches(loader, self.device, self.memory_format):
+                self.note_corrupt(bad)
+                with self.precision.autocast():  # type: ignore[union-attr]
+                    logits = self.task_logits(predict(self.model, images))
+                correct += int((logits.argmax(1) == labels).sum())
+                total += len(labels)
         correct, total = self.dist.sum([correct, total])
         return correct / total if total else 0.0
 

@@ -43,10 +43,10 @@ class StageOutcome:
 
 
 def _wrap(run: TaskRun, stage: Stage) -> nn.Module | None:
-    """The module the stage's loss runs through: DDP when distributed, compiled with ``--compile``; None = the
-    model itself, eager."""
+    """The module the stage's loss runs through: DDP when distributed (not with FSDP, whose trained tensors are
+    plain and averaged by the stepper), compiled with ``--compile``; None = the model itself, eager."""
     module: nn.Module | None = None
-    if run.dist.enabled and stage.ddp:
+    if run.dist.enabled and stage.ddp and run.sharding is None:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         module = nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids, find_unused_parameters=True)
     run.ddp = module
@@ -73,7 +73,7 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
     batches_per_epoch = len(run.train_loader(per_batch, index, 0))
     schedule = LRSchedule(optimizer, recipe.scheduler, optimizer_steps(batches_per_epoch, recipe.accumulate), epochs)
     average = (lambda ps: average_gradients(ps, run.dist.world, run.device)) if (
-        run.dist.enabled and not stage.ddp) else None
+        run.dist.enabled and (not stage.ddp or run.sharding is not None)) else None  # FSDP leaves them to us
     stepper = Stepper(optimizer, schedule, params, run.precision, recipe.accumulate, recipe.grad_clip, average)
     start, best, bad = 0, None, 0
     if resume is not None:

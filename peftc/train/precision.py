@@ -23,7 +23,7 @@ from torch import nn
 
 from peftc.errors import PeftcError
 
-__all__ = ["DTYPES", "FrozenCast", "Precision", "PrecisionError", "cast_frozen", "restore_frozen"]
+__all__ = ["DTYPES", "FrozenCast", "Precision", "PrecisionError", "cast_frozen", "restore_frozen", "saved_names"]
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,7 +94,7 @@ class FrozenCast:
         return self.bytes_before - self.bytes_after
 
 
-def _saved_names(model: Any) -> set[str]:
+def saved_names(model: Any) -> set[str]:
     """Names (in ``model.net``) of every tensor the artifact stores: never cast."""
     names = set(model.shared_state()) | set(model.bank.tensor_slots) | set(model.schedule.managed)
     heads = tuple(f"{p}." for p in model.bank.module_slots)
@@ -102,7 +102,7 @@ def _saved_names(model: Any) -> set[str]:
 
 
 def _frozen_weights(model: Any) -> Iterator[tuple[str, nn.Parameter]]:
-    keep = _saved_names(model)
+    keep = saved_names(model)
     for path, module in model.net.named_modules():
         if not isinstance(module, _CAST_TYPES):
             continue

@@ -31,6 +31,7 @@ from peftc.train.logs import RunLog
 from peftc.train.precision import Precision, cast_frozen, restore_frozen
 from peftc.train.progress import Reporter
 from peftc.train.recipe import resolve, stage_recipe
+from peftc.train.sharding import SHARDINGS, ShardingError, shard_model
 from peftc.train.stages import make_stage
 
 __all__ = ["TaskResult", "TrainError", "TrainOptions", "train_task"]
@@ -67,6 +68,7 @@ class TrainOptions:
     compile: bool = False  # torch.compile the training forward (and its backward)
     channels_last: bool | None = None  # None: on for CNNs on CUDA
     log: tuple[str, ...] = ()  # extra loggers beside JSONL + CSV: "tensorboard"
+    sharding: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (frozen weights sharded; peftc.train.sharding)
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -145,6 +147,8 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     ``untrained`` shared state of a sequence's start, also with that state (``untrained_accuracy``: b_j).
     """
     options = options or TrainOptions()
+    if options.sharding not in SHARDINGS:
+        raise ShardingError(f"--sharding must be one of {', '.join(SHARDINGS)}, got {options.sharding!r}")
     artifact = Path(artifact)
     dist = dist or setup(options.device)
     reporter = reporter or Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
@@ -188,6 +192,10 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     if frozen is not None:
         reporter.note(f"frozen conv/linear weights in {options.frozen_dtype}: {frozen.bytes_before / 2**20:,.1f} MiB → "
                       f"{frozen.bytes_after / 2**20:,.1f} MiB ({len(frozen.names)} tensors)")
+    sharding = None
+    if options.sharding == "fsdp":
+        sharding = shard_model(model, dist, options.frozen_dtype)
+        reporter.note(f"FSDP: {sharding.tensors} frozen tensors sharded over {dist.world} processes")
     seen = [*(t for t in journal.trained_tasks() if t != task), task]
     offset = (state or {}).get("offset")
     if offset is None:
@@ -199,7 +207,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
                   workers=int(options.workers or 0), hooks=options.hooks, memory=memory,
                   offset=offset, seen_tasks=seen, precision=precision, compile=options.compile,
-                  memory_format=memory_format, log=log)
+                  memory_format=memory_format, log=log, sharding=sharding)
     try:
         start = _start_accuracy(run, untrained) if state is None else (state.get("start_accuracy") or {})
         return _train(run, artifact, task, data, task_data, options, journal, state, ckpt, started, head, frozen,
@@ -273,6 +281,8 @@ def _train(run: TaskRun, artifact: Path, task: str, data: str | Path, task_data:
         dist.barrier()
     accuracy = run.validate() if any(s.validates for s in stages) else None
     summary = {**_summary(run, task_data, outcomes, accuracy, time.perf_counter() - started), **start}
+    if run.sharding is not None:
+        run.sharding.gather()  # plain tensors for the save and the sequence's evaluations
     restore_frozen(model, frozen)
     if dist.main:
         if memory is not None:
