@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner
 
 import peftc
@@ -25,21 +24,11 @@ from peftc.train import TrainOptions, train_task
 from peftc.train.context import Hooks
 from peftc.train.metrics import continual_metrics
 from peftc.train.precision import PrecisionError
+from tests.tiny import Tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 50, 210), (40, 210, 210)]
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def _images(folder: Path, classes: list[str], per_class: int, seed: int) -> None:
@@ -295,7 +284,7 @@ import peftc
 from peftc.train import TrainOptions, train_task
 from peftc.train.context import Hooks
 from peftc.train.distributed import setup
-from tests.test_trainer_speed import Tiny
+from tests.tiny import Tiny
 
 tmp, data = Path(sys.argv[1]), Path(sys.argv[2])
 dist = setup("cpu")
