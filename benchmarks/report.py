@@ -309,8 +309,9 @@ def _trainer(data: dict[str, Any]) -> str:
             f"{cfg.get('images')} training images, {cfg.get('workers')} loader workers, {cfg.get('threads')} "
             f"thread(s), {cfg.get('rounds')} rounds (second epoch of each).\n\n")
     text += _table(["measure", "images/s (median)", "range"], rows)
-    text += (f"\n\nOverhead, hand-loop images/s over peftc's (median of the per-round ratios): "
-             f"**{data['overhead']:.3f}**.")
+    text += (f"\n\nOverhead, hand-loop images/s over peftc's: median of the per-round ratios "
+             f"**{data['overhead']:.3f}**, best epoch of each side {data.get('overhead_best', float('nan')):.3f} "
+             f"(load average {data.get('load_average')} when it ended).")
     if data.get("gpu") is None:
         text += f"\n\nGPU figures: not measured ({data.get('gpu_note', 'no GPU')})."
     return text

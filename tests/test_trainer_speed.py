@@ -58,8 +58,9 @@ def _run(tmp: Path, data: Path, name: str, *, epochs: int = 1, hooks: Hooks | No
     art = tmp / name
     model.save(art)
     overrides = {"batch_size": 8, "lr": 0.05, "augment": "none", "epochs": epochs, **kwargs.pop("overrides", {})}
-    options = TrainOptions(device="cpu", workers=0, quiet=True, image_size=16, overrides=overrides,
-                           hooks=hooks or Hooks(), **kwargs)
+    kwargs.setdefault("device", "cpu")
+    options = TrainOptions(workers=0, quiet=True, image_size=16, overrides=overrides, hooks=hooks or Hooks(),
+                           **kwargs)
     return train_task(art, "t", data, options, model=model), before
 
 
@@ -330,3 +331,38 @@ def test_fsdp_on_two_cpu_processes_shards_frozen_weights_and_matches_ddp(tmp_pat
     assert "conv.bias" in out["keys"] and "conv.weight" not in out["keys"]  # only trained tensors optimize
     assert out["diff"] < 1e-5  # the same steps as DDP: sharding frozen weights changes nothing numerically
     assert "t" in peftc.load(tmp_path / "fsdp", backbone=Tiny()).tasks
+
+
+# -- CUDA (skipped without a GPU) -----------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_fp16_trains_with_a_grad_scaler_and_channels_last_on_cuda(tmp_path, colours):
+    from peftc.train.distributed import resolve_device
+
+    assert resolve_device("auto").type == "cuda"
+    seen = set()
+
+    def on_step(run, *_):
+        weight = run.model.net.conv.weight
+        seen.add((run.precision.scaler is not None, run.memory_format is torch.channels_last,
+                  weight.is_contiguous(memory_format=torch.channels_last), run.model.net.conv.bias.dtype))
+
+    result, _ = _run(tmp_path, colours, "fp16", epochs=3, device="auto", hooks=Hooks(on_step=on_step),
+                     overrides={"precision": "fp16"})
+    assert seen == {(True, True, True, torch.float32)}
+    losses = [h["loss"] for h in result.summary["stages"][0]["history"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.gpu
+@cuda
+def test_bf16_with_frozen_bf16_weights_trains_on_cuda(tmp_path, colours):
+    result, before = _run(tmp_path, colours, "bf16cuda", epochs=3, device="cuda", overrides={"precision": "bf16"},
+                          frozen_dtype="bf16")
+    net = result.model.net
+    assert torch.equal(net.conv.weight.cpu(), before["conv.weight"].bfloat16().float())
+    assert result.summary["val_accuracy"] > 0.5

@@ -43,8 +43,8 @@ def split_cmd(
         print_json({"path": str(path), **document})
         return
     meta = document["split"]
-    sizes = [len(t["classes"]) for t in document["tasks"]] if not domains else None
-    what = f"{len(document['tasks'])} tasks" + (f" of {', '.join(map(str, sizes))} classes" if sizes else
-                                                 f" (domains), {meta['classes']} classes each")
+    sizes = [len(t["classes"]) for t in document["tasks"]]
+    shown = str(sizes[0]) if len(set(sizes)) == 1 else f"{sizes[0]} then {sizes[1]}"
+    what = f"{len(sizes)} tasks " + ("(domains) " if domains else "") + f"of {shown} classes"
     console.print(f"wrote {path}: {meta['kind']}, {what}; order "
                   + (f"seed {meta['seed']} (PyCIL's permutation)" if meta["seed"] is not None else "as given"))
