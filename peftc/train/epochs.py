@@ -151,6 +151,7 @@ def _epoch(run: TaskRun, stage: Stage, stepper: Stepper, per_batch: int, index: 
 
                 raise PeftcError(f"task {run.task!r}, stage {stage.label!r}: the loss became {loss.item()} at epoch "
                                  f"{epoch + 1}, step {batch + 1}; lower the learning rate (train.lr)")
+            lr = stepper.schedule.lr  # the lr this step updates with (the schedule moves on after it)
             stepped = stepper.backward(batch, loss, len(labels))
         value = float(loss.detach())
         total_loss += value * len(labels)
@@ -162,10 +163,10 @@ def _epoch(run: TaskRun, stage: Stage, stepper: Stepper, per_batch: int, index: 
             steps += 1
             now = time.perf_counter()
             if run.log is not None:
+                speed = round(step_images * run.dist.world / max(now - last, 1e-9), 1)
                 run.log.step({"stage": stage.label, "epoch": epoch + 1, "step": steps,
                               "global_step": stepper.schedule.step_count, "loss": step_loss / step_images,
-                              "lr": stepper.schedule.lr,
-                              "images_per_second": round(step_images * run.dist.world / max(now - last, 1e-9), 1)})
+                              "lr": lr, "images_per_second": speed})
             last, step_loss, step_images = now, 0.0, 0
         if run.hooks.on_step is not None:
             run.hooks.on_step(run, stage, epoch, batch, value)
