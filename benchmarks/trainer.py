@@ -150,7 +150,7 @@ def main() -> None:
     loaders = {str(w): _loader_alone(dataset, args.batch, w) for w in sorted({0, default_workers()})}
     overhead = statistics.median(r["cpu_ratio"] for r in rows)
     wall = statistics.median(r["wall_ratio"] for r in rows)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
     def ips(key: str) -> list[float]:
         return [args.batch / r[key] for r in rows]
