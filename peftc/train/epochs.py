@@ -9,6 +9,7 @@ uninterrupted one on the same hardware.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -95,7 +96,8 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
             if stage.begin_epoch(epoch, epochs) and run.dist.enabled:
                 run.forward_module = _wrap(run, stage)  # DDP fixes its parameter set at construction
             record = _epoch(run, stage, stepper, per_batch, index, epoch)
-            accuracy = stage.validate()
+            with run.sharding.gathered() if run.sharding is not None else contextlib.nullcontext():
+                accuracy = stage.validate()  # any stage's evaluation: its shards are not padded
             record["val_accuracy"] = accuracy
             if run.log is not None:
                 run.log.epoch(record)

@@ -40,6 +40,7 @@ class Sharding:
 
     modules: list[Any]
     tensors: int
+    _depth: int = 0  # nested gathered() blocks: a stage's validation may call the run's
 
     def gather(self) -> None:
         """Full weights on every process until :meth:`release` (a collective: every process calls it)."""
@@ -55,11 +56,16 @@ class Sharding:
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
-        self.gather()
+        """Full weights inside the block (re-entrant)."""
+        if self._depth == 0:
+            self.gather()
+        self._depth += 1
         try:
             yield
         finally:
-            self.release()
+            self._depth -= 1
+            if self._depth == 0:
+                self.release()
 
 
 def shard_model(model: Any, dist: DistContext, frozen_dtype: str | None = None) -> Sharding:
