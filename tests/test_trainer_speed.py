@@ -168,9 +168,11 @@ def test_accumulating_four_batches_of_8_equals_one_batch_of_32(tmp_path, colours
     assert _close(_trained(plain.model), _trained(large.model), 1e-5) > 1e-3
 
 
-def test_compiled_training_step_equals_eager_and_has_no_graph_break(tmp_path, colours):
+def test_compiled_training_step_equals_eager_and_has_no_graph_break(tmp_path, colours, monkeypatch):
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no compile-worker pool to start on 2 cores
     torch._dynamo.reset()
     counters.clear()
     subset = tmp_path / "data"
