@@ -83,7 +83,7 @@ class Precision:
 
 @dataclass
 class FrozenCast:
-    """What :func:`cast_frozen` changed: restore it with :meth:`restore`."""
+    """What :func:`cast_frozen` changed (undone by :func:`restore_frozen`)."""
 
     names: list[str]
     bytes_before: int

@@ -28,10 +28,10 @@ from peftc.train.epochs import StageOutcome, run_stage
 from peftc.train.heads import get_head
 from peftc.train.journal import TRAIN_DIR, Journal
 from peftc.train.logs import RunLog
-from peftc.train.precision import Precision, cast_frozen, restore_frozen
+from peftc.train.precision import FrozenCast, Precision, cast_frozen, restore_frozen
 from peftc.train.progress import Reporter
 from peftc.train.recipe import resolve, stage_recipe
-from peftc.train.sharding import SHARDINGS, ShardingError, shard_model
+from peftc.train.sharding import SHARDINGS, Sharding, ShardingError, shard_model
 from peftc.train.stages import make_stage
 
 __all__ = ["TaskResult", "TrainError", "TrainOptions", "train_task"]
@@ -184,18 +184,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     _add_task(model, task, len(task_data.classes))
     model.set_task(task)
     model.to(dist.device)
-    precision = Precision(recipe.precision, dist.device)
-    memory_format = _memory_format(model, dist.device, options.channels_last)
-    if memory_format is torch.channels_last:
-        model.to(memory_format=memory_format)
-    frozen = cast_frozen(model, options.frozen_dtype, precision)
-    if frozen is not None:
-        reporter.note(f"frozen conv/linear weights in {options.frozen_dtype}: {frozen.bytes_before / 2**20:,.1f} MiB → "
-                      f"{frozen.bytes_after / 2**20:,.1f} MiB ({len(frozen.names)} tensors)")
-    sharding = None
-    if options.sharding == "fsdp":
-        sharding = shard_model(model, dist, options.frozen_dtype)
-        reporter.note(f"FSDP: {sharding.tensors} frozen tensors sharded over {dist.world} processes")
+    precision, memory_format, frozen, sharding = _hardware(model, recipe, options, dist, reporter)
     seen = [*(t for t in journal.trained_tasks() if t != task), task]
     offset = (state or {}).get("offset")
     if offset is None:
@@ -214,6 +203,24 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
                       start)
     finally:
         run.close()
+
+
+def _hardware(model: Any, recipe: TrainSection, options: TrainOptions, dist: DistContext, reporter: Reporter
+              ) -> tuple[Precision, torch.memory_format, FrozenCast | None, Sharding | None]:
+    """How the model computes on this hardware: precision, memory format, 16-bit frozen weights, FSDP."""
+    precision = Precision(recipe.precision, dist.device)
+    memory_format = _memory_format(model, dist.device, options.channels_last)
+    if memory_format is torch.channels_last:
+        model.to(memory_format=memory_format)
+    frozen = cast_frozen(model, options.frozen_dtype, precision)
+    if frozen is not None:
+        reporter.note(f"frozen conv/linear weights in {options.frozen_dtype}: {frozen.bytes_before / 2**20:,.1f} MiB → "
+                      f"{frozen.bytes_after / 2**20:,.1f} MiB ({len(frozen.names)} tensors)")
+    sharding = None
+    if options.sharding == "fsdp":
+        sharding = shard_model(model, dist, options.frozen_dtype)
+        reporter.note(f"FSDP: {sharding.tensors} frozen tensors sharded over {dist.world} processes")
+    return precision, memory_format, frozen, sharding
 
 
 def _start_accuracy(run: TaskRun, untrained: dict[str, torch.Tensor] | None) -> dict[str, float]:
@@ -243,7 +250,7 @@ def _memory_format(model: Any, device: torch.device, asked: bool | None) -> torc
 
 def _train(run: TaskRun, artifact: Path, task: str, data: str | Path, task_data: Any, options: TrainOptions,
            journal: Journal, state: dict[str, Any] | None, ckpt: Checkpoint, started: float, head: Any,
-           frozen: Any, start: dict[str, float]) -> TaskResult:
+           frozen: FrozenCast | None, start: dict[str, float]) -> TaskResult:
     """The stages of one task, then the journal and the artifact (see :func:`train_task`)."""
     model, recipe, dist, reporter, memory = run.model, run.recipe, run.dist, run.reporter, run.memory
     seed, image_size, offset = run.seed, run.image_size, run.offset
