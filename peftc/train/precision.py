@@ -89,10 +89,6 @@ class FrozenCast:
     bytes_before: int
     bytes_after: int
 
-    @property
-    def saved_bytes(self) -> int:
-        return self.bytes_before - self.bytes_after
-
 
 def saved_names(model: Any) -> set[str]:
     """Names (in ``model.net``) of every tensor the artifact stores: never cast."""
