@@ -123,7 +123,7 @@ def _check_logs(folder: Path, epochs: int, steps_per_epoch: int) -> None:
         assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_frozen_weights_in_bf16_halve_their_bytes_and_come_back_rounded(tmp_path, colours):
+def test_frozen_weights_are_stored_in_bf16_while_training_and_come_back_rounded(tmp_path, colours):
     dtypes: set[tuple[torch.dtype, torch.dtype]] = set()
 
     def on_step(run, *_):
