@@ -133,9 +133,9 @@ def split_domains(data: str | Path, out: str | Path, tasks: int | None = None, o
     if tasks is not None and tasks != len(domains):
         raise SplitError(f"{root} has {len(domains)} domains ({', '.join(domains)}); a domain-incremental split "
                          f"has one task per domain, so --tasks must be {len(domains)}")
-    classes = _classes_of(root / domains[0])
+    classes = _domain_classes(root, domains[0])
     for domain in domains[1:]:
-        other = _classes_of(root / domain)
+        other = _domain_classes(root, domain)
         if other != classes:
             raise SplitError(f"domains differ in classes: {root / domains[0]} has {', '.join(classes)}; "
                              f"{root / domain} has {', '.join(other)}")
@@ -144,6 +144,14 @@ def split_domains(data: str | Path, out: str | Path, tasks: int | None = None, o
             "order": ordered, "seed": seed, "increments": None, "init_classes": None}
     rows = [{"name": d, "data": d, "classes": classes} for d in ordered]
     return {"root": _relative(root, Path(out)), "split": meta, "tasks": rows}
+
+
+def _domain_classes(root: Path, domain: str) -> list[str]:
+    try:
+        return _classes_of(root / domain)
+    except DataError as exc:
+        raise SplitError(f"{exc} (--domains reads DATA/<domain>/<class>/<images>, or DATA/<domain>/train/…; "
+                         "for one folder of classes drop --domains)") from None
 
 
 def write_split(document: dict[str, Any], out: str | Path) -> Path:
