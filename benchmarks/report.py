@@ -343,9 +343,24 @@ def _generic(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) or "(no tables in this result file)"
 
 
+def _online(data: dict[str, Any]) -> str:
+    cfg = data.get("config", {})
+    metrics = ("average_accuracy", "average_incremental_accuracy", "forgetting", "final_recent_share")
+    rows = []
+    for setting, learners in data["results"].items():
+        for learner, res in learners.items():
+            for name, r in res["classifiers"].items():
+                rows.append([setting, learner, name, *[f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in metrics],
+                             f"{res['images_per_second']['mean']:,.0f}"])
+    return (f"{cfg.get('model', '')}, batch {cfg.get('batch_size', '?')}, {cfg.get('sampling', '')} memory, "
+            f"{cfg.get('optimizer', '')}, {cfg.get('seeds', '?')} seed(s), mean ± std.\n\n"
+            + _table(["setting", "learner", "classifier", "final avg acc", "avg incremental acc", "forgetting",
+                      "recent-class share", "images/s"], rows))
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compile_time": _compile, "train_step": _train_step, "storage": _storage, "tome": _tome, "deploy": _deploy,
-    "replacement": _replacement, "trainer": _trainer}
+    "replacement": _replacement, "online": _online, "trainer": _trainer}
 PLOTS_OF = {"compile_time": ["compile_time"], "train_step": ["ratios", "memory"], "tome": ["tome_throughput"],
             "storage": []}
 

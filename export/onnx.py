@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import torch
 from peftc.export.errors import ExportError, ParityError
 from peftc.export.onnx_ops import custom_translations
 from peftc.export.source import Deployable, prepare, resolve_model
+from peftc.storage.atomic import staging_dir
 
 __all__ = ["ExportResult", "Parity", "check_parity", "export_onnx", "write_onnx"]
 
@@ -165,8 +165,10 @@ def write_onnx(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     names = ["image", "task"] if deployable.all_tasks else ["image"]
+    written = _opset_of(target)
+    notes = [f"opset {opset} was asked for; the exporter wrote opset {written}"] if opset and opset != written else []
     return ExportResult(
-        path=str(target), bytes=size, external_data=data_name, opset=opset or _opset_of(target),
+        path=str(target), bytes=size, external_data=data_name, opset=written, notes=notes,
         spec=deployable.spec, backbone=deployable.backbone, task=deployable.task, tasks=deployable.tasks,
         classes=deployable.classes, input_names=names, input_shape=["batch", *deployable.input_size],
         folded=deployable.fold is not None, fold=deployable.fold.to_dict() if deployable.fold else None,
@@ -175,14 +177,10 @@ def write_onnx(
 
 
 def _staging_dir(target: Path) -> Path:
-    parent = target.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        return staging_dir(target)
     except OSError as exc:
         raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from None
-    return staging
 
 
 def _export(deployable: Deployable, opset: int | None) -> Any:

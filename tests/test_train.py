@@ -502,3 +502,67 @@ def test_two_cpu_processes_train_with_ddp(tmp_path, demo):
     assert [h["images"] for h in history] == [32, 32]  # both halves of the data, summed over the processes
     assert history[0]["steps"] == 2  # 16 images per process, a per-process batch of 8
     assert "task1" in peftc.load(art).tasks
+
+
+# -- training data is never silently wrong (issue 19) ----------------------------------------------------------
+
+
+def _corrupt_all(folder: Path) -> None:
+    for image in folder.iterdir():
+        image.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+
+
+def test_a_class_with_no_readable_image_is_refused(probe, task_copy):
+    _corrupt_all(task_copy / "train" / "zero")
+    result = _train(probe, task_copy, "--batch-size", "8")
+    assert result.exit_code == 1 and "every training image of class 'zero'" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_validation_split_with_no_readable_image_is_refused(probe, task_copy):
+    for name in ("zero", "one"):
+        _corrupt_all(task_copy / "val" / name)
+    result = _train(probe, task_copy, "--batch-size", "8")
+    assert result.exit_code == 1 and "validation image" in result.output and "Traceback" not in result.output
+
+
+def test_class_names_cannot_leave_the_data_folder(probe, task_copy):
+    result = _train(probe, task_copy, "--classes", "../val/zero,one")
+    assert result.exit_code == 1 and "is not a folder name inside" in result.output
+
+
+def test_a_link_loop_counts_its_images_once(task_copy):
+    from peftc.train.data import discover
+
+    before = len(discover(task_copy).train)
+    (task_copy / "train" / "zero" / "again").symlink_to(task_copy / "train" / "zero")
+    assert len(discover(task_copy).train) == before
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from peftc.train.data import load_rgb
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")
+    for name in ("deep.png", "float.tiff"):
+        pixels = np.asarray(load_rgb(tmp_path / name))[..., 0].astype(float) / 255
+        assert np.abs(pixels - ramp).max() <= 1 / 255, name
+
+
+def test_batchnorm_never_trains_on_a_last_batch_of_one(tmp_path, task_copy):
+    """32 training images at batch 31 leave one: dropped (CLR trains BatchNorm; at 32 px layer4 is 1x1)."""
+    art = _artifact("clr", tmp_path / "clr")
+    result = _train(art, task_copy, "--batch-size", "31", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stages"][0]["history"][0]["images"] == 31
+
+
+def test_the_documented_evaluate_is_the_function():
+    import peftc.train.sequence  # noqa: F401  (imports the evaluation module under the package)
+    from peftc.train import evaluate
+
+    assert callable(evaluate) and evaluate.__module__ == "peftc.train.evaluation"

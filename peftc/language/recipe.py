@@ -8,7 +8,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from peftc.language.schema import RuleArgs, TensorArgs
 
-__all__ = ["OptimizerArgs", "Phase", "ReplayArgs", "SchedulerArgs", "StageDecl", "TrainSection"]
+__all__ = ["OnlineArgs", "OptimizerArgs", "Phase", "ReplayArgs", "SchedulerArgs", "StageDecl", "TrainSection"]
 
 
 class Phase(RuleArgs):
@@ -97,6 +97,24 @@ class ReplayArgs(RuleArgs):
     balance: Literal["task", "none"] | float = "task"
 
 
+class OnlineArgs(RuleArgs):
+    """``train.online``: online class-incremental learning (``peftc train DIR --stream``; docs/training.md).
+
+    One pass over a task-free stream of ``batch_size`` images per step; ``memory`` replay samples kept by
+    ``sampling`` (``reservoir``: Vitter's algorithm R; ``balanced``: class-balanced reservoir, Chrysakis & Moens
+    2020); ``replay_batch_size`` of them (default: ``batch_size``) join every step. ``learner`` names a
+    registered online learner (``er``, or a method's own) and ``args`` go to it. A stream file may override
+    ``batch_size``, ``memory`` and ``sampling`` (they are the protocol a comparison keeps fixed).
+    """
+
+    learner: str = "er"
+    batch_size: int = Field(default=10, ge=1)
+    memory: int = Field(default=200, ge=1)
+    sampling: Literal["reservoir", "balanced"] = "reservoir"
+    replay_batch_size: int | None = Field(default=None, ge=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
 class StageDecl(RuleArgs):
     """One stage of a method's per-task training procedure (``train.stages``), run in order for every task.
 
@@ -140,6 +158,7 @@ class TrainSection(RuleArgs):
     head: str = "task"  # a registered training head (peftc.train.heads): "task", or a method's own
     replay: ReplayArgs = Field(default_factory=ReplayArgs)
     stages: list[StageDecl] = Field(default_factory=list)
+    online: OnlineArgs = Field(default_factory=OnlineArgs)
 
     def effective_lr(self, batch_size: int | None = None) -> float:
         """The learning rate for ``batch_size`` (default: the recipe's) under the scaling rule."""

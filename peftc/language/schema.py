@@ -105,7 +105,7 @@ class ParamDecl(RuleArgs):
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
-            "str": isinstance(value, str),
+            "str": isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)),
             "list": isinstance(value, (list, tuple)),
         }[self.type]
         if not ok:
@@ -113,6 +113,8 @@ class ParamDecl(RuleArgs):
             raise ValueError(f"{what} must be {article} {self.type}, got {type(value).__name__} {value!r}")
         if self.type == "float":
             value = float(value)
+        if self.type == "str" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `--set stages=234` reads 234 as YAML; to a str param it means the text
         if self.type == "list":
             value = list(value)
         if self.choices is not None and value not in self.choices:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,25 @@ __all__ = ["BackboneInfo", "Compiled"]
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """Enough to rebuild the backbone and to recognise it again (its weight hash)."""
+    """Enough to rebuild the backbone and to recognise it again (its weight hash, computed when first asked for:
+    hashing every weight costs more than a compile, and only saving and loading need it)."""
 
     id: str
     source: str
     seed: int | None
     weights_file: str | None
     input_size: tuple[int, int, int]
-    hash: str
+    digest: Callable[[], str] = field(repr=False, compare=False)
     kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def hash(self) -> str:
+        return self.digest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``backbone`` entry."""
+        return {"id": self.id, "source": self.source, "seed": self.seed, "weights_file": self.weights_file,
+                "input_size": list(self.input_size), "hash": self.hash, "kwargs": [list(kv) for kv in self.kwargs]}
 
 
 class Compiled(nn.Module):

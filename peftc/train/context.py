@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peftc.language import TrainSection
-from peftc.train.data import ImageDataset, TaskData, collate
+from peftc.train.data import DataError, ImageDataset, TaskData, check_readable, collate
 from peftc.train.distributed import DistContext
 from peftc.train.logs import RunLog
 from peftc.train.precision import Precision
@@ -149,7 +149,11 @@ class TaskRun:
         """The epoch's shuffled training batches (this process's share), seeded by stage and epoch.
 
         One loader per stage serves all its epochs (on CUDA its workers persist); ``set_epoch`` reshuffles, and
-        the workers' seeds are re-drawn from the same (stage, epoch) seed each epoch they start."""
+        the workers' seeds are re-drawn from the same (stage, epoch) seed each epoch they start.
+
+        A last batch of a single image is dropped (a different one each epoch): BatchNorm cannot train on one
+        sample. Other incomplete last batches are kept.
+        """
         loader = self._loaders.get((stage, batch_size))
         if loader is None:
             dataset = self.train_set
@@ -159,8 +163,11 @@ class TaskRun:
                     seed=self.epoch_seed(stage, 0))
             else:
                 sampler = _EpochShuffle(len(dataset), lambda e: self.epoch_seed(stage, e))
+            share = len(sampler)
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                                 generator=torch.Generator(), **self._loader_options())
+                                                 generator=torch.Generator(),
+                                                 drop_last=share > batch_size and share % batch_size == 1,
+                                                 **self._loader_options())
             self._loaders[(stage, batch_size)] = loader
         loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         assert loader.generator is not None
@@ -180,7 +187,9 @@ class TaskRun:
             self.log = None
 
     def note_corrupt(self, paths: list[Path]) -> None:
-        self.corrupt.update(paths)
+        if paths:
+            self.corrupt.update(paths)
+            check_readable(self.data, self.corrupt)
 
     def validate(self, batch_size: int | None = None) -> float:
         """Accuracy of the active task's head on the validation split (exact across processes)."""
@@ -194,7 +203,10 @@ class TaskRun:
                 correct += int((logits.argmax(1) == labels).sum())
                 total += len(labels)
         correct, total = self.dist.sum([correct, total])
-        return correct / total if total else 0.0
+        if not total:
+            raise DataError(f"task {self.task!r}: no validation image could be read ({self.data.val.root}); an "
+                            "accuracy over none would steer early stopping blind")
+        return correct / total
 
     # -- early-stopping snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, torch.Tensor]:

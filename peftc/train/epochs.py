@@ -137,7 +137,8 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
 def _epoch(run: TaskRun, stage: Stage, stepper: Stepper, per_batch: int, index: int, epoch: int) -> dict[str, Any]:
     run.model.train()
     loader = run.train_loader(per_batch, index, epoch)
-    stepper.start_epoch(len(loader.sampler), len(loader), per_batch)  # type: ignore[arg-type]
+    samples = len(loader.sampler)  # type: ignore[arg-type]
+    stepper.start_epoch(samples - (samples % per_batch if loader.drop_last else 0), len(loader), per_batch)
     started = last = time.perf_counter()
     total_loss, seen, steps, corrupt_before = 0.0, 0, 0, len(run.corrupt)
     step_loss, step_images = 0.0, 0

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from peftc.compiler import load
+from peftc.storage.atomic import write_file
 from peftc.train.data import SequenceError, discover, read_sequence
 from peftc.train.distributed import setup
-from peftc.train.evaluate import evaluate_model
+from peftc.train.evaluation import evaluate_model
 from peftc.train.journal import TRAIN_DIR, Journal
 from peftc.train.metrics import DEFINITIONS, continual_metrics, heatmap
 from peftc.train.progress import Reporter
@@ -38,15 +38,12 @@ ACCURACY_PNG = "accuracy.png"
 
 
 def _write(directory: Path, record: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{ACCURACY_JSON}.partial"
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / ACCURACY_JSON)
+    write_file(directory / ACCURACY_JSON, json.dumps(record, indent=1) + "\n")
 
 
 def _check_selection(artifact: Path, options: TrainOptions) -> None:
     """Refuse ``select`` before training when the method has no task selection (not after the whole sequence)."""
-    from peftc.train.evaluate import EvalError, task_predictor
+    from peftc.train.evaluation import EvalError, task_predictor
     from peftc.train.heads import get_head
     from peftc.train.recipe import resolve
 
