@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
+from peftc.storage.atomic import write_file
 from peftc.train.data import DataError, discover
-from peftc.train.files import write_atomic
 
 __all__ = ["PYCIL_SEED", "SplitError", "class_order", "increments", "split_classes", "split_domains", "write_split"]
 
@@ -161,6 +161,6 @@ def write_split(document: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     text = "# written by peftc split; train it with: peftc train ART --sequence " + out.name + "\n"
     text += yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=120)
-    path = write_atomic(out, text)
+    path = write_file(out, text)
     read_sequence(path)
     return path
