@@ -14,6 +14,7 @@ from torch import nn
 
 import peftc
 from peftc.errors import PeftcError
+from peftc.export.runtime import open_backend
 from peftc.methods.memvp.memory import MemoryProjector, MemoryTable, VisualMemory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,6 +145,20 @@ def test_onnx_export_takes_image_and_memory(tmp_path: Path) -> None:
     with torch.no_grad():
         want = model(x, memory=memory).numpy()
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    backend = open_backend(tmp_path / "m.onnx", "ort", provider="cpu")  # peftc run: images only, memory zeros
+    assert not backend.all_tasks and "zeros" in backend.info["streams"]["memory"]
+    with torch.no_grad():
+        no_image = model(x, memory=torch.zeros(4, 1, FEATURES)).numpy()
+    assert np.abs(backend(x) - no_image).max() <= 1e-4 * max(1.0, float(np.abs(no_image).max()))
+
+
+def test_peftc_run_backends_feed_an_all_zero_memory() -> None:
+    model, x = perturbed(peftc.compile("memvp", clip_vit(), **PARAMS)), images()
+    backend = open_backend(model, "eager")
+    assert backend.info["streams"] == {"memory": f"zeros (batch, {TOKENS}, {FEATURES}): no second input given"}
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(backend(x)), model(x, memory=torch.zeros(2, TOKENS, FEATURES)),
+                              atol=1e-5)
 
 
 def test_the_recipe_is_the_official_scripts() -> None:
