@@ -194,3 +194,13 @@ def test_llama_7b_and_clip_l14_counts_on_the_meta_device() -> None:
     assert language == 2_621_440 + 659_584 == 3_281_024
     assert adapters == 589_824
     assert language + adapters == 3_870_848  # the official code's unused 8,192-parameter modality embedding: left out
+
+
+def test_reading_a_stream_no_rule_adds_points_into_the_spec() -> None:
+    spec = {"peftc": 1, "name": "s", "rules": [
+        {"freeze": {}},
+        {"parallel": {"to": {"role": "mlp_out"}, "from": {"role": "mlp_norm"}, "read": "output",
+                      "block": "memvp_memory", "stream": "memory"}}]}
+    with pytest.raises(PeftcError, match=r"rules\[1\]\.parallel\.stream: no earlier 'stream' rule adds an input "
+                                         r"named 'memory'"):
+        peftc.compile(spec, clip_vit())
