@@ -103,6 +103,7 @@ def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, r
     The summary keeps the latest record of every suite (a run of some suites updates theirs only) and, from
     the latest invocation that ran all of them, the total time against the --quick budget."""
     from benchmarks import plots, report
+    from peftc.storage.atomic import write_file
 
     results = report.load_results(results_dir)
     previous = results.pop(report.SUMMARY, {})
@@ -124,10 +125,10 @@ def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, r
         "checks": report.collect_checks(results),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{report.SUMMARY}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_file(results_dir / f"{report.SUMMARY}.json", json.dumps(summary, indent=2) + "\n")
     drawn = plots.draw_all(results, results_dir)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(report.render(results, summary, drawn, doc), encoding="utf-8")
+    write_file(doc, report.render(results, summary, drawn, doc))
     return summary
 
 

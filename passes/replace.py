@@ -11,7 +11,7 @@ from torch import nn
 from peftc.blocks import Block, get_block
 from peftc.blocks.linear import LinearHeadArgs, make_head
 from peftc.language.primitives import register_primitive
-from peftc.language.schema import BlockRuleArgs, RuleArgs, Selector, TaskState
+from peftc.language.schema import MAX_CLASSES, BlockRuleArgs, RuleArgs, Selector, TaskState
 from peftc.passes.base import ModuleSlot, PassContext, count_params
 
 
@@ -25,7 +25,7 @@ class HeadArgs(RuleArgs):
     """A classification head in place of the backbone's (role ``head`` unless ``target`` says otherwise)."""
 
     target: Selector = Field(default_factory=lambda: Selector(role="head"))
-    classes: int | None = Field(default=None, ge=1)
+    classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES)
     bias: bool = True
     init: Literal["backbone", "default", "zeros"] = "backbone"
     task_state: TaskState = "new"

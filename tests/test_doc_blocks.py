@@ -8,8 +8,9 @@ What happens to a block (honestly, per block):
 - **python**: compiled; its imports run; a name it uses must be bound earlier on the page, imported, a builtin,
   or declared by the page as the reader's own (``<!-- doc-test: names a, b -->``); a name imported from a
   package and then called must not be a module.
-- ``<!-- doc-test: run -->`` before a block also **executes** it as written (in this process, in a scratch
-  folder; each page's marked blocks in one namespace).
+- ``<!-- doc-test: run -->`` before a block also **executes** it as written, in this process, in a scratch
+  folder: every command of a bash block (``peftc`` ones only) must exit 0; a page's marked Python blocks run in
+  one namespace.
 - ``<!-- doc-test: excerpt REASON -->`` / ``<!-- doc-test: skip REASON -->`` exempt a block; the reason is required.
 """
 
@@ -144,6 +145,28 @@ def _check_command(words: list[str], where: str) -> None:
         pytest.fail(f"{where}: the doc test does not know how to check `{tool}`; teach it or mark the block")
 
 
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder to run documented commands in; ``specs/`` is there, as in a checkout."""
+    (tmp_path / "specs").symlink_to(ROOT / "specs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_marked_shell_blocks_run_as_written(scratch: Path) -> None:
+    from typer.testing import CliRunner
+
+    from peftc.cli import app
+
+    marked = [b for b in BLOCKS if b.lang == "bash" and b.marker == "run"]
+    assert marked, "no shell block is marked to run"
+    for block in marked:
+        for words in _commands(block.body):
+            assert words[0] == "peftc", f"{block.where}: only peftc commands run here, not {words[0]}"
+            result = CliRunner().invoke(app, words[1:])
+            assert result.exit_code == 0, f"{block.where}: `{shlex.join(words)}` failed:\n{result.output[-2000:]}"
+
+
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang == "bash"], ids=lambda b: b.where)
 def test_shell_block(block: Block) -> None:
     if block.exempt:
@@ -205,14 +228,12 @@ def test_python_blocks(page: Path) -> None:
         known = _check_python(block, known)
 
 
-def test_marked_python_blocks_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The blocks marked ``run`` execute as written, in a scratch folder, each page in its own namespace."""
+def test_marked_python_blocks_run_as_written(scratch: Path) -> None:
+    """The Python blocks marked ``run`` execute as written, each page's in one namespace."""
     pages: dict[Path, list[str]] = {}
     for block in BLOCKS:
         if block.lang == "python" and block.marker == "run":
             pages.setdefault(block.page, []).append(textwrap.dedent(block.body))
     assert pages, "no Python block is marked to run"
-    (tmp_path / "specs").symlink_to(ROOT / "specs")
-    monkeypatch.chdir(tmp_path)
     for page, codes in pages.items():
         exec(compile("\n".join(codes), str(page), "exec"), {"__name__": "__doc_block__"})

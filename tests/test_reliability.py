@@ -115,7 +115,7 @@ def test_hostile_yaml_is_one_message_for_specs_and_task_files(case: str, tmp_pat
 # -- the property: mutated specs, manifests and task files validate or fail with one located message -----------
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-                    st.floats(allow_nan=True), st.text(max_size=30), st.sampled_from(HOSTILE[:5]),
+                    st.floats(allow_nan=True), st.text(max_size=30), st.sampled_from(HOSTILE),
                     st.sampled_from(["$rank", "${nope}", "re:(", "layer[", "*", "fn:", "::0", "1::", "Conv2d"]))
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
@@ -166,10 +166,9 @@ SPECS = _spec_data()
 @given(st.sampled_from(sorted(SPECS)).flatmap(lambda name: mutated(SPECS[name])), st.booleans())
 def test_mutated_builtin_specs_load_or_fail_with_a_location(tmp_path_factory, doc: Any, alias: bool) -> None:
     path = tmp_path_factory.mktemp("spec") / "mutant.yaml"
-    text = yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
-    if alias and isinstance(doc, dict):  # the same document again through anchors and a merge key
-        text = "base: &base\n" + "".join(f"  {line}\n" for line in text.splitlines()) + "<<: *base\n"
-    path.write_text(text, encoding="utf-8")
+    if alias and isinstance(doc, dict) and isinstance(doc.get("rules"), list) and doc["rules"]:
+        doc["rules"].append(doc["rules"][0])  # one object twice: the dump writes an anchor and an alias
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
     try:
         spec = load_spec(path)
     except PeftcError as exc:
@@ -324,8 +323,10 @@ def test_swap_exchanges_in_one_step_and_sweeps_dead_writers_staging(two_versions
     assert not stale[0].exists() and live.exists()
     assert not (path / "train" / stale[1].name).exists()  # a dead checkpoint's staging is not carried along
     (live / "mark").write_text("live")
-    assert atomic._exchange(live, path) is True  # renameat2 works here (Linux): no window at all
-    assert (path / "mark").is_file() and (live / "peftc.json").is_file()
+    if atomic._exchange(live, path):  # Linux renameat2: one step, no window at all
+        assert (path / "mark").is_file() and (live / "peftc.json").is_file()
+    else:  # a file system without it: nothing moved (the two-rename fallback is tested above)
+        assert (live / "mark").is_file() and (path / "peftc.json").is_file()
 
 
 def test_other_writers_are_atomic(tmp_path: Path, monkeypatch) -> None:
@@ -372,6 +373,17 @@ def test_ctrl_c_while_importing_exits_130_in_one_line() -> None:
               "from peftc.launch import main\nmain()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 130 and done.stderr == "interrupted\n"
+
+
+def test_ctrl_c_inside_an_import_that_swallows_it_still_exits_130(tmp_path: Path) -> None:
+    """Some libraries catch KeyboardInterrupt while importing and leave a broken module; peftc exits instead."""
+    (tmp_path / "slow_library.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                              "time.sleep(5)\n")
+    script = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom peftc.launch import install_interrupt_handler\n"
+              "install_interrupt_handler()\ntry:\n    import slow_library\nexcept BaseException:\n    pass\n"
+              "print('carried on with a half-imported library')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 130 and done.stderr == "interrupted\n" and done.stdout == ""
 
 
 @pytest.mark.parametrize(("args", "option"), [

@@ -164,7 +164,8 @@ def test_resume_after_an_interruption_reaches_the_same_delta(tmp_path, demo):
     assert state["epoch"] == 0 and state["schedule"] == {"step": 4}
     assert "task1" not in peftc.load(broken).tasks  # the artifact only changes when a task is finished
 
-    result = _run("train", broken, "--task", "task1", "--data", demo / "task1", "--resume", "--quiet", "--json")
+    result = _run("train", broken, "--task", "task1", "--data", demo / "task1", "--resume", "--quiet", "--json",
+                  "--workers", "0")  # as the Python runs: augmentations drawn in the main process
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["status"] == "finished" and len(summary["stages"][0]["history"]) == 3
@@ -337,7 +338,7 @@ def test_missing_data_and_artifact(probe, tmp_path, task_copy):
 def test_corrupt_image_is_skipped_and_counted(probe, task_copy):
     bad = task_copy / "train" / "zero" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    result = _train(probe, task_copy, "--json", "--batch-size", "8")
+    result = _train(probe, task_copy, "--json", "--batch-size", "10")  # 33 = 3 x 10 + 3: no last batch of one
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["corrupt_skipped"] == 1 and summary["corrupt_examples"] == [str(bad)]
@@ -462,7 +463,7 @@ def test_continual_metrics_and_heat_map(tmp_path):
     m = [[0.9, None, None], [0.7, 0.8, None], [0.6, 0.9, 1.0]]
     out = continual_metrics(m)
     assert out["average_accuracy"] == pytest.approx((0.6 + 0.9 + 1.0) / 3)
-    assert out["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.8 - 0.9)) / 2)  # max over rows before the last
+    assert out["forgetting"] == pytest.approx(((0.9 - 0.6) + 0.0) / 2)  # Mammoth/PyCIL: max over all rows, final too
     assert out["backward_transfer"] == pytest.approx(((0.6 - 0.9) + (0.9 - 0.8)) / 2)
     assert out["average_incremental_accuracy"] == pytest.approx((0.9 + 0.75 + (0.6 + 0.9 + 1.0) / 3) / 3)
     assert continual_metrics([[0.5]])["forgetting"] is None
@@ -481,7 +482,7 @@ def test_torchrun_environment_is_detected_and_checked():
     with pytest.raises(DistributedError, match="does not split evenly over 3"):
         DistContext(world=3).per_process_batch(32)
     assert DistContext(world=4).per_process_batch(32) == 8
-    with pytest.raises(DistributedError, match="must be cpu or cuda"):
+    with pytest.raises(DistributedError, match="must be auto, cpu or cuda"):
         setup("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(DistributedError, match="no CUDA device is available"):
@@ -493,7 +494,8 @@ def test_two_cpu_processes_train_with_ddp(tmp_path, demo):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "peftc", "train", str(art), "--task", "task1", "--data", str(demo / "task1"), "--epochs", "2",
-           "--batch-size", "16", "--image-size", "32", "--recipe", "augment=none", "--quiet", "--json"]
+           "--batch-size", "16", "--image-size", "32", "--recipe", "augment=none", "--quiet", "--json",
+           "--workers", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # only rank 0 reports

@@ -20,7 +20,7 @@ MAX_IMAGE_SIZE = 4096
 MAX_THREADS = 1024
 MAX_SEED = 2**63 - 1
 _SIZE_OPTIONS = {"batch": "--batch", "batch_size": "--batch-size", "image_size": "--image-size", "size": "--size",
-                 "max_batch": "--max-batch"}
+                 "max_batch": "--max-batch", "set_": "--set"}
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -46,7 +46,8 @@ def handle_errors(fn: F) -> F:
         except (MemoryError, RuntimeError) as exc:
             if not isinstance(exc, MemoryError) and not _out_of_memory(str(exc)):
                 raise
-            given = [f"{flag} {kwargs[key]}" for key, flag in _SIZE_OPTIONS.items() if kwargs.get(key)]
+            given = [f"{flag} {value}" for key, flag in _SIZE_OPTIONS.items() if kwargs.get(key)
+                     for value in (kwargs[key] if isinstance(kwargs[key], list) else [kwargs[key]])]
             err_console.print("[bold red]error:[/] out of memory" + (f" with {', '.join(given)}; try smaller values"
                                                                      if given else ""), soft_wrap=True)
             raise typer.Exit(1) from None

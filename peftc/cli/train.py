@@ -13,10 +13,12 @@ from peftc.cli.app import app
 from peftc.cli.common import MAX_IMAGE_SIZE, console, handle_errors, print_json
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (progress still goes to stderr).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (under torchrun: each process's GPU).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N "
+                                        "(under torchrun: each process's GPU).")]
 SizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=8, max=MAX_IMAGE_SIZE,
                                                 help="Train/evaluate at this size (default: the backbone's input).")]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader worker processes "
+                                                   "(default: min(8, CPUs)).")]
 
 
 def _classes(values: list[str] | None) -> list[str] | None:
@@ -56,11 +58,25 @@ def train_cmd(
                                                       "better validation accuracy (the best epoch is kept).")] = None,
     recipe: Annotated[Optional[list[str]], typer.Option("--recipe", help="Override a train: key, e.g. "
                                                         "scheduler=cosine or optimizer.name=sgd (repeatable).")] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16 or fp16 (autocast; fp16 adds "
+                                                     "loss scaling and needs CUDA). Default: the recipe's.")] = None,
+    frozen_dtype: Annotated[Optional[str], typer.Option("--frozen-dtype", help="Store frozen conv/linear weights in "
+                                                        "bf16 or fp16 (half their memory; needs --precision).")] = None,
+    accumulate: Annotated[Optional[int], typer.Option("--accumulate", help="Micro-batches per optimizer step: the "
+                                                      "effective batch is batch size x N.")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the training forward and backward.")
+                        ] = False,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC memory "
+                                                          "format for CNNs (default: on CUDA).")] = None,
+    log: Annotated[Optional[list[str]], typer.Option("--log", help="Also log to: tensorboard (JSONL and CSV are "
+                                                     "always written to DIR/train/<task>/log).")] = None,
+    sharding: Annotated[str, typer.Option("--sharding", help="Under torchrun: ddp (a replica per process) or fsdp "
+                                          "(frozen weights sharded over the processes).")] = "ddp",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for shuffling, augmentation and new heads.")] = 0,
     image_size: SizeOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share held out for validation when the data has "
                                              "no val/ folder.")] = 0.2,
     select: Annotated[bool, typer.Option("--select", help="With --sequence: also evaluate with the method's task "
@@ -76,6 +92,8 @@ def train_cmd(
 ) -> None:
     """Train a task of an artifact (or a sequence of tasks) with the spec's recipe, or learn a stream online."""
     from peftc.train.data import ensure_task_name
+    from peftc.train.logs import check_loggers
+    from peftc.train.precision import DTYPES, PrecisionError
     from peftc.train.recipe import parse_recipe_overrides
     from peftc.train.task import TrainError, TrainOptions, train_task
 
@@ -87,16 +105,21 @@ def train_cmd(
         raise TrainError("--memory is the online replay memory: use it with --stream or --online")
     if (task is None) == (sequence is None):
         raise TrainError("give either --task NAME with --data PATH, or --sequence tasks.yaml")
+    checks = (("--precision", precision, tuple(DTYPES)), ("--frozen-dtype", frozen_dtype, ("bf16", "fp16")))
+    for flag, value, allowed in checks:
+        if value is not None and value not in allowed:
+            raise PrecisionError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if accumulate is not None and accumulate < 1:
+        raise TrainError(f"--accumulate must be at least 1 (micro-batches per optimizer step), got {accumulate}")
     overrides: dict[str, Any] = parse_recipe_overrides(recipe)
-    if batch_size is not None:
-        overrides["batch_size"] = batch_size
-    if lr is not None:
-        overrides["lr"] = lr
-    if early_stop is not None:
-        overrides["early_stop"] = early_stop
+    for key, value in (("batch_size", batch_size), ("lr", lr), ("early_stop", early_stop), ("precision", precision),
+                       ("accumulate", accumulate)):
+        if value is not None:
+            overrides[key] = value
     options = TrainOptions(classes=_classes(classes), overrides=overrides, epochs=epochs, device=device,
                            resume=resume, seed=seed, image_size=image_size, workers=workers, val_fraction=val_split,
-                           quiet=quiet)
+                           quiet=quiet, frozen_dtype=frozen_dtype, compile=compile_, channels_last=channels_last,
+                           log=check_loggers(log or []), sharding=sharding)
     if sequence is not None:
         if data is not None or classes:
             raise TrainError("--data and --classes belong to one task; a sequence names them per task in its file")
@@ -200,18 +223,20 @@ def eval_cmd(
     task: Annotated[Optional[str], typer.Option("--task", help="Evaluate this task only.")] = None,
     select: Annotated[bool, typer.Option("--select", help="Predict the task with the method's task selection "
                                          "instead of giving it.")] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     image_size: SizeOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     split: Annotated[str, typer.Option("--split", help="val or train.")] = "val",
     json_: JsonOpt = False,
 ) -> None:
     """Report accuracy per task (task given, or predicted with --select); for a stream, every classifier."""
+    from peftc.train.context import default_workers
     from peftc.train.evaluation import EvalError, evaluate
     from peftc.train.journal import TRAIN_DIR
     from peftc.train.online import ONLINE_JSON
 
+    workers = default_workers() if workers is None else workers
     if split not in ("val", "train"):
         raise EvalError(f"--split must be val or train, got {split!r}")
     if (directory / TRAIN_DIR / ONLINE_JSON).is_file() and data is None and task is None and not select:
@@ -265,7 +290,7 @@ def _eval_online(directory: Path, device: str, batch_size: int, json_: bool) -> 
 def demo_data_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder to write the tasks into.")],
     tasks: Annotated[int, typer.Option("--tasks", min=1, max=5, help="Number of two-class tasks.")] = 5,
-    size: Annotated[int, typer.Option("--size", min=8, help="Image side in pixels.")] = 32,
+    size: Annotated[int, typer.Option("--size", min=8, max=1024, help="Image side in pixels.")] = 32,
     per_class: Annotated[Optional[int], typer.Option("--per-class", min=1, help="Train images per class "
                                                      "(default: all).")] = None,
     val_per_class: Annotated[Optional[int], typer.Option("--val-per-class", min=1, help="Val images per class "

@@ -137,8 +137,9 @@ class TrainSection(RuleArgs):
     """``train:``: the method's published training recipe; ``peftc train`` follows it, its flags override it.
 
     ``lr`` is the learning rate at ``lr_batch`` samples per step when ``lr_batch`` is given (the linear scaling
-    rule: the effective lr is ``lr × batch_size / lr_batch``), else at any batch size. ``early_stop`` is the
-    patience in epochs on validation accuracy (the best epoch is kept). ``stages`` empty = one ``fit`` stage.
+    rule: the effective lr is ``lr × batch_size × accumulate / lr_batch``, the batch one optimizer step sees),
+    else at any batch size. ``early_stop`` is the patience in epochs on validation accuracy (the best epoch is
+    kept). ``stages`` empty = one ``fit`` stage.
     """
 
     optimizer: OptimizerArgs = Field(default_factory=OptimizerArgs)
@@ -151,6 +152,8 @@ class TrainSection(RuleArgs):
     scheduler: SchedulerArgs = Field(default_factory=SchedulerArgs)
     early_stop: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype (fp16 adds a GradScaler; CUDA only)
+    accumulate: int = Field(default=1, ge=1)  # micro-batches per optimizer step: the effective batch is batch × N
     augment: Literal["standard", "light", "none"] = "standard"
     head: str = "task"  # a registered training head (peftc.train.heads): "task", or a method's own
     replay: ReplayArgs = Field(default_factory=ReplayArgs)
@@ -159,5 +162,5 @@ class TrainSection(RuleArgs):
 
     def effective_lr(self, batch_size: int | None = None) -> float:
         """The learning rate for ``batch_size`` (default: the recipe's) under the scaling rule."""
-        batch = batch_size or self.batch_size
+        batch = (batch_size or self.batch_size) * self.accumulate
         return self.lr * batch / self.lr_batch if self.lr_batch else self.lr

@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from peftc.errors import did_you_mean
 from peftc.language.predicate import Predicate, PredicateSyntaxError
 
-__all__ = ["FORMAT_VERSION", "BlockRuleArgs", "ParamDecl", "RuleArgs", "Selector", "SpecDocument", "TaskState",
-           "TensorArgs"]
+__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "BlockRuleArgs", "ParamDecl", "RuleArgs", "Selector", "SpecDocument",
+           "TaskState", "TensorArgs"]
 
 FORMAT_VERSION = 1
+MAX_CLASSES = 1_000_000  # a head's outputs, wherever a number of classes is read (spec, manifest, add_task)
 
 
 class RuleArgs(BaseModel):
@@ -94,6 +95,12 @@ class ParamDecl(RuleArgs):
     min: float | None = None
     max: float | None = None
     doc: str = ""
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ParamDecl:
+        if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
+            raise ValueError(f"min and max apply to int and float params, not to a {self.type} param")
+        return self
 
     def coerce(self, value: Any, what: str) -> Any:
         """Check ``value`` against the declared type, range and choices; returns the typed value."""

@@ -161,7 +161,7 @@ def _swap(staging: Path, target: Path) -> Path | None:
 def replace_directory(staging: Path, target: Path) -> None:
     """Make the finished directory ``staging`` the one at ``target``; a reader sees the old or the new one whole."""
     if target.exists() and not target.is_dir():
-        raise IsADirectoryError(errno.ENOTDIR, f"{target} exists and is not a directory", str(target))
+        raise NotADirectoryError(errno.ENOTDIR, f"{target} exists and is not a directory", str(target))
     _ACTIVE.discard(str(staging))
     swapped = False
     try:

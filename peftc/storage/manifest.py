@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peftc.errors import ArtifactError
 from peftc.language.messages import from_validation
+from peftc.language.schema import MAX_CLASSES
 from peftc.storage.atomic import recover
 
 __all__ = ["DELTA", "FORMAT", "MANIFEST", "MAX_BYTES", "MAX_DEPTH", "Manifest", "read_manifest"]
@@ -57,7 +58,7 @@ class BackboneEntry(_Part):
 
 class TaskEntry(_Part):
     name: _Name
-    classes: Annotated[int, Field(ge=1, le=10**6)] | None = None
+    classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)] | None = None
 
 
 class DeltaEntry(_Part):

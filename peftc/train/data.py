@@ -278,6 +278,7 @@ class TaskSequence(BaseModel):
     root: Path = Path(".")
     epochs: int | None = Field(default=None, ge=1)
     tasks: list[SequenceTask] = Field(min_length=1)
+    split: dict[str, Any] | None = None  # how `peftc split` made it: kind, class order, seed (peftc.train.split)
 
 
 def read_sequence(path: str | Path, schema: type[TaskSequence] = TaskSequence) -> TaskSequence:

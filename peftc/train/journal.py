@@ -37,8 +37,11 @@ class Journal:
         if self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise DataError(f"{self.path} is unreadable: {exc}") from None
+            shape = self.data if isinstance(self.data, dict) else {}
+            if not isinstance(shape.get("tasks"), dict) or not isinstance(shape.get("order"), list):
+                raise DataError(f"{self.path} is not a peftc training journal (expected 'tasks' and 'order')")
 
     def task(self, name: str) -> dict[str, Any] | None:
         return self.data["tasks"].get(name)

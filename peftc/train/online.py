@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 
 from peftc.errors import PeftcError
 from peftc.storage.artifact import MANIFEST
+from peftc.storage.atomic import write_file
 from peftc.train.checkpoint import Checkpoint, CheckpointError
 from peftc.train.context import head_classes
 from peftc.train.data import collate
@@ -160,14 +160,11 @@ def _prepare_head(model: Any, name: str, classes: int, resuming: bool) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_file(path, json.dumps(payload, indent=1) + "\n")
 
 
 def _finish(run: _Run, artifact: Path, out: Path, reporter: Reporter) -> dict[str, Any]:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     s = run.settings
     record: dict[str, Any] = {
@@ -178,9 +175,7 @@ def _finish(run: _Run, artifact: Path, out: Path, reporter: Reporter) -> dict[st
         "classifiers": summarise(run.rows, list(run.stream.tasks)), "memory_file": MEMORY_FILE,
     }
     run.model.save(artifact)
-    tmp = out / f".{MEMORY_FILE}.partial"
-    save_file({k: v.contiguous() for k, v in run.tensors().items()}, str(tmp))
-    os.replace(tmp, out / MEMORY_FILE)
+    write_file(out / MEMORY_FILE, save({k: v.contiguous() for k, v in run.tensors().items()}))
     _write_json(out / ONLINE_JSON, record)
     png = plot_stream(record, out / ONLINE_PNG)
     if png is None:

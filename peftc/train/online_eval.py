@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from peftc.train.data import ImageDataset, TaskData, collate
-from peftc.train.metrics import continual_metrics
+from peftc.train.metrics import continual_metrics, save_figure
 
 __all__ = ["OnlineEval", "evaluate_online", "plot_stream", "summarise"]
 
@@ -100,12 +100,7 @@ def plot_stream(record: dict[str, Any], path: Path) -> Path | None:
     top.legend(fontsize=8)
     bottom.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def evaluate_online(artifact: str | Path, record_path: Path, device: str = "cpu",
