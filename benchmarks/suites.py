@@ -49,6 +49,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("online", "online", "online", "Online class-incremental learning: the generative classifier vs ER-softmax, "
           "ER-ACE and TaER"),
     Suite("trainer", "trainer", "trainer", "Trainer: peftc train vs a hand-written loop, and the loader alone"),
+    Suite("memvp", "memvp", "memvp", "MemVP: visual tokens as FFN memory vs prompt concatenation vs text only"),
 )}
 
 

@@ -164,7 +164,7 @@ def write_onnx(
             os.replace(produced, target.parent / produced.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    names = ["image", "task"] if deployable.all_tasks else ["image"]
+    names = deployable.input_names
     written = _opset_of(target)
     notes = [f"opset {opset} was asked for; the exporter wrote opset {written}"] if opset and opset != written else []
     return ExportResult(
@@ -186,8 +186,12 @@ def _staging_dir(target: Path) -> Path:
 def _export(deployable: Deployable, opset: int | None) -> Any:
     example = deployable.example(EXPORT_BATCH)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    dynamic = tuple({0: batch} for _ in example)
-    names = ["image", "task"] if deployable.all_tasks else ["image"]
+    names = deployable.input_names
+    dynamic: tuple[Any, ...] = tuple({0: batch} for _ in example)
+    if deployable.streams:  # NamedInputs(image, *streams); a second input's token count is dynamic too
+        dynamic = ({0: batch}, tuple({0: batch, 1: torch.export.Dim(f"{s.name}_tokens", min=1,
+                                                                     max=s.max_tokens or 1 << 16)}
+                                     for s in deployable.streams))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -126,6 +126,8 @@ ROWS: list[Row] = [
     Row("linear_probe", RESNET18, identity_to=None),  # the head is re-initialised
     _na("ln_tuning", RESNET18, "specs/ln_tuning.yaml:27:16: rules[1].replace.target.type: no node has type"),
     Row("lora", RESNET18, tol=1e-6, onnx="ci"),  # conv LoRA
+    _na("memvp", RESNET18, "specs/memvp_vision.yaml:20:12: rules[1].parallel.to.role: no node plays role"),
+    _na("memvp_vision", RESNET18, "specs/memvp_vision.yaml:20:12: rules[1].parallel.to.role: no node plays role"),
     Row("replacement", RESNET18, identity_to=None, head="shared", shared=("*",), seeded=False),
     _na("tocom", RESNET18, "specs/tome.yaml:26:5: rules[1].merge_tokens.target.role: no node plays role"),
     _na("tome", RESNET18, "specs/tome.yaml:26:5: rules[1].merge_tokens.target.role: no node plays role"),
@@ -143,6 +145,10 @@ ROWS: list[Row] = [
     Row("ln_tuning", VIT_TINY, head="shared", shared=("head.*",), inherits=("*norm*",), renews=("norm.task_key.*",),
         seeded=False, onnx="ci"),  # a new task's key is the next row of a fixed orthogonal matrix
     Row("lora", VIT_TINY),
+    # a second input, memory: the battery feeds Compiled.stream_examples (random features: images, so the official
+    # init already writes Z into the FFN memory values; identity without images is tests/test_memvp.py's)
+    Row("memvp", VIT_TINY, identity_to=None, head="none", checks=frozenset({"identity", "roundtrip", "golden"})),
+    Row("memvp_vision", VIT_TINY, head="none", checks=frozenset({"identity", "roundtrip", "golden"})),
     Row("replacement", VIT_TINY, identity_to=None, head="shared", shared=("*",), seeded=False),
     Row("tocom", VIT_TINY, identity_to="tome", head="none", shared=("*",), fold="partial"),
     Row("tome", VIT_TINY, identity_to=None, trains=False, head="none", seeded=False, fold="partial",

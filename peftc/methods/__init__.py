@@ -16,6 +16,7 @@ from peftc.methods import (  # noqa: F401  (registration)
     generative_ocl,
     ln_tuning,
     lora,
+    memvp,
     replacement,
     taer,
     tocom,

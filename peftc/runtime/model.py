@@ -64,7 +64,22 @@ class Compiled(nn.Module):
         self.train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ledger.streams:
+            self._check_streams(args, kwargs)
         return self.net(*args, **kwargs)
+
+    def _check_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Second inputs (``stream`` rules) are checked here, so a missing or mis-shaped one is one clear message
+        rather than a shape error deep in the graph. They are given by name: ``model(x, memory=m)``."""
+        first = args[0] if args else None
+        batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+        for name, declared in self.ledger.streams.items():
+            declared.check(kwargs.get(name), batch)
+
+    def stream_examples(self, batch: int, tokens: int = 2, *, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded random values of the second inputs (``stream`` rules), by name: ``model(x, **examples)``."""
+        gen = torch.Generator().manual_seed(seed)
+        return {name: s.example(batch, tokens, generator=gen) for name, s in self.ledger.streams.items()}
 
     def train(self, mode: bool = True) -> Compiled:
         super().train(mode)

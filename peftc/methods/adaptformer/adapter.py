@@ -32,19 +32,20 @@ class AdapterArgs(BlockArgs):
     bits: Literal[1, 2, 4, 8, 32] = 32
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     up_init: Literal["auto", "zeros", "trunc_normal"] = "auto"  # auto: zeros at 32 bits, else trunc_normal
+    act: Literal["relu", "gelu"] = "relu"  # AdaptFormer: ReLU; MemVP's vision adapters: GELU
 
 
 class Adapter(Block):
     """Bottleneck ``up(dropout(relu(down(x))))`` over the last dimension, weights quantised to ``bits``."""
 
     def __init__(self, features: int, dim: int = 32, bits: int = 32, dropout: float = 0.1,
-                 up_init: str = "auto"):
+                 up_init: str = "auto", act: str = "relu"):
         super().__init__()
         self.features = features
         self.dim = dim
         self.bits = bits
         self.down = QuantLinear(features, dim, bits)
-        self.act = nn.ReLU()
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.up = QuantLinear(dim, features, bits)
         if up_init == "auto":
@@ -64,5 +65,5 @@ class Adapter(Block):
 
 @register_block("adapter", args=AdapterArgs, suffix="adapter")
 def adapter(site: Site, args: AdapterArgs) -> Adapter:
-    """AdaptFormer bottleneck adapter (down, ReLU, dropout, up; bias-free), optionally 1/2-bit quantised."""
-    return Adapter(site.channels("output"), args.dim, args.bits, args.dropout, args.up_init)
+    """AdaptFormer bottleneck adapter (down, ReLU or GELU, dropout, up; bias-free), optionally 1/2-bit quantised."""
+    return Adapter(site.channels("output"), args.dim, args.bits, args.dropout, args.up_init, args.act)
