@@ -97,8 +97,9 @@ def measure(specs: list[str], backbone_id: str, runs: int) -> dict[str, dict[str
         out[name] = {"bare_s": med["bare"], "passes_s": med["passes"], "public_s": med["public"],
                      "passes_ratio": med["passes"] / med["bare"], "public_ratio": med["public"] / med["bare"],
                      "passes_target": TARGET_SIMPLE if simple else TARGET_PASSES}
-        print(f"  {name} on {backbone_id}: bare {med['bare'] * 1e3:.0f} ms, passes {med['passes_ratio']:.2f}x, "
-              f"public {med['public_ratio']:.2f}x", flush=True)
+        row = out[name]
+        print(f"  {name} on {backbone_id}: bare {med['bare'] * 1e3:.0f} ms, passes {row['passes_ratio']:.2f}x, "
+              f"public {row['public_ratio']:.2f}x", flush=True)
     return out
 
 

@@ -45,9 +45,11 @@ def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
-    """timm's registered not-traceable modules/functions; only when timm is loaded (i.e. a timm model exists)."""
-    if "timm" not in sys.modules:
+def _timm_notrace(module: nn.Module) -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered not-traceable modules/functions, when ``module`` runs timm code. Only then: fx wraps
+    every autowrap function anew on each trace (~90 of timm's, a millisecond each), so a torchvision model traced
+    in a process that also imported timm would pay several times its bare trace for nothing."""
+    if "timm" not in sys.modules or not any(type(m).__module__.startswith("timm.") for m in module.modules()):
         return (), ()
     try:
         from timm.layers import _fx as timm_fx
@@ -152,7 +154,7 @@ def node_name(node: fx.Node) -> str:
 
 def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
     """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced."""
-    timm_leaves, timm_functions = _timm_notrace()
+    timm_leaves, timm_functions = _timm_notrace(module)
     tracer = _Tracer((*LEAF_TYPES, *leaves, *timm_leaves), timm_functions)
     concrete = _concrete_args(module)
     try:
