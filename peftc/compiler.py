@@ -39,7 +39,7 @@ def resolve_backbone(
     if isinstance(backbone, Backbone):
         return backbone
     if isinstance(backbone, nn.Module):
-        return from_module(shared_copy(backbone).eval())
+        return from_module(shared_copy(backbone).eval(), borrowed=True)
     return build_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, **dict(backbone_kwargs or {}))
 
 
@@ -51,16 +51,18 @@ def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module
     for rule in method.rules:
         get_primitive(rule.op).run(PassContext(state, rule))
     state.finish()
-    _own_writable(state)
+    if bb.borrowed or bb.digest.pending:
+        _own_writable(state)
     return state
 
 
 def _own_writable(state: CompileState) -> None:
     """Give every tensor that training or running statistics can write its own storage.
 
-    The backbone's tensors may share storage with the module a user passed in (and with the snapshot its hash is
-    computed from): frozen ones keep sharing it, at no cost, and nothing peftc does writes to them; trained
-    parameters, updating buffers and per-task tensors are copied here, once, so training never reaches back.
+    Needed when the backbone's tensors share storage with the module a user passed in, or with the snapshot its
+    hash will be computed from: frozen ones keep sharing it, at no cost, and nothing peftc does writes to them;
+    trained parameters, updating buffers and per-task tensors are copied here, once, so training never reaches
+    back. A backbone built by name and already hashed shares with nobody: nothing is copied.
     """
     ledger = state.ledger
     writable = ledger.updating_buffers | ledger.tensor_slots.keys()

@@ -43,6 +43,11 @@ class WeightsDigest:
         self._tensors = tensors
         self._value: str | None = None
 
+    @property
+    def pending(self) -> bool:
+        """Not computed yet: the snapshot still needs the tensors as they were built."""
+        return self._value is None
+
     def __call__(self) -> str:
         if self._value is None:
             self._value = _digest(self._tensors.items())
@@ -60,6 +65,7 @@ class Backbone:
     seed: int | None
     weights_file: str | None
     input_size: tuple[int, int, int]
+    borrowed: bool = False  # its tensors' storage belongs to a module the caller still holds (shared_copy)
     digest: WeightsDigest = field(init=False, repr=False)  # of the weights as built
 
     def __post_init__(self) -> None:
@@ -265,8 +271,8 @@ def build_backbone(
     return built
 
 
-def from_module(module: nn.Module, backbone_id: str | None = None) -> Backbone:
-    """Wrap a module the user built; peftc works on a copy and never modifies it."""
+def from_module(module: nn.Module, backbone_id: str | None = None, *, borrowed: bool = False) -> Backbone:
+    """Wrap a module the user built (``borrowed``: a :func:`shared_copy`, whose storage is still the user's)."""
     name = backbone_id or f"module:{type(module).__module__}.{type(module).__qualname__}"
     return Backbone(
         id=name,
@@ -275,4 +281,5 @@ def from_module(module: nn.Module, backbone_id: str | None = None) -> Backbone:
         seed=None,
         weights_file=None,
         input_size=_input_size(module, name),
+        borrowed=borrowed,
     )
