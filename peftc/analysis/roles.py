@@ -83,10 +83,24 @@ def _has_params(cand: Candidate) -> bool:
     return cand.module is not None and any(True for _ in cand.module.parameters(recurse=False))
 
 
+def _is_classifier(module: nn.Module | None) -> bool:
+    """A layer that maps features to classes: a Linear, or a 1×1 ungrouped convolution (timm's conv heads)."""
+    if acts_as(module, nn.Linear):
+        return True
+    conv = module if isinstance(module, nn.modules.conv._ConvNd) else None
+    return conv is not None and all(k == 1 for k in conv.kernel_size) and conv.groups == 1
+
+
 @register_role("head")
 def head(index: NodeIndex) -> list[Candidate]:
-    """The classifier(s): parameterised layers nearest the output (``fc``, ``head``, DeiT's ``head_dist``)."""
+    """The classifier(s): the Linear or 1×1 conv layers nearest the output (``fc``, ``head``, DeiT's ``head_dist``).
+
+    The search walks back from the output and stops at the first parameterised layer of each path and at
+    residual adds: a headless feature extractor (``num_classes=0``: its last layers are a norm, or an attention
+    pool's residual MLP) has no head rather than a misplaced one.
+    """
     output = next(n for n in reversed(index.gm.graph.nodes) if n.op == "output")
+    order = {n: i for i, n in enumerate(index.gm.graph.nodes)}
     found: list[Candidate] = []
     seen: set[fx.Node] = set()
     frontier = list(output.all_input_nodes)
@@ -97,13 +111,20 @@ def head(index: NodeIndex) -> list[Candidate]:
         seen.add(node)
         cand = index.by_node.get(node)
         if cand is not None and node.op == "call_module" and _has_params(cand):
-            found.append(cand)
+            if _is_classifier(cand.module):
+                found.append(cand)
             continue
-        if cand is not None and node.op == "get_attr":
+        if (cand is not None and node.op == "get_attr") or (_is_add(node) and _is_residual(node, order)):
             continue
         frontier.extend(node.all_input_nodes)
-    order = {c.node: i for i, c in enumerate(index.candidates)}
-    return sorted(found, key=lambda c: order[c.node])
+    rank = {c.node: i for i, c in enumerate(index.candidates)}
+    return sorted(found, key=lambda c: rank[c.node])
+
+
+def _is_residual(add: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """An add one of whose inputs is an ancestor of the other (``x + f(x)``), unlike DeiT's ``head + head_dist``."""
+    inputs = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    return len(inputs) == 2 and any(_body(s, b, order) is not None for s, b in (inputs, inputs[::-1]))
 
 
 # -- transformer structure ----------------------------------------------------------------------------------
