@@ -122,7 +122,7 @@ ROWS: list[Row] = [
     _na("convpass", RESNET18, "specs/convpass.yaml:30:12: rules[1].parallel.to.role: no node plays role"),
     _na("fact", RESNET18, "specs/fact.yaml:29:12: rules[1].parallel.to.role: no node plays role"),
     Row("linear_probe", RESNET18, identity_to=None),  # the head is re-initialised
-    _na("ln_tuning", RESNET18, "specs/ln_tuning.yaml:27:16: rules[1].replace.target.type: no node has type"),
+    _na("ln_tuning", RESNET18, "specs/ln_tuning.yaml:30:16: rules[1].replace.target.type: no node has type"),
     Row("lora", RESNET18, tol=1e-6, onnx="ci"),  # conv LoRA
     Row("replacement", RESNET18, identity_to=None, head="shared", shared=("*",), seeded=False),
     _na("tocom", RESNET18, "specs/tome.yaml:26:5: rules[1].merge_tokens.target.role: no node plays role"),

@@ -15,8 +15,9 @@ Applied as ``parallel`` bypasses on ``qkv`` (q, k, v parts of the fused projecti
 to one ``d``-slice of the hidden layer; fc2's input is read as ``m`` slices of ``d``, each mapped by ``U``.
 
 **Sharing.** The first FacT block of a compilation creates a :class:`FactFactors` module and leaves it in
-:attr:`Site.shared` under its ``group``; every later FacT block of that group reuses the same module, so U, V
-(and TK's C, P) are one set of tensors — counted, trained and saved once.
+:attr:`Site.shared` under its ``group`` and width ``d``; every later FacT block of that group and width reuses the
+same module, so U, V (and TK's C, P) are one set of tensors — counted, trained and saved once. A hierarchical
+transformer (Swin, MaxViT) widens stage by stage: each width is its own factor group.
 
 **Folding.** The bypass is linear in its input: :meth:`Fact.delta_weight` gives ``ΔW`` in the bypassed layer's
 weight shape, without the rule's scale (the graph's ``mul`` node carries it); dropout is the identity there,
@@ -156,8 +157,11 @@ def _features(site: Site, part: str) -> tuple[int, int]:
     i, o = module.in_features, module.out_features
     d, big = (o, i) if part == "fc2" else (i, o)
     expect = {"qkv": 3 * d, "proj": d}.get(part)
-    if (expect is not None and big != expect) or big % d:
+    if expect is not None and big != expect:
         raise PeftcError(f"{site.name!r} ({i} -> {o}) is not shaped like a transformer {part} layer")
+    if big % d:
+        raise PeftcError(f"FacT reads {part}'s hidden side as m blocks of d = {d}; {site.name!r} maps {i} -> {o}, "
+                         f"an MLP ratio of {big / d:.3g} (a gated MLP such as SwiGLU), not a whole number")
     return d, big // d
 
 
@@ -166,10 +170,11 @@ def fact(site: Site, args: FactArgs) -> Fact:
     """FacT bypass on one qkv/proj/fc1/fc2 Linear; U, V (and TK's C, P) shared by all blocks of a group."""
     d, m = _features(site, args.part)
     depth = site.block[2] if site.block else None
-    factors = site.shared.get(args.group)
+    by_width = site.shared.setdefault(args.group, {})  # one set of factors per width: a hierarchical model's stages
+    factors = by_width.get(d)
     if factors is None:
-        factors = site.shared[args.group] = FactFactors(d, args.rank, args.variant, depth)
-    elif (factors.features, factors.rank, factors.variant) != (d, args.rank, args.variant) or (
+        factors = by_width[d] = FactFactors(d, args.rank, args.variant, depth)
+    elif (factors.rank, factors.variant) != (args.rank, args.variant) or (
         args.variant == "tk" and factors.depth != depth
     ):
         raise PeftcError(
