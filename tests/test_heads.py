@@ -48,13 +48,17 @@ def test_head_role_agrees_with_timm_convention(name: str, kwargs: dict) -> None:
     assert _head_paths(timm.create_model(name, num_classes=0, **kwargs).eval()) == []
 
 
-def test_headless_model_gets_a_linear_after_its_features() -> None:
+@pytest.mark.parametrize("spec", ["lora", "fact"])
+def test_headless_model_gets_a_linear_after_its_features(spec: str) -> None:
+    """The new head needs shapes after the other rules ran: FacT's shared factors must come back from the meta
+    device the shape propagation swaps them to (they stayed there: NaN outputs)."""
     backbone = _tiny_vit(num_classes=0)
-    model = peftc.compile("lora", backbone, num_classes=10).eval()
+    model = peftc.compile(spec, backbone, num_classes=10).eval()
+    assert not any(p.is_meta for p in model.parameters())
     with torch.no_grad():
         assert model(X).shape == (2, 10)
         assert torch.equal(_features(model, "head", X), backbone(X))  # the new head reads the pooled features
-    rule = next(r for r in model.report.rules if r.label == "head")
+    rule = next(r for r in model.report.rules if r.label == "head")  # the report shows the new head
     assert rule.added_params == 192 * 10 + 10
     model.add_task("b", num_classes=3)
     model.set_task("b")
