@@ -4,10 +4,12 @@
 
 Each backbone is built at full size with its seeded random init, then every built-in spec is compiled on it.
 A cell is ``ok`` (compiled; for methods that equal the backbone at init — additive methods, ToMe and ToCom at
-r = 0, the linear probe with ``init: backbone`` — the largest output difference is within tolerance), ``n/a``
+r = 0, the linear probe with ``init: backbone`` — the largest output difference is within tolerance; one
+backward pass gives the trainable tensors finite gradients; ToMe and ToCom also run at their default r), ``n/a``
 (the compiler refused with a message naming what the model lacks; the message is kept), or ``fail`` (an
-internal error, or an identity error over tolerance). One forward runs per cell, at a small image size where the
-model takes one, else at its own. Results go to ``benchmarks/results/coverage.json`` and the table in
+internal error, or an identity error over tolerance). A headless backbone (no classifier) is compiled with
+``num_classes=10`` and compared on the features its new head reads. The forward runs at a small image size where
+the model takes one, else at its own. Results go to ``benchmarks/results/coverage.json`` and the table in
 ``docs/backbones.md`` is regenerated from them.
 """
 
@@ -97,7 +99,8 @@ def cell(spec: str, bb: Any, x: Any, ref: Any, extra: dict[str, Any]) -> dict[st
     from peftc.language import load_spec
 
     declared = load_spec(spec).params
-    params = {**IDENTITY_PARAMS.get(spec, {}), **{k: v for k, v in extra.items() if k in declared}}
+    extra = {k: v for k, v in extra.items() if k in declared}
+    params = {**IDENTITY_PARAMS.get(spec, {}), **extra}
     start = time.perf_counter()
     try:
         model = peftc.compile(spec, copy.deepcopy(bb), params=params)
@@ -115,14 +118,50 @@ def cell(spec: str, bb: Any, x: Any, ref: Any, extra: dict[str, Any]) -> dict[st
             y = _output(model.eval(), x)
     except Exception as exc:
         return {**result, "status": "fail", "reason": f"forward: {type(exc).__name__}: {_first_line(exc)}"}
-    if spec in NOT_IDENTITY or y.shape != ref.shape:
-        result["identity"] = None
-        return result
-    err = (y - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-    result["identity"] = err
-    if not err <= TOL:
-        result.update(status="fail", reason=f"differs from the backbone at init by {err:.2g} (relative)")
-    return result
+    result["identity"] = None
+    if spec not in NOT_IDENTITY and y.shape == ref.shape:
+        err = (y - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        result["identity"] = err
+        if not err <= TOL:
+            return {**result, "status": "fail", "reason": f"differs from the backbone at init by {err:.2g} (relative)"}
+    problem = _train_step(model, x) or _default_params(spec, bb, x, extra)
+    return {**result, "status": "fail", "reason": problem} if problem else result
+
+
+def _train_step(model: Any, x: Any) -> str | None:
+    """One backward pass (batch 2); a problem when no trainable tensor gets a finite gradient."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return None  # trains nothing (token merging)
+    model.train()
+    try:
+        model(torch.cat([x, x.flip(-1)])).float().square().mean().backward()
+    except Exception as exc:
+        return f"train step: {type(exc).__name__}: {_first_line(exc)}"
+    finally:
+        model.eval()
+    if not any(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params):
+        return "train step: no trainable tensor got a finite gradient"
+    return None
+
+
+def _default_params(spec: str, bb: Any, x: Any, extra: dict[str, Any]) -> str | None:
+    """A spec checked for identity with special params (ToMe at r = 0) must also run with its defaults."""
+    import torch
+
+    import peftc
+
+    if spec not in IDENTITY_PARAMS or "r" not in IDENTITY_PARAMS[spec]:
+        return None
+    try:
+        model = peftc.compile(spec, copy.deepcopy(bb), params=extra)
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as exc:
+        return f"with default params: {type(exc).__name__}: {_first_line(exc)}"
+    return None
 
 
 def row(backbone: str, specs: list[str]) -> dict[str, Any]:

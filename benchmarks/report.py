@@ -326,9 +326,16 @@ def _generic(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) or "(no tables in this result file)"
 
 
+def _coverage(data: dict[str, Any]) -> str:
+    n = data["counts"]
+    return (f"{len(data['rows'])} backbones × {len(data['specs'])} specs: **{n['ok']} pairs apply and work**, "
+            f"{n['n/a']} do not apply (each with the compiler's reason), {n['fail']} fail. The matrix, with compile "
+            "time and identity error per cell, is in [backbones.md](backbones.md).")
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compile_time": _compile, "train_step": _train_step, "storage": _storage, "tome": _tome, "deploy": _deploy,
-    "replacement": _replacement}
+    "replacement": _replacement, "coverage": _coverage}
 PLOTS_OF = {"compile_time": ["compile_time"], "train_step": ["ratios", "memory"], "tome": ["tome_throughput"],
             "storage": []}
 

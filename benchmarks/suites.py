@@ -46,6 +46,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("replacement", "replacement", "replacement", "Replacement Learning: parameters, memory and time vs "
           "end-to-end", quick_fallback=("--rounds", "1", "--steps", "2", "--warmup", "1", "--only", "resnet50")),
     Suite("storage", "storage", "storage", "Storage: bytes per task on disk vs HF PEFT's adapter"),
+    Suite("coverage", "coverage", "coverage", "Coverage: every built-in spec on every backbone family "
+          "(docs/backbones.md)"),
 )}
 
 

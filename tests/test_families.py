@@ -113,3 +113,8 @@ def test_messages_name_the_structure() -> None:
     plain(X)
     with pytest.raises(SpecError, match=r"no residual adds at all"):
         peftc.compile("vera", plain.eval())
+
+
+def test_token_merging_on_a_windowed_hierarchy_says_why() -> None:
+    with pytest.raises(SpecError, match=r"attention over windows of a token grid, as in Swin"):
+        peftc.compile("tome", _swin(), r=0)

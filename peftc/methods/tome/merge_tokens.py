@@ -295,7 +295,10 @@ def merge_tokens(ctx: PassContext) -> None:
     for cand in ctx.select(args.target, "target"):
         sub = by_add.get(cand.node)
         if sub is None:
-            raise ctx.error(f"{cand.name!r} is not the residual add after an attention sublayer; merge_tokens "
+            reshaped = cand.node in {s.skip for s in layout.mlp} and layout.attn
+            why = (" (the model reshapes its stream between attention and MLP: attention over windows of a token "
+                   "grid, as in Swin, not one global token sequence)") if reshaped else ""
+            raise ctx.error(f"{cand.name!r} is not the residual add after an attention sublayer{why}; merge_tokens "
                             "merges there (role attn_residual)", "target")
         picked.append((cand.name, sub))
     if not picked:
