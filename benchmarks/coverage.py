@@ -240,13 +240,15 @@ def main() -> None:
         return
     specs = sorted(args.specs or builtin_specs())
     backbones = args.only or (QUICK if args.quick else BACKBONES)
-    rows = {b: row(b, specs) for b in backbones}
+    rows: dict[str, dict[str, Any]] = {}
+    for backbone in backbones:  # written after every backbone: a long run interrupted keeps what it measured
+        rows[backbone] = row(backbone, specs)
+        if not args.no_write:
+            write_result("coverage", {"tolerance": TOL, "small_image": SMALL, "counts": counts(rows), "specs": specs,
+                                      "complete": len(rows) == len(backbones), "rows": rows})
     n = counts(rows)
     print(f"\n{n['ok']} ok, {n['n/a']} n/a, {n['fail']} fail, {n['backbone_errors']} backbones not built")
-    if args.no_write:
-        return
-    write_result("coverage", {"tolerance": TOL, "small_image": SMALL, "counts": n, "specs": specs, "rows": rows})
-    if not args.only and not args.specs:
+    if not args.no_write and not args.only and not args.specs:
         write_doc(rows, specs)
 
 
