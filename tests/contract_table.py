@@ -178,12 +178,13 @@ ROWS: list[Row] = [
         checks=frozenset({"roundtrip", "isolation", "new_task", "bytes"})),
     # channels-first LayerNorm2d (stem, downsampling, pre-head norm) banked over dim 1; the key after the head norm
     Row("ln_tuning", CONVNEXT, size=32, build=(("depths", (1, 1, 1, 1)), ("num_classes", 5)), head="shared",
-        seeded=False, checks=frozenset({"identity", "roundtrip", "fold"})),
+        seeded=False, checks=frozenset({"identity", "roundtrip", "fold", "onnx"})),
     # Swin: nn.Softmax attention, B×H×W×C grids, adapters per stage width
-    Row("adaptformer", SWIN, size=32, fold="partial", checks=frozenset({"identity", "roundtrip", "fold"}),
+    Row("adaptformer", SWIN, size=32, fold="partial", checks=frozenset({"identity", "roundtrip", "fold", "onnx"}),
         build=_tiny(SWIN, img_size=32, window_size=4, depths=(1, 1), embed_dim=16, num_heads=(1, 2))),
     # BEiT: fused qkv read through F.linear with a cat(q, 0, v) bias, traced as qkv(x) + bias
-    Row("fact", BEIT, size=32, checks=frozenset({"identity", "roundtrip", "fold"}), build=_tiny(BEIT, img_size=32)),
+    Row("fact", BEIT, size=32, checks=frozenset({"identity", "roundtrip", "fold", "onnx"}),
+        build=_tiny(BEIT, img_size=32)),
     # -- torchvision vit_b_16: golden diffs through the canonicalisation (identity: test_lora, test_ln_tuning) ----
     Row("lora", VIT_B_16, size=224, checks=frozenset({"golden"})),
     Row("ln_tuning", VIT_B_16, size=224, checks=frozenset({"golden"})),
