@@ -508,13 +508,22 @@ def _conv_bn_pairs(index: NodeIndex) -> list[tuple[Candidate, Candidate]]:
     return pairs
 
 
-@register_role("bn_after_conv")
+def _no_conv_bn(index: NodeIndex) -> str:
+    """What normalises the model's convolutions instead of a BatchNorm reading them directly."""
+    bns = [c for c in index if c.node.op == "call_module" and acts_as(c.module, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        return f"its {len(bns)} BatchNorms (e.g. '{bns[0].name}') read no convolution's output directly"
+    norms = sorted({type(c.module).__name__ for c in index if c.node.op == "call_module" and _is_norm(c.module)})
+    return "it has no BatchNorm" + (f" (its norms: {', '.join(norms)})" if norms else " and no other norm")
+
+
+@register_role("bn_after_conv", _no_conv_bn)
 def bn_after_conv(index: NodeIndex) -> list[Candidate]:
     """BatchNorms that normalise a convolution's output directly (the BN of a conv → BN pair)."""
     return [bn for _, bn in _conv_bn_pairs(index)]
 
 
-@register_role("conv_before_bn")
+@register_role("conv_before_bn", _no_conv_bn)
 def conv_before_bn(index: NodeIndex) -> list[Candidate]:
     """Convolutions whose output a BatchNorm normalises directly (the conv of a conv → BN pair)."""
     convs = {conv.node: conv for conv, _ in _conv_bn_pairs(index)}
