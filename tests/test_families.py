@@ -118,3 +118,23 @@ def test_messages_name_the_structure() -> None:
 def test_token_merging_on_a_windowed_hierarchy_says_why() -> None:
     with pytest.raises(SpecError, match=r"attention over windows of a token grid, as in Swin"):
         peftc.compile("tome", _swin(), r=0)
+
+
+@pytest.mark.parametrize("variant", ["tt", "tk"])
+def test_fact_on_split_q_k_v_projections(variant: str) -> None:
+    """EVA with qkv_fused=False: q_proj, k_proj, v_proj each get their part's core; the fold merges each."""
+    from peftc.export.fold import fold
+
+    module = _timm("eva02_tiny_patch14_224", img_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=2,
+                   qkv_fused=False, use_rot_pos_emb=False, swiglu_mlp=False, mlp_ratio=4.0)
+    assert _role(module, "qkv")[:3] == ["blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj"]
+    model = peftc.compile("fact", module, variant=variant).eval()
+    x = X[:, :, :28, :28]
+    assert (model(x) - module(x)).abs().max() < EXACT
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        folded = fold(model).module(x)
+        assert (folded - model(x)).abs().max() < 1e-4
+    slots = [m.slot for m in model.net.modules() if getattr(m, "part", None) == "qkv"]
+    assert slots == [0, 1, 2, 0, 1, 2]
