@@ -105,7 +105,12 @@ def _is_classifier(module: nn.Module | None) -> bool:
     return conv is not None and all(k == 1 for k in conv.kernel_size) and conv.groups == 1
 
 
-@register_role("head")
+def _no_head(index: NodeIndex) -> str:
+    return ("the model has no classifier (no Linear or 1×1 conv between its last residual add or norm and the "
+            "output): a headless feature extractor; the head rule adds one when given the number of classes")
+
+
+@register_role("head", _no_head)
 def head(index: NodeIndex) -> list[Candidate]:
     """The classifier(s): the Linear or 1×1 conv layers nearest the output (``fc``, ``head``, DeiT's ``head_dist``).
 
