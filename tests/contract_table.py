@@ -177,7 +177,8 @@ ROWS: list[Row] = [
     Row("lora", DINOV2, {"num_classes": 10}, label="headless", size=28, build=_tiny(DINOV2, img_size=28),
         checks=frozenset({"roundtrip", "isolation", "new_task", "bytes"})),
     # channels-first LayerNorm2d (stem, downsampling, pre-head norm) banked over dim 1; the key after the head norm
-    Row("ln_tuning", CONVNEXT, size=32, build=(("depths", (1, 1, 1, 1)), ("num_classes", 5)), head="shared",
+    Row("ln_tuning", CONVNEXT, size=32, build=(("depths", (1, 1, 1, 1)), ("dims", (8, 16, 32, 64)), ("num_classes", 5)),
+        head="shared",
         seeded=False, checks=frozenset({"identity", "roundtrip", "fold", "onnx"})),
     # Swin: nn.Softmax attention, B×H×W×C grids, adapters per stage width
     Row("adaptformer", SWIN, size=32, fold="partial", checks=frozenset({"identity", "roundtrip", "fold", "onnx"}),
