@@ -3,9 +3,11 @@
 The leaf policy keeps every standard layer — convolutions, linears, all normalisation layers, attention,
 embeddings — *and their subclasses* as ``call_module`` nodes, so timm's ``LayerNorm`` subclass is a node rather
 than an inlined ``F.layer_norm``, and selectors by type see it. timm's own not-traceable modules and functions
-are honoured too. Each node gets a stable qualified name in ``node.meta["peftc_name"]``: the module path for
-layers (``layer1.0.conv2``), the enclosing module's path plus the function name for operations
-(``layer1.0.add``), the attribute path for parameters read directly (``cls_token``).
+are honoured too. A Linear whose own weight the code reads with ``F.linear`` (BEiT's and EVA's fused qkv, with a
+bias assembled outside it) becomes a call of that layer plus the bias, so it is a node too. Each node gets a
+stable qualified name in ``node.meta["peftc_name"]``: the module path for layers (``layer1.0.conv2``), the
+enclosing module's path plus the function name for operations (``layer1.0.add``), the attribute path for
+parameters read directly (``cls_token``).
 """
 
 from __future__ import annotations
