@@ -138,3 +138,20 @@ def test_fact_on_split_q_k_v_projections(variant: str) -> None:
         assert (folded - model(x)).abs().max() < 1e-4
     slots = [m.slot for m in model.net.modules() if getattr(m, "part", None) == "qkv"]
     assert slots == [0, 1, 2, 0, 1, 2]
+
+
+def test_f_linear_on_a_layers_weight_keeps_the_bias_it_was_given() -> None:
+    """Only the bias the call passes is added: a call without bias on a Linear with one stays as it was."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, self.proj.weight) + self.proj(x)
+
+    module = Tied().eval()
+    gm = trace(module)
+    x = torch.randn(2, 4)
+    assert torch.allclose(gm(x), module(x)) and sum(n.op == "call_module" for n in gm.graph.nodes) == 1

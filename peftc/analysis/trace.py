@@ -191,17 +191,19 @@ def _call_linears(graph: fx.Graph, root: nn.Module) -> int:
             continue
         path = str(weight.target)[: -len(".weight")]
         layer = _submodule(root, path)
-        if not isinstance(layer, nn.Linear) or (layer.bias is not None and bias is not None):
-            continue
+        own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target) == f"{path}.bias"
+        if not isinstance(layer, nn.Linear) or (layer.bias is not None and not own_bias):
+            continue  # the layer's call would add a bias this F.linear does not
         with graph.inserting_before(node):
             out = graph.call_module(path, (args["input"],))
-            if bias is not None:
+            if bias is not None and not own_bias:
                 out = graph.call_function(torch.add, (out, bias))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-        if not weight.users:
-            graph.erase_node(weight)
+        for read in (weight, bias if own_bias else None):
+            if isinstance(read, fx.Node) and not read.users:
+                graph.erase_node(read)
         count += 1
     return count
 
