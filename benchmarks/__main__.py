@@ -74,9 +74,26 @@ def run_suite(suite: Suite, quick: bool, timeout: float | None, threads: int | N
         os.killpg(proc.pid, signal.SIGKILL)  # the suite and the children it started, nothing else
         proc.wait()
         record.update(status="timeout", note=f"stopped after {timeout:.0f} s")
+    except KeyboardInterrupt:  # the suite runs in its own session, so Ctrl-C did not reach it: stop it too
+        stop_group(proc)
+        raise
     record["wall_s"] = time.perf_counter() - start
     record["load_avg"] = [load_before, _load()]
     return record
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a suite and everything it started: SIGTERM, then SIGKILL if it is still there after 5 s."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, results_dir: Path = RESULTS,
@@ -86,6 +103,7 @@ def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, r
     The summary keeps the latest record of every suite (a run of some suites updates theirs only) and, from
     the latest invocation that ran all of them, the total time against the --quick budget."""
     from benchmarks import plots, report
+    from peftc.storage.atomic import write_file
 
     results = report.load_results(results_dir)
     previous = results.pop(report.SUMMARY, {})
@@ -107,10 +125,10 @@ def finish(run: dict[str, dict[str, Any]], quick: bool, total_s: float | None, r
         "checks": report.collect_checks(results),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{report.SUMMARY}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_file(results_dir / f"{report.SUMMARY}.json", json.dumps(summary, indent=2) + "\n")
     drawn = plots.draw_all(results, results_dir)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(report.render(results, summary, drawn, doc), encoding="utf-8")
+    write_file(doc, report.render(results, summary, drawn, doc))
     return summary
 
 
@@ -181,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout if args.timeout is not None else (600.0 if args.quick else None)
         start = time.perf_counter()
         for name in args.suites or list(SUITES):
-            run[name] = run_suite(SUITES[name], args.quick, timeout, args.threads, tuple(shlex.split(args.suite_args)))
+            try:
+                run[name] = run_suite(SUITES[name], args.quick, timeout, args.threads,
+                                      tuple(shlex.split(args.suite_args)))
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: stopped the {name} suite; results so far are unchanged", file=sys.stderr)
+                return 130
             if run[name]["status"] != "ok":
                 print(f"!! {name}: {run[name]['status']}: {run[name]['note']}", flush=True)
         total = time.perf_counter() - start

@@ -62,13 +62,11 @@ def machine() -> dict[str, Any]:
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` (atomically) with the machine facts added."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
+    from peftc.storage.atomic import write_file
+
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tmp.write_text(json.dumps({"machine": machine(), "measured_at": stamp, **payload}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_file(RESULTS / f"{name}.json",
+                      json.dumps({"machine": machine(), "measured_at": stamp, **payload}, indent=2) + "\n")
 
 
 def verdict(value: float, target: float, lower_is_better: bool = True) -> str:

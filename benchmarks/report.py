@@ -298,6 +298,23 @@ def _replacement(data: dict[str, Any]) -> str:
     return _table(["backbone", "variant", "params", "trainable", "peak MiB", "step ms"], rows)
 
 
+def _trainer(data: dict[str, Any]) -> str:
+    cfg = data.get("config", {})
+    rows = [["peftc train", f"{data['peftc_images_per_s']:,.1f}", f"{data['peftc_images_per_s_wall']:,.1f}"],
+            ["hand-written loop", f"{data['hand_images_per_s']:,.1f}", f"{data['hand_images_per_s_wall']:,.1f}"]]
+    rows += [[f"loader alone, {w} workers", "", f"{v:,.1f}"] for w, v in data.get("loader_images_per_s", {}).items()]
+    text = (f"`{cfg.get('spec')}` on {cfg.get('backbone')} at {cfg.get('image')} px, batch {cfg.get('batch')}, "
+            f"{cfg.get('images')} training images, {cfg.get('workers')} loader workers, {cfg.get('threads')} "
+            f"thread(s), {cfg.get('rounds')} rounds (second epoch of each, step by step).\n\n")
+    text += _table(["measure", "images/s, CPU time", "images/s, wall"], rows)
+    text += (f"\n\nOverhead, peftc's step time over the hand loop's (median of the per-round ratios): CPU time "
+             f"**{data['overhead']:.3f}**, wall {data['overhead_wall']:.3f} (load average "
+             f"{data.get('load_average')} when it ended).")
+    if data.get("gpu") is None:
+        text += f"\n\nGPU figures: not measured ({data.get('gpu_note', 'no GPU')})."
+    return text
+
+
 def _generic(data: dict[str, Any]) -> str:
     """Tables of whatever flat records the file holds: lists of flat dicts, and dicts of timing summaries."""
     parts = []
@@ -333,9 +350,24 @@ def _coverage(data: dict[str, Any]) -> str:
             "time and identity error per cell, is in [backbones.md](backbones.md).")
 
 
+def _online(data: dict[str, Any]) -> str:
+    cfg = data.get("config", {})
+    metrics = ("average_accuracy", "average_incremental_accuracy", "forgetting", "final_recent_share")
+    rows = []
+    for setting, learners in data["results"].items():
+        for learner, res in learners.items():
+            for name, r in res["classifiers"].items():
+                rows.append([setting, learner, name, *[f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in metrics],
+                             f"{res['images_per_second']['mean']:,.0f}"])
+    return (f"{cfg.get('model', '')}, batch {cfg.get('batch_size', '?')}, {cfg.get('sampling', '')} memory, "
+            f"{cfg.get('optimizer', '')}, {cfg.get('seeds', '?')} seed(s), mean ± std.\n\n"
+            + _table(["setting", "learner", "classifier", "final avg acc", "avg incremental acc", "forgetting",
+                      "recent-class share", "images/s"], rows))
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compile_time": _compile, "train_step": _train_step, "storage": _storage, "tome": _tome, "deploy": _deploy,
-    "replacement": _replacement, "coverage": _coverage}
+    "replacement": _replacement, "online": _online, "trainer": _trainer, "coverage": _coverage}
 PLOTS_OF = {"compile_time": ["compile_time"], "train_step": ["ratios", "memory"], "tome": ["tome_throughput"],
             "storage": []}
 

@@ -46,6 +46,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("replacement", "replacement", "replacement", "Replacement Learning: parameters, memory and time vs "
           "end-to-end", quick_fallback=("--rounds", "1", "--steps", "2", "--warmup", "1", "--only", "resnet50")),
     Suite("storage", "storage", "storage", "Storage: bytes per task on disk vs HF PEFT's adapter"),
+    Suite("online", "online", "online", "Online class-incremental learning: the generative classifier vs ER-softmax, "
+          "ER-ACE and TaER"),
+    Suite("trainer", "trainer", "trainer", "Trainer: peftc train vs a hand-written loop, and the loader alone"),
+    Suite("memvp", "memvp", "memvp", "MemVP: visual tokens as FFN memory vs prompt concatenation vs text only"),
     Suite("coverage", "coverage", "coverage", "Coverage: every built-in spec on every backbone family "
           "(docs/backbones.md)"),
 )}

@@ -80,14 +80,15 @@ def main() -> None:
     parser.add_argument("--backbone", default="timm:deit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, eager only (torch.compile's cold start "
+                        "takes minutes on 2 cores)")
     parser.add_argument("--eager-only", action="store_true", help="skip torch.compile")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
-    backends = ["eager"] if args.eager_only else ["eager", "compile"]
+    backends = ["eager"] if args.eager_only or args.quick else ["eager", "compile"]
     console = Console(highlight=False)
     console.print(f"ToMe throughput: {args.backbone}, batch {args.batch}, {torch.get_num_threads()} threads, "
                   f"device cpu")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from peftc.export.errors import ExportError
+from peftc.images import to_rgb
 
 __all__ = ["load_image", "normalisation", "top_k"]
 
@@ -38,7 +39,7 @@ def load_image(path: str | Path, size: tuple[int, int], backbone: str = "") -> t
         raise ExportError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            image = img.convert("RGB")
+            image = to_rgb(img)
     except (UnidentifiedImageError, OSError) as exc:
         raise ExportError(f"cannot read image {path}: {exc}") from None
     mean, std, crop = normalisation(backbone)

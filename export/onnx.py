@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import torch
 from peftc.export.errors import ExportError, ParityError
 from peftc.export.onnx_ops import custom_translations
 from peftc.export.source import Deployable, prepare, resolve_model
+from peftc.storage.atomic import staging_dir
 
 __all__ = ["ExportResult", "Parity", "check_parity", "export_onnx", "write_onnx"]
 
@@ -164,9 +164,11 @@ def write_onnx(
             os.replace(produced, target.parent / produced.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    names = ["image", "task"] if deployable.all_tasks else ["image"]
+    names = deployable.input_names
+    written = _opset_of(target)
+    notes = [f"opset {opset} was asked for; the exporter wrote opset {written}"] if opset and opset != written else []
     return ExportResult(
-        path=str(target), bytes=size, external_data=data_name, opset=opset or _opset_of(target),
+        path=str(target), bytes=size, external_data=data_name, opset=written, notes=notes,
         spec=deployable.spec, backbone=deployable.backbone, task=deployable.task, tasks=deployable.tasks,
         classes=deployable.classes, input_names=names, input_shape=["batch", *deployable.input_size],
         folded=deployable.fold is not None, fold=deployable.fold.to_dict() if deployable.fold else None,
@@ -175,21 +177,21 @@ def write_onnx(
 
 
 def _staging_dir(target: Path) -> Path:
-    parent = target.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        return staging_dir(target)
     except OSError as exc:
         raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from None
-    return staging
 
 
 def _export(deployable: Deployable, opset: int | None) -> Any:
     example = deployable.example(EXPORT_BATCH)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    dynamic = tuple({0: batch} for _ in example)
-    names = ["image", "task"] if deployable.all_tasks else ["image"]
+    names = deployable.input_names
+    dynamic: tuple[Any, ...] = tuple({0: batch} for _ in example)
+    if deployable.streams:  # NamedInputs(image, *streams); a second input's token count is dynamic too
+        dynamic = ({0: batch}, tuple({0: batch, 1: torch.export.Dim(f"{s.name}_tokens", min=1,
+                                                                     max=s.max_tokens or 1 << 16)}
+                                     for s in deployable.streams))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -4,6 +4,10 @@
 a :class:`Backend`: a callable on a torch image batch plus a description of what runs. Each backend runs the
 deployable model of :mod:`peftc.export.source` (folded unless ``fold=False``); ``ort`` exports it to a temporary
 ONNX file first (verified like ``peftc export``), and an ``.onnx`` file given directly runs as it is.
+
+A model with a second input (a ``stream`` rule: ``memory``) gets all-zero values for it — in MemVP's terms, no
+image — at its most tokens (one when unbounded), so a latency table costs what a full second input costs;
+``info["streams"]`` says so.
 """
 
 from __future__ import annotations
@@ -62,16 +66,29 @@ def _onnx_backend(path: Path, provider: str | None) -> Backend:
         size = tuple(dims)
     else:
         raise ExportError(f"{path}: cannot tell the input size (dynamic spatial dims and no peftc metadata)")
-    all_tasks = len(runner.input_names) == 2
+    all_tasks = "task" in runner.input_names
+    streams = {i.name: [d if isinstance(d, int) else None for d in i.shape[1:]]
+               for i in runner.session.get_inputs()[1:] if i.name != "task"}
 
     def prepare(x: Any) -> dict[str, np.ndarray]:
-        return runner.feed(*(x if isinstance(x, tuple) else (x,)))
+        image, *task = x if isinstance(x, tuple) else (x,)
+        feed = {runner.input_names[0]: np.ascontiguousarray(image.detach().cpu().numpy())}
+        feed.update({name: np.zeros((len(image), *(d or 1 for d in dims)), np.float32)
+                     for name, dims in streams.items()})
+        if task:
+            feed["task"] = np.ascontiguousarray(task[0].detach().cpu().numpy())
+        return feed
 
     return Backend("ort", f"ONNX Runtime ({describe_providers(runner.providers)})", size,  # type: ignore[arg-type]
                    meta.get("peftc.backbone", ""), all_tasks, prepare, lambda feed: runner.run_feed(feed)[0],
-                   {"file": str(path), "providers": runner.providers, "metadata": meta,
+                   {"file": str(path), "providers": runner.providers, "metadata": meta, "streams": _zeros_note(streams),
                     "task": meta.get("peftc.task") or None, "selects_task": meta.get("peftc.selects_task") == "true",
                     "tasks": [t for t in meta.get("peftc.tasks", "").split(",") if t]})
+
+
+def _zeros_note(streams: dict[str, list[Any]]) -> dict[str, str]:
+    return {name: f"zeros (batch, {', '.join(str(d or 1) for d in dims)}): no second input given"
+            for name, dims in streams.items()}
 
 
 def open_backend(
@@ -112,9 +129,12 @@ def open_backend(
     else:
         info["params"] = sum(p.numel() for p in deployable.module.parameters())
     module = deployable.module.eval()
+    shapes = {s.name: [s.max_tokens or 1, s.features] for s in deployable.streams}
+    info["streams"] = _zeros_note(shapes)
 
     def as_args(x: Any) -> tuple[torch.Tensor, ...]:
-        return x if isinstance(x, tuple) else (x,)
+        image, *rest = x if isinstance(x, tuple) else (x,)
+        return (image, *(torch.zeros(len(image), *dims) for dims in shapes.values()), *rest)
 
     if backend == "eager":
         def run_eager(args: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from peftc.blocks.contract import Deployment, offers
 from peftc.export.errors import ExportError
 from peftc.export.fold import FoldReport, fold
 
-__all__ = ["Deployable", "deploy_mode", "prepare", "resolve_model"]
+__all__ = ["Deployable", "NamedInputs", "deploy_mode", "prepare", "resolve_model"]
 
 
 def resolve_model(model_or_dir: Any) -> Any:
@@ -51,6 +51,11 @@ class Deployable:
     spec: str
     backbone: str
     selects_task: bool = False  # the graph picks each sample's task itself (a block's deploy mode): no task input
+    streams: tuple[Any, ...] = field(default=())  # second inputs (``stream`` rules' StreamInput), after the image
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["image", *(s.name for s in self.streams), *(["task"] if self.all_tasks else [])]
 
     @property
     def all_tasks(self) -> bool:
@@ -58,12 +63,14 @@ class Deployable:
         return self.task is None and not self.selects_task
 
     def example(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """A seeded random input batch (with a task id per sample, cycling through tasks, when all tasks)."""
+        """A seeded random input batch (with a task id per sample, cycling through tasks, when all tasks); second
+        inputs get ``batch + 1`` tokens, so checks at another batch also run another token count."""
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, *self.input_size, generator=gen)
+        streams = tuple(s.example(batch, batch + 1, generator=gen) for s in self.streams)
         if self.all_tasks:
-            return x, torch.arange(batch, dtype=torch.int64) % len(self.tasks)
-        return (x,)
+            return x, *streams, torch.arange(batch, dtype=torch.int64) % len(self.tasks)
+        return (x, *streams)
 
 
 def prepare(
@@ -81,6 +88,9 @@ def prepare(
     if sum((task is not None, all_tasks, select_task)) > 1:
         raise ExportError("give one of a task, all tasks or task selection, not several")
     size = image_input_size(tuple(model.backbone.input_size), image_size)
+    streams = tuple(model.ledger.streams.values())
+    if streams and (all_tasks or select_task):
+        raise ExportError(f"a model with a second input ({', '.join(s.name for s in streams)}) exports one task")
     reference_model = copy.deepcopy(model).eval()
     info = {"spec": model.spec.name, "backbone": model.backbone.id, "input_size": size, "tasks": list(model.tasks),
             "classes": [model.bank.classes(t) for t in model.tasks]}
@@ -105,13 +115,29 @@ def prepare(
         module, report = copy.deepcopy(reference_model.net).eval(), None
         for p in module.parameters():
             p.requires_grad_(False)
-    return Deployable(module, task=active, reference=_no_grad(reference_model), fold=report, **info)
+    if streams:
+        module = NamedInputs(module, [s.name for s in streams])
+    return Deployable(module, task=active, reference=_no_grad(NamedInputs(reference_model, [s.name for s in streams])),
+                      fold=report, streams=streams, **info)
 
 
-def _no_grad(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def run(x: torch.Tensor) -> torch.Tensor:
+class NamedInputs(nn.Module):
+    """Takes the second inputs (``stream`` rules) by position and passes them by name, so a backend feeds every
+    input by position: ``(image, memory)``."""
+
+    def __init__(self, net: nn.Module, names: list[str]):
+        super().__init__()
+        self.net = net
+        self.names = names
+
+    def forward(self, x: torch.Tensor, *streams: torch.Tensor) -> torch.Tensor:
+        return self.net(x, **dict(zip(self.names, streams)))
+
+
+def _no_grad(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x)
+            return model(*inputs)
 
     return run
 

@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import re
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from peftc.export.errors import ExportError
+from peftc.storage.atomic import replace_directory, staging_dir
 
-__all__ = ["model_name", "triton_config", "write_repository"]
+__all__ = ["check_name", "model_name", "triton_config", "write_repository"]
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a Triton model name that stays one folder inside the repository and needs no quoting."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise ExportError(f"--name {name!r}: a Triton model name is letters, digits, '_', '-' and '.' (not "
+                          "leading, no '..'), at most 128 characters, so it stays one folder in the repository")
+    return name
 
 
 def model_name(spec: str, backbone: str, task: str | None) -> str:
@@ -35,6 +45,7 @@ def triton_config(name: str, *, input_size: Sequence[int], classes: int, all_tas
                   preferred: Sequence[int] = (4, 8, 16), queue_delay_us: int = 100,
                   metadata: dict[str, str] | None = None) -> str:
     """The ``config.pbtxt`` text for an exported peftc model."""
+    check_name(name)
     if max_batch < 1:
         raise ExportError(f"max batch size must be >= 1, got {max_batch}")
     preferred = [b for b in preferred if b <= max_batch] or [max_batch]
@@ -63,22 +74,19 @@ def write_repository(onnx_file: str | Path, repo: str | Path, name: str, config:
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
         raise ExportError(f"{repo} exists and is not a directory")
-    final = repo / name
-    staging = repo / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    final = repo / check_name(name)
     try:
-        (staging / "1").mkdir(parents=True)
+        staging = staging_dir(final)
+    except OSError as exc:
+        raise ExportError(f"cannot write the Triton repository {repo}: {exc.strerror or exc}") from None
+    try:
+        (staging / "1").mkdir()
         shutil.copyfile(onnx_file, staging / "1" / "model.onnx")
         data = Path(str(onnx_file) + ".data")
         if data.exists():
             shutil.copyfile(data, staging / "1" / (Path(onnx_file).name + ".data"))
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
-        old = None
-        if final.exists():
-            old = repo / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-        staging.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, final)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExportError(f"cannot write the Triton repository {repo}: {exc.strerror or exc}") from None

@@ -26,7 +26,8 @@ from peftc.blocks.contract import is_shared_state, task_tensors
 from peftc.errors import Location, SpecError
 from peftc.language import MethodSpec, Rule, Selector
 
-__all__ = ["CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "TensorSlot", "own_tensors"]
+__all__ = ["CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "StreamInput", "TensorSlot",
+           "own_tensors"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,49 @@ class ModuleSlot:
     make: Callable[[int | None, nn.Module], nn.Module]  # (classes, template) -> new module
 
 
+@dataclass(frozen=True)
+class StreamInput:
+    """A second model input a ``stream`` rule added: ``(batch, tokens, features)``, tokens at most ``max_tokens``.
+
+    Calls are checked against it before the graph runs, so a missing or mis-shaped stream is one clear message.
+    """
+
+    name: str
+    rule: str
+    features: int
+    max_tokens: int | None = None
+
+    def describe(self) -> str:
+        most = f" (at most {self.max_tokens})" if self.max_tokens is not None else ""
+        return f"{self.name!r} of shape (batch, tokens{most}, {self.features})"
+
+    def check(self, value: Any, batch: int | None) -> None:
+        from peftc.errors import PeftcError
+
+        if value is None:
+            raise PeftcError(f"this model takes a second input {self.describe()} (rule {self.rule!r}); "
+                             f"call it as model(x, {self.name}=...)")
+        shape = tuple(getattr(value, "shape", ()))
+        ok = (isinstance(value, torch.Tensor) and len(shape) == 3 and shape[2] == self.features
+              and (batch is None or shape[0] == batch)
+              and (self.max_tokens is None or shape[1] <= self.max_tokens))
+        if not ok:
+            got = f"shape {shape}" if isinstance(value, torch.Tensor) else type(value).__name__
+            for_batch = f" for a batch of {batch}" if batch is not None else ""
+            raise PeftcError(f"input {self.describe()} expected{for_batch}, got {got}")
+
+    def example(self, batch: int, tokens: int = 2, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random example of this input (export, parity checks)."""
+        if self.max_tokens is not None:
+            tokens = min(tokens, self.max_tokens)
+        return torch.randn(batch, tokens, self.features, generator=generator)
+
+    @property
+    def example_shape(self) -> tuple[int, int]:
+        """(tokens, features) of the example the graph tools run with (``node.meta['peftc_example']``)."""
+        return (min(2, self.max_tokens) if self.max_tokens is not None else 2), self.features
+
+
 @dataclass
 class Ledger:
     """Who owns what after compilation."""
@@ -69,6 +113,7 @@ class Ledger:
     module_slots: dict[str, ModuleSlot] = field(default_factory=dict)
     inserted: dict[str, str] = field(default_factory=dict)  # module path -> rule label
     kept: set[str] = field(default_factory=set)  # frozen tensors of a block's shared_state: stored once
+    streams: dict[str, StreamInput] = field(default_factory=dict)  # second model inputs, in placeholder order
 
 
 @dataclass
@@ -82,6 +127,7 @@ class CompileState:
     ledger: Ledger = field(default_factory=Ledger)
     head_params: int = 0  # parameters of the backbone's own classifier (what "% of the body" excludes)
     shared: dict[str, dict[str, Any]] = field(default_factory=dict)  # block name -> Site.shared namespace
+    streams: dict[str, Any] = field(default_factory=dict)  # stream name -> its rule, then its encoded node
     _index: NodeIndex | None = field(default=None, repr=False)
     _shapes_valid: bool = field(default=False, repr=False)
     _stale_code: bool = field(default=False, repr=False)
@@ -194,16 +240,16 @@ class PassContext:
     def record(self, action: str, node: str, **detail: Any) -> None:
         self.ledger.rewrites.append(Rewrite(self.rule.label, action, node, detail))
 
-    def site(self, cand: Candidate) -> Site:
+    def site(self, cand: Candidate, **extras: Any) -> Site:
         namespace = self.state.shared.setdefault(getattr(self.args, "block", None) or "", {})
         return Site(cand.name, cand.node, cand.module, self.state.shape_of, block=cand.block,
-                    shared=namespace)
+                    shared=namespace, extras=extras)
 
-    def build_block(self, cand: Candidate) -> nn.Module:
+    def build_block(self, cand: Candidate, **extras: Any) -> nn.Module:
         """The rule's block, built for ``cand``; a build failure is reported at the rule's ``args``."""
         block = get_block(self.args.block)
         try:
-            return block.build(self.site(cand), self.args.args)
+            return block.build(self.site(cand, **extras), self.args.args)
         except SpecError:
             raise
         except Exception as exc:
@@ -262,8 +308,6 @@ class PassContext:
         policy = getattr(self.args, "task_state", "shared")
         if policy != "shared":
             self.ledger.tensor_slots[name] = TensorSlot(name, self.rule.label, policy, is_param)
-
-
 
 
 

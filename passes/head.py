@@ -18,7 +18,7 @@ from peftc.analysis.paths import fresh_path
 from peftc.blocks import get_block
 from peftc.blocks.linear import LinearHeadArgs, head_widths, make_head
 from peftc.language.primitives import register_primitive
-from peftc.language.schema import RuleArgs, Selector, TaskState
+from peftc.language.schema import MAX_CLASSES, RuleArgs, Selector, TaskState
 from peftc.passes.base import ModuleSlot, PassContext, count_params
 from peftc.passes.replace import swap
 
@@ -27,7 +27,7 @@ class HeadArgs(RuleArgs):
     """A classification head in place of the backbone's (role ``head`` unless ``target`` says otherwise)."""
 
     target: Selector = Field(default_factory=lambda: Selector(role="head"))
-    classes: int | None = Field(default=None, ge=1)
+    classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES)
     bias: bool | None = None  # None: as the backbone's head (a bias when the model has none)
     init: Literal["backbone", "default", "zeros"] = "backbone"
     task_state: TaskState = "new"

@@ -3,7 +3,8 @@
 ``src`` is the input (``read: input``, the default) or the output of the ``from`` node, which defaults to the
 ``to`` node itself — LoRA and Convpass read the input of the layer they bypass. When ``from`` is another node
 (AdaptFormer reads the residual stream before ``norm2`` and adds to the MLP output), each ``to`` node pairs with
-the one ``from`` node in the same repeated block.
+the one ``from`` node in the same repeated block. With ``stream: NAME`` the block also receives a second model
+input, encoded once (:mod:`peftc.passes.stream`): ``to(x) + scale * block(src, stream)``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from peftc.blocks import get_block
 from peftc.language.primitives import register_primitive
 from peftc.language.schema import BlockRuleArgs, Selector
 from peftc.passes.base import PassContext
+from peftc.passes.stream import encoded_stream
 
 
 class ParallelArgs(BlockRuleArgs):
@@ -27,7 +29,7 @@ class ParallelArgs(BlockRuleArgs):
     from_: Selector | None = Field(default=None, alias="from")
     read: Literal["input", "output"] = "input"
     scale: float = 1.0
-
+    stream: str | None = None  # a second model input (a ``stream`` rule's) the block also reads
 
 
 def _source(ctx: PassContext, node: fx.Node, name: str) -> fx.Node:
@@ -64,12 +66,13 @@ def parallel(ctx: PassContext) -> None:
         src = _source(ctx, reader.node, reader.name)
         if order[src] > order[cand.node]:
             raise ctx.error(f"{reader.name!r} comes after {cand.name!r}: a bypass cannot read the future", "from")
+        inputs = (src,) if args.stream is None else (src, encoded_stream(ctx, args.stream, reader))
         block = ctx.build_block(reader)
         path = ctx.module_path_for(cand, suffix)
         added = ctx.add_block(path, block)
         node = cand.node
         with graph.inserting_after(node):
-            branch = graph.call_module(path, (src,))
+            branch = graph.call_module(path, inputs)
             branch.meta.update(peftc_name=path, peftc_rule=ctx.rule.label)
             scaled = branch
             if args.scale != 1.0:
@@ -81,5 +84,5 @@ def parallel(ctx: PassContext) -> None:
                 total.meta.update(peftc_name=f"{path}.add", peftc_rule=ctx.rule.label)
         node.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
         ctx.record("parallel", cand.name, block=args.block, module=path, reads=reader.name, port=args.read,
-                   scale=args.scale, params=added)
+                   scale=args.scale, params=added, **({"stream": args.stream} if args.stream else {}))
     ctx.state.graph_changed(shapes_kept=True)  # layer + bypass has the layer's shape: no node's shape changed

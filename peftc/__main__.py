@@ -1,5 +1,5 @@
 """``python -m peftc`` is the ``peftc`` command."""
 
-from peftc.cli import main
+from peftc.launch import main
 
 main()

@@ -3,7 +3,6 @@ back from an artifact (rebuild the backbone, check its hash, compile the stored 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.analysis.backbones import Backbone, build_backbone, from_module
+from peftc.analysis.backbones import Backbone, build_backbone, from_module, shared_copy
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.roles import head
@@ -35,11 +34,12 @@ def resolve_backbone(
     seed: int = 0,
     backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> Backbone:
-    """A Backbone peftc may rewrite: built from a name, or a private deep copy of a user's module."""
+    """A Backbone peftc may rewrite: built from a name, or a copy of a user's module that shares its weights
+    (:func:`~peftc.analysis.backbones.shared_copy`; what training writes gets its own storage after the rewrite)."""
     if isinstance(backbone, Backbone):
         return backbone
     if isinstance(backbone, nn.Module):
-        return from_module(copy.deepcopy(backbone).eval())
+        return from_module(shared_copy(backbone).eval())
     return build_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, **dict(backbone_kwargs or {}))
 
 
@@ -51,7 +51,26 @@ def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module
     for rule in method.rules:
         get_primitive(rule.op).run(PassContext(state, rule))
     state.finish()
+    _own_writable(state)
     return state
+
+
+def _own_writable(state: CompileState) -> None:
+    """Give every tensor that training or running statistics can write its own storage.
+
+    The backbone's tensors may share storage with the module a user passed in (and with the snapshot its hash is
+    computed from): frozen ones keep sharing it, at no cost, and nothing peftc does writes to them; trained
+    parameters, updating buffers and per-task tensors are copied here, once, so training never reaches back.
+    """
+    ledger = state.ledger
+    writable = ledger.updating_buffers | ledger.tensor_slots.keys()
+    seen: set[int] = set()
+    gm = state.gm
+    for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+        if id(t) in seen or not (t.requires_grad or name in writable):
+            continue
+        seen.add(id(t))
+        t.data = t.data.clone()
 
 
 def compile(
@@ -85,7 +104,7 @@ def compile(
         torch.manual_seed(seed)
         state = rewrite(method, bb, leaves=leaves)
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
-    info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.hash,
+    info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.digest,
                         tuple(sorted((backbone_kwargs or {}).items())))
     return Compiled(state.gm, method, info, state.ledger, report, schedule=build_schedule(state))
 

@@ -43,7 +43,7 @@ def reference_output(name: str) -> torch.Tensor:
 def vit_b_skeleton() -> Backbone:
     """A fresh timm ViT-B/16 with all-zero weights, for counts and sizes that need construction only.
 
-    Built on the meta device and materialised as zeros: no random init, no hashing, no copy — a few times
+    Built on the meta device and materialised as zeros: no random init, no copy — a few times
     cheaper than a real build. Passed to ``peftc.compile`` as a Backbone, it is rewritten in place, so every
     call returns a new one.
     """
@@ -55,7 +55,7 @@ def vit_b_skeleton() -> Backbone:
     with torch.no_grad():
         for tensor in (*module.parameters(), *module.buffers()):
             tensor.zero_()
-    return Backbone("timm:vit_base_patch16_224", module, "module", None, None, (3, 224, 224), "zeros")
+    return Backbone("timm:vit_base_patch16_224", module, "module", None, None, (3, 224, 224))  # hashed only if saved
 
 
 def small_vit(name: str = "timm:vit_tiny_patch16_224", size: int = 64) -> Backbone:

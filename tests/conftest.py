@@ -56,7 +56,8 @@ def train_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        streams = model.stream_examples(len(images)) if hasattr(model, "stream_examples") else {}
+        loss = torch.nn.functional.cross_entropy(model(images, **streams), labels)
         loss.backward()
         opt.step()
         losses.append(loss.item())

@@ -136,9 +136,13 @@ ROWS: list[Row] = [
         "*downsample.1.*", "*.input_mean.*"), seeded=False),
     _na("convpass", RESNET18, "specs/convpass.yaml:30:12: rules[1].parallel.to.role: no node plays role"),
     _na("fact", RESNET18, "specs/fact.yaml:29:12: rules[1].parallel.to.role: no node plays role"),
+    # full fine-tuning (every tensor shared by all tasks) and a per-task head; its method is the online learner
+    Row("generative_ocl", RESNET18, tol=1e-6, shared=("conv1.*", "bn1.*", "layer*"), seeded=False),
     Row("linear_probe", RESNET18, identity_to=None),  # the head is re-initialised
     _na("ln_tuning", RESNET18, "specs/ln_tuning.yaml:30:16: rules[1].replace.target.type: no node has type"),
     Row("lora", RESNET18, tol=1e-6, onnx="ci"),  # conv LoRA
+    _na("memvp", RESNET18, "specs/memvp_vision.yaml:20:12: rules[1].parallel.to.role: no node plays role"),
+    _na("memvp_vision", RESNET18, "specs/memvp_vision.yaml:20:12: rules[1].parallel.to.role: no node plays role"),
     Row("replacement", RESNET18, identity_to=None, head="shared", shared=("*",), seeded=False),
     _na("tocom", RESNET18, "specs/tome.yaml:26:5: rules[1].merge_tokens.target.role: no node plays role"),
     _na("tome", RESNET18, "specs/tome.yaml:26:5: rules[1].merge_tokens.target.role: no node plays role"),
@@ -150,10 +154,16 @@ ROWS: list[Row] = [
     _na("confit", VIT_TINY, "specs/confit.yaml:31:16: rules[1].insert.before.role: no node plays role"),
     Row("convpass", VIT_TINY, shared=("*.convpass.*",), fold="partial"),
     Row("fact", VIT_TINY, shared=("*.fact.*",)),  # U/V, cores shared by layers and by tasks
+    Row("generative_ocl", VIT_TINY, shared=("cls_token", "pos_embed", "patch_embed.*", "blocks.*", "norm.*"),
+        seeded=False),
     Row("linear_probe", VIT_TINY, identity_to=None),
     Row("ln_tuning", VIT_TINY, head="shared", shared=("head.*",), inherits=("*norm*",), renews=("norm.task_key.*",),
         seeded=False, onnx="ci"),  # a new task's key is the next row of a fixed orthogonal matrix
     Row("lora", VIT_TINY),
+    # a second input, memory: the battery feeds Compiled.stream_examples (random features: images, so the official
+    # init already writes Z into the FFN memory values; identity without images is tests/test_memvp.py's)
+    Row("memvp", VIT_TINY, identity_to=None, head="none", checks=frozenset({"identity", "roundtrip", "golden"})),
+    Row("memvp_vision", VIT_TINY, head="none", checks=frozenset({"identity", "roundtrip", "golden"})),
     Row("replacement", VIT_TINY, identity_to=None, head="shared", shared=("*",), seeded=False),
     Row("tocom", VIT_TINY, identity_to="tome", head="none", shared=("*",), fold="partial"),
     Row("tome", VIT_TINY, identity_to=None, trains=False, head="none", seeded=False, fold="partial",

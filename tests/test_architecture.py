@@ -149,6 +149,20 @@ def test_import_peftc_and_the_cli_need_no_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("args", [["--help"], ["specs"], ["specs", "--json"], ["compile", "--help"],
+                                  ["train", "--help"], ["export", "--help"]])
+def test_listing_and_help_commands_import_no_torch(args: list[str]) -> None:
+    """What only reads the spec catalog or prints help runs the real command line without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peftc.cli import main; sys.argv = ['peftc', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_every_package_ships_in_the_wheel() -> None:
     """pyproject lists its packages explicitly (the package-dir mapping needs it): a new room must be listed."""
     import tomllib

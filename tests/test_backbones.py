@@ -36,3 +36,36 @@ def test_pretrained_offline_is_a_clear_error() -> None:
 def test_pretrained_and_weights_are_exclusive(tmp_path) -> None:
     with pytest.raises(BackboneError, match="either --pretrained or --weights"):
         build_backbone("resnet18", pretrained=True, weights=tmp_path / "w.pt")
+
+
+def test_compile_shares_frozen_weights_and_never_writes_the_callers_module(tmp_path) -> None:
+    """No weight is copied at compile time, yet training, task switches, saving, loading and folding leave the
+    module the user passed exactly as it was; the artifact's hash is that of the weights as passed."""
+    import torchvision
+
+    import peftc
+    from peftc.export.fold import fold
+
+    module = torchvision.models.resnet18(num_classes=5)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    model = peftc.compile("clr", module, num_classes=5)  # CLR trains BatchNorm (affine and statistics) and head
+    theirs = {n: t for n, t in (*module.named_parameters(), *module.named_buffers())}
+    ours = {n: t for n, t in (*model.net.named_parameters(), *model.net.named_buffers()) if n in theirs}
+    frozen = [n for n, p in model.net.named_parameters() if n in theirs and not p.requires_grad]
+    assert "layer1.0.conv1.weight" in frozen
+    assert all(ours[n].data_ptr() == theirs[n].data_ptr() for n in frozen), "frozen weights must not be copied"
+    assert all(ours[n].data_ptr() != theirs[n].data_ptr() for n in ours if n not in frozen), "trained ones must be"
+
+    model.train()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+        opt.step()
+    model.add_task("b", num_classes=3)
+    model.set_task("b")
+    model.save(tmp_path / "art")
+    again = peftc.load(tmp_path / "art", backbone=module)
+    fold(again.eval(), task="b")
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()), "the caller's module changed"
+    assert model.backbone.hash == weights_hash(module) == again.backbone.hash

@@ -202,9 +202,10 @@ def _fixture_results(folder: Path) -> None:
     summary = {"median": 0.04, "min": 0.03, "max": 0.05, "p90": 0.05, "runs": 5}
     (folder / "compile_time.json").write_text(json.dumps({
         "machine": machine, "measured_at": "2025-01-01T00:00:00+00:00",
-        "trace_and_passes_s": {"clr on resnet50": summary}, "cli_end_to_end_s": {**summary, "median": 6.0},
-        "targets": {"trace_and_passes_s": {"resnet50": 0.05}, "cli_s": 5.0}, "verdicts": {"cli": "MISS"},
-        "checks": [check("compile clr on resnet50", "trace + passes, clr on resnet50", 0.04, 0.05, "s"),
+        "cases": {"clr on resnet50": {"bare_s": 0.04, "passes_s": 0.05, "public_s": 0.07, "passes_ratio": 1.25,
+                                      "public_ratio": 1.75, "passes_target": 1.5}},
+        "cli_s": {"peftc compile": {**summary, "median": 6.0}},
+        "checks": [check("compile clr on resnet50", "trace + passes, clr on resnet50", 1.25, 1.5, "x"),
                    check("compile cli", "peftc compile, end to end", 6.0, 5.0, "s")],
     }))
     (folder / "deploy.json").write_text(json.dumps({  # a suite with the older `targets` list and its own layout
@@ -230,7 +231,7 @@ def test_docs_page_from_fixture_results(tmp_path: Path) -> None:
     assert checks == {"trace + passes, clr on resnet50": "PASS", "peftc compile, end to end": "MISS",
                       "folded/plain": "MISS"}
     text = doc.read_text()
-    assert "| compile_time | trace + passes, clr on resnet50 | 40.0 ms | ≤ 50.0 ms | **PASS** |" in text
+    assert "| compile_time | trace + passes, clr on resnet50 | 1.2500× | ≤ 1.5000× | **PASS** |" in text
     assert "![compile_time](../results/compile_time.png)" in text and (results / "compile_time.png").is_file()
     assert "(plain)" not in text and "| 1 | folded | 2.0 (1.00×) |" in text  # deploy's own renderer
     assert "`table`" in text and "| 1 | x |" in text  # unknown layout: generic table

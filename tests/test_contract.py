@@ -62,7 +62,7 @@ def state(model: Compiled) -> dict[str, torch.Tensor]:
 def out(model: Compiled, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(x)
+        return model(x, **model.stream_examples(len(x)))  # second inputs (stream rules), if the spec adds any
 
 
 def match(globs: tuple[str, ...], name: str) -> bool:

@@ -61,7 +61,7 @@ def test_inspect_filters_and_rewritten_graphs() -> None:
         ("type: Linaer", "--filter.type: no node has type 'Linaer' (did you mean 'Linear'?)"),
         ("typo: Linear", "unknown selector key 'typo' (did you mean 'type'?)"),
         ("Linear", "expected a selector mapping"),
-        ("{type: [", "not valid YAML"),
+        ("{type: [", "invalid YAML"),
         ("where: 'kernel_size =='", "invalid expression"),
     ],
 )

@@ -4,14 +4,21 @@ Random init is the default and is seeded, so the same id and seed always rebuild
 artifact of a randomly initialised backbone can be loaded again). ``pretrained=True`` asks the library to
 download its weights; ``weights=FILE`` loads a local safetensors or ``.pt/.pth`` state dict (``weights_only``,
 so loading never runs code). A hash of the resulting weights identifies the backbone in artifacts.
+
+A backbone built here is hashed at once. A module a user passes in is hashed when first asked for (saving an
+artifact, loading one), over a zero-copy snapshot of its tensors: they stay alive in the user's module anyway, and
+the compiler gives every tensor that training can write its own storage, so the snapshot keeps the original values
+however long the model trains before it is saved.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +27,30 @@ from torch import nn
 
 from peftc.errors import BackboneError, did_you_mean
 
-__all__ = ["Backbone", "build_backbone", "from_module", "list_backbones", "weights_hash"]
+__all__ = ["Backbone", "WeightsDigest", "build_backbone", "from_module", "list_backbones", "shared_copy",
+           "weights_hash"]
 
 
-@dataclass
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as views of the current storage: the values as they are now, without copying a byte."""
+    return {name: t.detach() for name, t in module.state_dict(keep_vars=True).items()}
+
+
+class WeightsDigest:
+    """The content hash of a snapshot of weights, computed on the first call; the snapshot is let go then."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+        self._value: str | None = None
+
+    def __call__(self) -> str:
+        if self._value is None:
+            self._value = _digest(self._tensors.items())
+            self._tensors = {}
+        return self._value
+
+
+@dataclass(eq=False)
 class Backbone:
     """A built backbone and what peftc needs to know about it."""
 
@@ -33,22 +60,45 @@ class Backbone:
     seed: int | None
     weights_file: str | None
     input_size: tuple[int, int, int]
-    hash: str
+    digest: WeightsDigest = field(init=False, repr=False)  # of the weights as built
+
+    def __post_init__(self) -> None:
+        self.digest = WeightsDigest(_snapshot(self.module))
+
+    @property
+    def hash(self) -> str:
+        return self.digest()
 
     @property
     def library(self) -> str:
         return "timm" if self.id.startswith("timm:") else ("torchvision" if self.source != "module" else "custom")
 
 
-def weights_hash(module: nn.Module) -> str:
-    """A content hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
+def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in module.state_dict().items():
+    for name, tensor in tensors:
         t = tensor.detach()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         if t.numel():
-            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A content hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
+    return _digest(module.state_dict().items())
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure whose parameters and buffers are new tensor objects over the *same*
+    storage: rewriting the copy never touches the original's modules, and no weight is copied (the compiler
+    gives the tensors that training can write their own storage afterwards)."""
+    memo: dict[int, Any] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        memo.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=p.requires_grad))
+    for _, b in module.named_buffers(remove_duplicate=False):
+        memo.setdefault(id(b), b.detach())
+    return copy.deepcopy(module, memo)
 
 
 def _torchvision_names() -> list[str]:
@@ -203,15 +253,16 @@ def build_backbone(
         _load_weights(module, str(weights), backbone_id)
     module.eval()
     source = "pretrained" if pretrained else ("weights" if weights else "random")
-    return Backbone(
+    built = Backbone(
         id=backbone_id,
         module=module,
         source=source,
         seed=seed if source == "random" else None,
         weights_file=str(Path(weights).resolve()) if weights else None,
         input_size=_input_size(module, backbone_id),
-        hash=weights_hash(module),
     )
+    built.digest()  # nobody else holds these weights: a snapshot kept for later would keep dropped layers alive
+    return built
 
 
 def from_module(module: nn.Module, backbone_id: str | None = None) -> Backbone:
@@ -224,5 +275,4 @@ def from_module(module: nn.Module, backbone_id: str | None = None) -> Backbone:
         seed=None,
         weights_file=None,
         input_size=_input_size(module, name),
-        hash=weights_hash(module),
     )

@@ -26,7 +26,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from peftc.analysis.trace import example_input, image_input_size, node_name
 from peftc.errors import PeftcError
 
-__all__ = ["NodeStats", "Shape", "ShapeError", "format_shape", "input_shape", "propagate", "propagate_shapes"]
+__all__ = ["NodeStats", "Shape", "ShapeError", "example_inputs", "format_shape", "input_shape", "propagate",
+           "propagate_shapes"]
 
 # A node's output: a tensor shape, a list of them (tuple outputs such as ``unbind``), or None (no tensor).
 Shape = Union[tuple[int, ...], list["Shape"], None]
@@ -144,7 +145,7 @@ def propagate(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, NodeS
     prop = _Propagator(gm)
     try:
         with torch.no_grad():
-            prop.run(x)
+            prop.run(*example_inputs(gm, x))
     except Exception as exc:
         failed = next((n for n in gm.graph.nodes if n not in prop.stats and n.op != "placeholder"), None)
         where = f" at {node_name(failed)!r}" if failed is not None else ""
@@ -166,8 +167,21 @@ class _Propagation(nn.Module):
         super().__init__()
         self.gm = gm
 
-    def forward(self, x: torch.Tensor) -> None:
-        ShapeProp(self.gm).propagate(x)
+    def forward(self, *inputs: torch.Tensor) -> None:
+        ShapeProp(self.gm).propagate(*inputs)
+
+
+def example_inputs(gm: fx.GraphModule, x: torch.Tensor) -> tuple[Any, ...]:
+    """``x``, then each further input's default — or, for an input a rule added (a second stream), a seeded
+    random example of the shape in its ``meta['peftc_example']`` (without the batch), in ``x``'s dtype."""
+    gen = torch.Generator().manual_seed(0)
+    rest = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    return (x, *(torch.randn(x.shape[0], *n.meta["peftc_example"], generator=gen).to(x.device, x.dtype)
+                 if "peftc_example" in n.meta else (n.args[0] if n.args else None) for n in rest))
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
 def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
@@ -177,12 +191,13 @@ def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
     CPU, the meta run only the interpreter's bookkeeping); an op without a meta kernel makes it run for real.
     """
     meta = _meta_slots(gm)
+    inputs = example_inputs(gm, x)
     with torch.no_grad():
         try:
-            torch.func.functional_call(_Propagation(gm), {f"gm.{k}": v for k, v in meta.items()}, (x.to("meta"),),
-                                       tie_weights=False)
+            torch.func.functional_call(_Propagation(gm), {f"gm.{k}": v for k, v in meta.items()},
+                                       tuple(_to_meta(t) for t in inputs), tie_weights=False)
         except Exception:  # any failure on meta: the real run is the reference
-            ShapeProp(gm).propagate(x)
+            ShapeProp(gm).propagate(*inputs)
 
 
 def _meta_slots(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from peftc.analysis.index import Candidate, NodeIndex, block_positions
 from peftc.analysis.roles import get_role, role_names, why_absent
 from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language import Selector
-from peftc.language.predicate import Predicate, UnknownName
+from peftc.language.predicate import Predicate, PredicateEvalError, UnknownName
 
 __all__ = ["Candidate", "NodeIndex", "block_positions", "select"]
 
@@ -177,6 +177,7 @@ def _steps(sel: Selector, index: NodeIndex) -> list[_Step]:
     if sel.where is not None:
         pred = Predicate(sel.where)
         unknown: dict[str, int] = {}
+        failed: list[str] = []  # why evaluating failed, per node it failed on
 
         def keep_where(c: Candidate) -> bool:
             try:
@@ -184,7 +185,8 @@ def _steps(sel: Selector, index: NodeIndex) -> list[_Step]:
             except UnknownName as exc:
                 unknown[exc.name] = unknown.get(exc.name, 0) + 1
                 return False
-            except (TypeError, ValueError, IndexError, ZeroDivisionError):
+            except PredicateEvalError as exc:  # a node the expression does not apply to does not match
+                failed.append(str(exc))
                 return False
 
         def explain_where(left: list[Candidate]) -> str:
@@ -192,6 +194,8 @@ def _steps(sel: Selector, index: NodeIndex) -> list[_Step]:
                 missing = next(iter(unknown))
                 attrs = {k for c in left[:20] for k in _Attributes(c)}
                 return f"the matching nodes have no attribute {missing!r}" + did_you_mean(missing, attrs)
+            if failed and len(failed) >= len(left):
+                return failed[0]
             return f"none of the {len(left)} matching nodes satisfies where {sel.where!r}"
 
         steps.append(_Step("where", f"where {sel.where}", keep_where, explain_where))

@@ -1,6 +1,6 @@
 """The ``peftc`` command line: one module per command group, all registered on :data:`app`."""
 
-from peftc.cli import catalog, compile, diff, export, train  # noqa: F401  (command registration)
+from peftc.cli import catalog, compile, diff, export, split, train  # noqa: F401  (command registration)
 from peftc.cli.app import app
 
 

@@ -35,7 +35,7 @@ def specs_cmd(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 def backbones_cmd(
     pattern: Annotated[str, typer.Argument(help="Glob or substring, e.g. 'vit*' or 'resnet'.")] = "",
     library: Annotated[Optional[str], typer.Option("--library", help="torchvision or timm.")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Show at most this many (0 = all).")] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Show at most this many (0 = all).")] = 50,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List backbone ids (torchvision names and timm:NAME) matching a pattern."""

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from peftc.cli.app import app
-from peftc.cli.common import console, fmt_int, handle_errors, load_plugins, print_json
+from peftc.cli.common import MAX_SEED, console, fmt_int, handle_errors, load_plugins, print_json
 
 if TYPE_CHECKING:
     from peftc.runtime.report import Report
@@ -59,7 +59,8 @@ def compile_cmd(
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Download the library's weights.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pt/.pth file.")] = None,
     seed: Annotated[int, typer.Option(
-        "--seed", help="Seed of the random init: the backbone's (when not pretrained) and the inserted blocks'.")] = 0,
+        "--seed", min=0, max=MAX_SEED,
+        help="Seed of the random init: the backbone's (when not pretrained) and the inserted blocks'.")] = 0,
     base: Annotated[Optional[Path], typer.Option(
         "--base", help="Attach the spec to this downstream artifact (same backbone): its rules and delta first.")
     ] = None,

@@ -12,7 +12,16 @@ from rich.table import Table
 from rich.tree import Tree
 
 from peftc.cli.app import app
-from peftc.cli.common import console, err_console, fmt_int, handle_errors, load_plugins, print_json
+from peftc.cli.common import (
+    MAX_IMAGE_SIZE,
+    MAX_SEED,
+    console,
+    err_console,
+    fmt_int,
+    handle_errors,
+    load_plugins,
+    print_json,
+)
 from peftc.errors import PeftcError, did_you_mean
 
 FORMATS = ("text", "json", "dot", "html")
@@ -24,9 +33,11 @@ SetOpt = Annotated[
 ]
 ImageOpt = Annotated[
     Optional[int],
-    typer.Option("--image-size", help="Example image size for shapes and FLOPs (default: the backbone's)."),
+    typer.Option("--image-size", min=8, max=MAX_IMAGE_SIZE,
+                 help="Example image size for shapes and FLOPs (default: the backbone's)."),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random init (backbone and inserted blocks).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED,
+                                      help="Seed of the random init (backbone and inserted blocks).")]
 PluginOpt = Annotated[Optional[list[str]], typer.Option("--plugin", help="Import a module that registers blocks.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -58,8 +69,10 @@ def _check_writable(path: Path) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    from peftc.storage.atomic import write_file
+
     try:
-        path.write_text(text, encoding="utf-8")
+        write_file(path, text)
     except OSError as exc:
         raise PeftcError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -12,7 +12,17 @@ import typer
 from rich.table import Table
 
 from peftc.cli.app import app
-from peftc.cli.common import console, err_console, fmt_int, handle_errors, load_plugins, print_json
+from peftc.cli.common import (
+    MAX_BATCH,
+    MAX_IMAGE_SIZE,
+    MAX_THREADS,
+    console,
+    err_console,
+    fmt_int,
+    handle_errors,
+    load_plugins,
+    print_json,
+)
 from peftc.errors import PeftcError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -22,7 +32,8 @@ SelectTaskOpt = Annotated[bool, typer.Option(
     "--select-task", help="LN tuning: one graph that picks each sample's task by its task key (image in only).")]
 NoFoldOpt = Annotated[bool, typer.Option("--no-fold", help="Keep peftc's blocks instead of merging them into weights.")]
 SizeOpt = Annotated[
-    Optional[tuple[int, int]], typer.Option("--image-size", help="Input height and width (default: the backbone's).")
+    Optional[tuple[int, int]], typer.Option("--image-size", min=8, max=MAX_IMAGE_SIZE,
+                                           help="Input height and width (default: the backbone's).")
 ]
 ProviderOpt = Annotated[
     str, typer.Option("--provider", help="ONNX Runtime provider: auto (CUDA when it works, else CPU), cpu, cuda.")
@@ -50,22 +61,25 @@ def export_cmd(
     all_tasks: AllTasksOpt = False,
     select_task: SelectTaskOpt = False,
     no_fold: NoFoldOpt = False,
-    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", min=1, max=100,
+                                                 help="ONNX opset (default: the exporter's).")] = None,
     image_size: SizeOpt = None,
     provider: ProviderOpt = "auto",
     name: Annotated[Optional[str], typer.Option("--name", help="Triton model name (default: spec_backbone_task).")] = (
         None
     ),
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Triton max_batch_size.")] = 32,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=MAX_BATCH, help="Triton max_batch_size.")] = 32,
     plugin: PluginOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Export an artifact to ONNX (folded, dynamic batch, verified with ONNX Runtime) and/or a Triton repository."""
     from peftc.export.onnx import export_onnx
-    from peftc.export.triton import model_name, triton_config, write_repository
+    from peftc.export.triton import check_name, model_name, triton_config, write_repository
 
     if onnx is None and triton is None:
         raise PeftcError("nothing to export: give --onnx OUT.onnx and/or --triton REPO_DIR")
+    if name is not None:
+        check_name(name)  # before the (slow) export
     load_plugins(plugin)
     with contextlib.ExitStack() as stack:
         target = onnx
@@ -133,11 +147,12 @@ def _render_export(out: dict[str, Any]) -> None:
 def run_cmd(
     source: Annotated[str, typer.Argument(help="Artifact directory, or an exported .onnx file (ort backend).")],
     backend: Annotated[str, typer.Option("--backend", help="eager, compile (torch.compile) or ort.")] = "eager",
-    batch: Annotated[Optional[list[int]], typer.Option("--batch", help="Batch size; repeat for several.")] = None,
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs per batch size.")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 3,
+    batch: Annotated[Optional[list[int]], typer.Option("--batch", min=1, max=MAX_BATCH,
+                                                         help="Batch size; repeat for several.")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, max=100_000, help="Timed runs per batch size.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, max=10_000, help="Untimed runs first.")] = 3,
     input_: Annotated[Optional[Path], typer.Option("--input", help="Classify this image (top classes).")] = None,
-    top: Annotated[int, typer.Option("--top", help="How many classes --input prints.")] = 5,
+    top: Annotated[int, typer.Option("--top", min=1, max=1000, help="How many classes --input prints.")] = 5,
     task: TaskOpt = None,
     all_tasks: AllTasksOpt = False,
     select_task: SelectTaskOpt = False,
@@ -145,7 +160,8 @@ def run_cmd(
     image_size: SizeOpt = None,
     provider: ProviderOpt = "auto",
     mode: Annotated[str, typer.Option("--mode", help="torch.compile mode.")] = "default",
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for eager/compile (torch).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS,
+                                                          help="CPU threads for eager/compile (torch).")] = None,
     plugin: PluginOpt = None,
     json_: JsonOpt = False,
 ) -> None:

@@ -1,12 +1,38 @@
-"""The language: spec schema, recipe schema, IR, loader, predicates, error translation, the primitive registry."""
+"""The language: spec schema, recipe schema, IR, loader, predicates, error translation, the primitive registry.
 
-from peftc.language.ir import MethodSpec, Rule
-from peftc.language.loader import builtin_specs, iter_builtin_summaries, load_spec, parse_overrides
-from peftc.language.primitives import Primitive, get_primitive, primitive_names, register_primitive
-from peftc.language.recipe import OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
-from peftc.language.schema import BlockRuleArgs, ParamDecl, RuleArgs, Selector, TaskState, TensorArgs
+The names below resolve on first use (PEP 562), so ``from peftc.language import builtin_specs`` reads the spec
+catalog without importing the loader, which validates block arguments against the block registry (and torch).
+"""
 
-__all__ = ["BlockRuleArgs", "MethodSpec", "OptimizerArgs", "ParamDecl", "Phase", "Primitive", "ReplayArgs", "Rule",
-           "RuleArgs", "SchedulerArgs", "Selector", "StageDecl", "TaskState", "TensorArgs", "TrainSection",
-           "builtin_specs", "get_primitive", "iter_builtin_summaries", "load_spec", "parse_overrides",
-           "primitive_names", "register_primitive"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_NAMES = {
+    "builtin_specs": "catalog", "iter_builtin_summaries": "catalog",
+    "MethodSpec": "ir", "Rule": "ir",
+    "load_spec": "loader", "parse_overrides": "loader",
+    "Primitive": "primitives", "get_primitive": "primitives", "primitive_names": "primitives",
+    "register_primitive": "primitives",
+    "OnlineArgs": "recipe", "OptimizerArgs": "recipe", "Phase": "recipe", "ReplayArgs": "recipe",
+    "SchedulerArgs": "recipe", "StageDecl": "recipe", "TrainSection": "recipe",
+    "BlockRuleArgs": "schema", "ParamDecl": "schema", "RuleArgs": "schema", "Selector": "schema",
+    "TaskState": "schema", "TensorArgs": "schema",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module 'peftc.language' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"peftc.language.{_NAMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_NAMES})
+
+
+__all__ = sorted(_NAMES)

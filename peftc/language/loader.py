@@ -14,91 +14,30 @@ Loading runs four steps, each reporting errors at ``file:line:col`` plus the pat
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 import peftc.language.primitives as primitives
 from peftc.blocks.registry import BLOCKS, get_block
 from peftc.errors import Location, SpecError, did_you_mean
+from peftc.language.catalog import builtin_specs
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
 from peftc.language.messages import from_validation, know_models
-from peftc.language.predicate import Predicate, PredicateSyntaxError, UnknownName
-from peftc.language.recipe import OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
+from peftc.language.predicate import Predicate, PredicateError, UnknownName
+from peftc.language.reader import YamlDocument, read_yaml, read_yaml_file
+from peftc.language.recipe import OnlineArgs, OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
 from peftc.language.schema import FORMAT_VERSION, ParamDecl, Selector, SpecDocument, TensorArgs
 
-__all__ = ["builtin_specs", "iter_builtin_summaries", "load_spec", "parse_overrides"]
+__all__ = ["load_spec", "parse_overrides"]
 
 know_models((SpecDocument, ParamDecl, Selector, Phase, TensorArgs, TrainSection, OptimizerArgs, SchedulerArgs,
-             ReplayArgs, StageDecl))
+             ReplayArgs, StageDecl, OnlineArgs))
 
 
-@dataclass
-class _Doc:
-    data: Any
-    positions: dict[Path_, Location]
-    file: str | None
-
-
-def _read_yaml(text: str, file: str | None) -> _Doc:
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"invalid YAML: {problem}", where) from None
-    finally:
-        loader.dispose()
-    if root is None:
-        raise SpecError("the spec is empty", Location(file, 1, 1))
-    constructor = yaml.constructor.SafeConstructor()
-    positions: dict[Path_, Location] = {}
-
-    def at(node: yaml.Node, path: Path_) -> Location:
-        return Location(file, node.start_mark.line + 1, node.start_mark.column + 1, path)
-
-    def build(node: yaml.Node, path: Path_) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            constructor.flatten_mapping(node)
-            out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key = constructor.construct_object(key_node, deep=True)
-                if not isinstance(key, str):
-                    raise SpecError(f"keys must be strings, got {key!r}", at(key_node, path))
-                if key in out:
-                    raise SpecError(f"duplicate key {key!r}", at(key_node, (*path, key)))
-                positions[(*path, key)] = at(key_node, (*path, key))
-                out[key] = build(value_node, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for i, item in enumerate(node.value):
-                positions[(*path, i)] = at(item, (*path, i))
-                items.append(build(item, (*path, i)))
-            return items
-        try:
-            return constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"invalid value: {exc}", at(node, path)) from None
-
-    positions[()] = at(root, ())
-    data = build(root, ())
-    if not isinstance(data, dict):
-        raise SpecError("a spec must be a mapping with at least 'name' and 'rules'", positions[()])
-    return _Doc(data, positions, file)
-
-
-def builtin_specs() -> dict[str, Path]:
-    """Built-in spec name → file (the YAML files shipped in ``peftc.specs``)."""
-    root = resources.files("peftc.specs")
-    return {entry.name[:-5]: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
+_Doc = YamlDocument
 
 
 def _find_spec_file(ref: str, base: Path | None, where: Location) -> Path:
@@ -116,12 +55,13 @@ def _find_spec_file(ref: str, base: Path | None, where: Location) -> Path:
     raise SpecError(f"no spec file or built-in spec named {ref!r}" + did_you_mean(name, builtins), where)
 
 
-def _read_file(path: Path, where: Location | None = None) -> _Doc:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"cannot read spec {str(path)!r}: {exc.strerror or exc}", where) from None
-    return _read_yaml(text, str(path))
+def _read_file(path: Path) -> _Doc:
+    doc = read_yaml_file(path, SpecError, "spec")
+    if doc.data is None:
+        raise SpecError("the spec is empty", Location(str(path), 1, 1))
+    if not isinstance(doc.data, dict):
+        raise SpecError("a spec must be a mapping with at least 'name' and 'rules'", doc.positions[()])
+    return doc
 
 
 def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
@@ -145,7 +85,7 @@ def _merge_includes(doc: _Doc, stack: tuple[str, ...] = ()) -> _Doc:
         key = str(path.resolve())
         if key in stack:
             raise SpecError(f"include cycle: {' -> '.join([*stack, key])}", where)
-        inc = _merge_includes(_read_file(path, where), (*stack, key))
+        inc = _merge_includes(_read_file(path), (*stack, key))
         inc_params = inc.data.get("params") or {}
         inc_rules = inc.data.get("rules") or []
         if isinstance(inc.data.get("train"), dict):
@@ -215,9 +155,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not name.strip():
             raise SpecError(f"--set expects name=value, got {item!r}")
         try:
-            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[name.strip()] = raw
+            value = read_yaml(raw, None, SpecError).data if raw.strip() else ""
+        except SpecError:
+            value = raw  # not YAML: the text itself
+        out[name.strip()] = value
     return out
 
 
@@ -365,7 +306,7 @@ def _evaluate_when(expr: Any, values: Mapping[str, Any], where: Location) -> boo
         raise SpecError("when must be an expression over params, like \"variant == 'full'\"", where)
     try:
         return bool(Predicate(expr)(values))
-    except PredicateSyntaxError as exc:
+    except PredicateError as exc:
         raise SpecError(str(exc), where) from None
     except UnknownName as exc:
         raise SpecError(f"unknown param {exc.name!r} in when" + did_you_mean(exc.name, values), where) from None
@@ -471,13 +412,3 @@ def load_spec(
         train=_validate_train(_substitute(top.train, values, ("train",), doc), doc),
         schedule=_validate_schedule(_substitute(top.schedule, values, ("schedule",), doc), doc),
     )
-
-
-def iter_builtin_summaries() -> Iterator[tuple[str, str]]:
-    """(name, one-line summary) of every built-in spec, without validating them."""
-    for name, path in sorted(builtin_specs().items()):
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            data = {}
-        yield name, str(data.get("summary", "")).strip().splitlines()[0] if data.get("summary") else ""

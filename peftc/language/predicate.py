@@ -7,6 +7,11 @@ access (so no ``__class__`` escapes), and only a handful of pure functions can b
 Supported: literals (numbers, strings, booleans, ``None``, tuples, lists), names, comparisons (``== != < <= > >=
 in not in``, chained), ``and``/``or``/``not``, arithmetic (``+ - * / // %``, unary minus), indexing with ``[]``,
 the conditional ``a if c else b``, and calls to ``len min max abs int float str bool``.
+
+Expressions are bounded and total, because a spec may come from anyone: the source length, the nesting depth
+and the size of every string, list or tuple a step builds are capped (``'a' * 10**9`` is refused before it
+allocates), and any error while evaluating becomes a :class:`PredicateError` the caller turns into one message
+with a location.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Predicate", "PredicateSyntaxError", "UnknownName"]
+__all__ = ["MAX_DEPTH", "MAX_LENGTH", "MAX_SIZE", "Predicate", "PredicateError", "PredicateEvalError",
+           "PredicateSyntaxError", "UnknownName"]
+
+MAX_LENGTH = 1000  # characters of source
+MAX_DEPTH = 32  # nesting of the expression tree
+MAX_SIZE = 10_000  # elements of any string, list or tuple built while evaluating
 
 _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq,
@@ -48,8 +58,16 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
-class PredicateSyntaxError(ValueError):
-    """The expression is not valid Python or uses something outside the whitelist."""
+class PredicateError(ValueError):
+    """Anything wrong with an expression; the message names the expression, the caller adds the place."""
+
+
+class PredicateSyntaxError(PredicateError):
+    """The expression is not valid Python, uses something outside the whitelist, or is too long or too deep."""
+
+
+class PredicateEvalError(PredicateError):
+    """Evaluating the expression failed (``1/0``, ``min([])``, ``'abc'[10]``) or would build too large a value."""
 
 
 class UnknownName(LookupError):
@@ -65,10 +83,16 @@ class Predicate:
 
     def __init__(self, source: str):
         self.source = source
+        if len(source) > MAX_LENGTH:
+            raise PredicateSyntaxError(f"expression is {len(source):,} characters long; at most {MAX_LENGTH:,}")
         try:
             tree = ast.parse(source.strip(), mode="eval")
         except SyntaxError as exc:
             raise PredicateSyntaxError(f"invalid expression {source!r}: {exc.msg}") from None
+        except (MemoryError, RecursionError):
+            raise PredicateSyntaxError(f"expression {source[:40]!r}… nests too deeply") from None
+        if _depth(tree.body) > MAX_DEPTH:
+            raise PredicateSyntaxError(f"expression {source[:40]!r} nests deeper than {MAX_DEPTH} levels")
         self._tree = tree.body
         self.names: frozenset[str] = frozenset(self._check(self._tree))
 
@@ -76,7 +100,13 @@ class Predicate:
         return f"Predicate({self.source!r})"
 
     def __call__(self, env: Mapping[str, Any]) -> Any:
-        return self._eval(self._tree, env)
+        """The value of the expression; :class:`UnknownName` or :class:`PredicateEvalError` if it has none."""
+        try:
+            return self._eval(self._tree, env)
+        except (UnknownName, PredicateEvalError):
+            raise
+        except (ArithmeticError, LookupError, TypeError, ValueError, MemoryError, RecursionError) as exc:
+            raise PredicateEvalError(f"cannot evaluate {self.source!r}: {type(exc).__name__}: {exc}") from None
 
     # -- checking -------------------------------------------------------------------------------------------
     def _check(self, node: ast.AST) -> set[str]:
@@ -161,7 +191,9 @@ class Predicate:
             value = self._eval(node.operand, env)
             return (not value) if isinstance(node.op, ast.Not) else -value
         if isinstance(node, ast.BinOp):
-            return _BINARY[type(node.op)](self._eval(node.left, env), self._eval(node.right, env))
+            left, right = self._eval(node.left, env), self._eval(node.right, env)
+            self._check_size(node.op, left, right)
+            return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.Subscript):
             return self._eval(node.value, env)[self._eval(node.slice, env)]
         if isinstance(node, ast.IfExp):
@@ -170,3 +202,28 @@ class Predicate:
             assert isinstance(node.func, ast.Name)
             return _FUNCTIONS[node.func.id](*(self._eval(a, env) for a in node.args))
         raise self._unsupported(node)  # unreachable: _check rejected it
+
+    def _check_size(self, op: ast.operator, left: Any, right: Any) -> None:
+        """Refuse ``+``/``*`` on sequences whose result would exceed :data:`MAX_SIZE`, before building it."""
+        sized = (str, list, tuple)
+        if isinstance(op, ast.Add) and isinstance(left, sized) and isinstance(right, sized):
+            size = len(left) + len(right)
+        elif isinstance(op, ast.Mult) and isinstance(left, sized) and isinstance(right, int):
+            size = len(left) * right
+        elif isinstance(op, ast.Mult) and isinstance(right, sized) and isinstance(left, int):
+            size = len(right) * left
+        else:
+            return
+        if size > MAX_SIZE:
+            raise PredicateEvalError(f"in {self.source!r}: a value of {size:,} elements; at most {MAX_SIZE:,}")
+
+
+def _depth(node: ast.AST) -> int:
+    """The nesting depth of an expression tree, without recursion (the tree may be deep)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            stack.extend((child, depth + 1) for child in ast.iter_child_nodes(current))
+    return deepest

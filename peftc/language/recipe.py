@@ -8,7 +8,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from peftc.language.schema import RuleArgs, TensorArgs
 
-__all__ = ["OptimizerArgs", "Phase", "ReplayArgs", "SchedulerArgs", "StageDecl", "TrainSection"]
+__all__ = ["OnlineArgs", "OptimizerArgs", "Phase", "ReplayArgs", "SchedulerArgs", "StageDecl", "TrainSection"]
 
 
 class Phase(RuleArgs):
@@ -97,6 +97,24 @@ class ReplayArgs(RuleArgs):
     balance: Literal["task", "none"] | float = "task"
 
 
+class OnlineArgs(RuleArgs):
+    """``train.online``: online class-incremental learning (``peftc train DIR --stream``; docs/training.md).
+
+    One pass over a task-free stream of ``batch_size`` images per step; ``memory`` replay samples kept by
+    ``sampling`` (``reservoir``: Vitter's algorithm R; ``balanced``: class-balanced reservoir, Chrysakis & Moens
+    2020); ``replay_batch_size`` of them (default: ``batch_size``) join every step. ``learner`` names a
+    registered online learner (``er``, or a method's own) and ``args`` go to it. A stream file may override
+    ``batch_size``, ``memory`` and ``sampling`` (they are the protocol a comparison keeps fixed).
+    """
+
+    learner: str = "er"
+    batch_size: int = Field(default=10, ge=1)
+    memory: int = Field(default=200, ge=1)
+    sampling: Literal["reservoir", "balanced"] = "reservoir"
+    replay_batch_size: int | None = Field(default=None, ge=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
 class StageDecl(RuleArgs):
     """One stage of a method's per-task training procedure (``train.stages``), run in order for every task.
 
@@ -119,8 +137,9 @@ class TrainSection(RuleArgs):
     """``train:``: the method's published training recipe; ``peftc train`` follows it, its flags override it.
 
     ``lr`` is the learning rate at ``lr_batch`` samples per step when ``lr_batch`` is given (the linear scaling
-    rule: the effective lr is ``lr × batch_size / lr_batch``), else at any batch size. ``early_stop`` is the
-    patience in epochs on validation accuracy (the best epoch is kept). ``stages`` empty = one ``fit`` stage.
+    rule: the effective lr is ``lr × batch_size × accumulate / lr_batch``, the batch one optimizer step sees),
+    else at any batch size. ``early_stop`` is the patience in epochs on validation accuracy (the best epoch is
+    kept). ``stages`` empty = one ``fit`` stage.
     """
 
     optimizer: OptimizerArgs = Field(default_factory=OptimizerArgs)
@@ -133,12 +152,15 @@ class TrainSection(RuleArgs):
     scheduler: SchedulerArgs = Field(default_factory=SchedulerArgs)
     early_stop: int | None = Field(default=None, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype (fp16 adds a GradScaler; CUDA only)
+    accumulate: int = Field(default=1, ge=1)  # micro-batches per optimizer step: the effective batch is batch × N
     augment: Literal["standard", "light", "none"] = "standard"
     head: str = "task"  # a registered training head (peftc.train.heads): "task", or a method's own
     replay: ReplayArgs = Field(default_factory=ReplayArgs)
     stages: list[StageDecl] = Field(default_factory=list)
+    online: OnlineArgs = Field(default_factory=OnlineArgs)
 
     def effective_lr(self, batch_size: int | None = None) -> float:
         """The learning rate for ``batch_size`` (default: the recipe's) under the scaling rule."""
-        batch = batch_size or self.batch_size
+        batch = (batch_size or self.batch_size) * self.accumulate
         return self.lr * batch / self.lr_batch if self.lr_batch else self.lr

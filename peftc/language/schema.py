@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from peftc.errors import did_you_mean
 from peftc.language.predicate import Predicate, PredicateSyntaxError
 
-__all__ = ["FORMAT_VERSION", "BlockRuleArgs", "ParamDecl", "RuleArgs", "Selector", "SpecDocument", "TaskState",
-           "TensorArgs"]
+__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "BlockRuleArgs", "ParamDecl", "RuleArgs", "Selector", "SpecDocument",
+           "TaskState", "TensorArgs"]
 
 FORMAT_VERSION = 1
+MAX_CLASSES = 1_000_000  # a head's outputs, wherever a number of classes is read (spec, manifest, add_task)
 
 
 class RuleArgs(BaseModel):
@@ -95,6 +96,12 @@ class ParamDecl(RuleArgs):
     max: float | None = None
     doc: str = ""
 
+    @model_validator(mode="after")
+    def _check_range(self) -> ParamDecl:
+        if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
+            raise ValueError(f"min and max apply to int and float params, not to a {self.type} param")
+        return self
+
     def coerce(self, value: Any, what: str) -> Any:
         """Check ``value`` against the declared type, range and choices; returns the typed value."""
         if value is None:
@@ -105,7 +112,7 @@ class ParamDecl(RuleArgs):
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
-            "str": isinstance(value, str),
+            "str": isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)),
             "list": isinstance(value, (list, tuple)),
         }[self.type]
         if not ok:
@@ -113,6 +120,8 @@ class ParamDecl(RuleArgs):
             raise ValueError(f"{what} must be {article} {self.type}, got {type(value).__name__} {value!r}")
         if self.type == "float":
             value = float(value)
+        if self.type == "str" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `--set stages=234` reads 234 as YAML; to a str param it means the text
         if self.type == "list":
             value = list(value)
         if self.choices is not None and value not in self.choices:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,25 @@ __all__ = ["BackboneInfo", "Compiled"]
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """Enough to rebuild the backbone and to recognise it again (its weight hash)."""
+    """Enough to rebuild the backbone and to recognise it again (its weight hash, computed when first asked for:
+    hashing every weight costs more than a compile, and only saving and loading need it)."""
 
     id: str
     source: str
     seed: int | None
     weights_file: str | None
     input_size: tuple[int, int, int]
-    hash: str
+    digest: Callable[[], str] = field(repr=False, compare=False)
     kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def hash(self) -> str:
+        return self.digest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``backbone`` entry."""
+        return {"id": self.id, "source": self.source, "seed": self.seed, "weights_file": self.weights_file,
+                "input_size": list(self.input_size), "hash": self.hash, "kwargs": [list(kv) for kv in self.kwargs]}
 
 
 class Compiled(nn.Module):
@@ -54,7 +64,22 @@ class Compiled(nn.Module):
         self.train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ledger.streams:
+            self._check_streams(args, kwargs)
         return self.net(*args, **kwargs)
+
+    def _check_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Second inputs (``stream`` rules) are checked here, so a missing or mis-shaped one is one clear message
+        rather than a shape error deep in the graph. They are given by name: ``model(x, memory=m)``."""
+        first = args[0] if args else None
+        batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+        for name, declared in self.ledger.streams.items():
+            declared.check(kwargs.get(name), batch)
+
+    def stream_examples(self, batch: int, tokens: int = 2, *, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded random values of the second inputs (``stream`` rules), by name: ``model(x, **examples)``."""
+        gen = torch.Generator().manual_seed(seed)
+        return {name: s.example(batch, tokens, generator=gen) for name, s in self.ledger.streams.items()}
 
     def train(self, mode: bool = True) -> Compiled:
         super().train(mode)

@@ -25,6 +25,7 @@ from torch import nn
 
 from peftc.blocks.contract import offers
 from peftc.errors import TaskError, did_you_mean
+from peftc.language.schema import MAX_CLASSES
 from peftc.passes import ModuleSlot, TensorSlot
 
 __all__ = ["TaskBank"]
@@ -111,8 +112,8 @@ class TaskBank:
             raise TaskError(f"task {name!r} already exists")
         if num_classes is not None and not self.module_slots:
             raise TaskError("this spec has no per-task head, so num_classes cannot be set per task")
-        if num_classes is not None and num_classes < 1:
-            raise TaskError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
+            raise TaskError(f"num_classes must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
         previous_name = next(reversed(self._tasks))
         previous = self._tasks[previous_name]
         task = _Task()

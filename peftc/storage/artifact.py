@@ -3,11 +3,12 @@
 No pickles anywhere: the manifest is JSON, tensors are safetensors, and backbone weight files are read with
 ``weights_only=True``. The delta holds only what the spec trains or keeps per task — per task under
 ``tasks/<name>/`` and shared tensors under ``shared/`` — never the frozen backbone. Writes are atomic: the new
-artifact is written into a hidden sibling directory and swapped in with renames, so an interrupted save leaves
-the previous artifact intact. Reading checks the delta against its manifest and refuses one that belongs to
-another backbone or spec (rebuilding the model an artifact holds is :func:`peftc.compiler.load`). Tensors a
-block stores packed (``packed_bits``) are
-stored packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
+artifact is written into a hidden sibling directory and swapped in (:mod:`peftc.storage.atomic`), so an
+interrupted save leaves the previous artifact intact. Reading checks the manifest against its schema
+(:mod:`peftc.storage.manifest`) and the delta against the manifest, and refuses one that belongs to
+another backbone or spec, or holds tensors of a task the manifest does not list (rebuilding the model an
+artifact holds is :func:`peftc.compiler.load`). Tensors a block stores packed (``packed_bits``) are stored
+packed (``<key>:codes`` + ``<key>:stats``) and decode to exactly what the model trained with
 (:mod:`peftc.storage.codec`).
 """
 
@@ -17,22 +18,18 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftc.errors import ArtifactError, PeftcError
+from peftc.storage.atomic import replace_directory, staging_dir
 from peftc.storage.codec import decode_delta, encode_delta
+from peftc.storage.manifest import DELTA, FORMAT, MANIFEST, read_manifest
 from peftc.version import __version__
 
 __all__ = ["DELTA", "MANIFEST", "apply_delta", "load_into", "read_delta", "read_manifest", "replace_directory", "save"]
-
-MANIFEST = "peftc.json"
-DELTA = "delta.safetensors"
-FORMAT = 1
 
 
 def _delta_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -53,26 +50,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def manifest_for(model: Any, delta_sha256: str, n_tensors: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "peftc": __version__,
         "spec": model.spec.to_document(),
         "params": dict(model.spec.values),
-        "backbone": asdict(model.backbone),
+        "backbone": model.backbone.to_dict(),
         "tasks": [{"name": t, "classes": model.bank.classes(t)} for t in model.bank.names],
         "active_task": model.active_task,
         "delta": {"file": DELTA, "sha256": delta_sha256, "tensors": n_tensors},
@@ -82,6 +66,7 @@ def manifest_for(model: Any, delta_sha256: str, n_tensors: int) -> dict[str, Any
 
 def save(model: Any, directory: str | Path) -> Path:
     """Write the artifact for ``model`` into ``directory``; all-or-nothing."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     target = Path(directory)
@@ -89,14 +74,11 @@ def save(model: Any, directory: str | Path) -> Path:
         raise ArtifactError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
         raise ArtifactError(f"{target} is a non-empty directory that is not a peftc artifact; choose another path")
-    parent = target.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(target)
     except OSError as exc:
-        raise ArtifactError(f"cannot create {parent}: {exc.strerror or exc}") from None
-    staging = parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        raise ArtifactError(f"cannot write artifact to {target}: {exc.strerror or exc}") from None
     try:
-        staging.mkdir()
         tensors, quantized = encode_delta(model.net, _delta_tensors(model))  # quantised tensors packed
         # One metadata key: safetensors writes a multi-key map in hash order, which would make equal saves differ.
         stamp = json.dumps({"format": FORMAT, "spec": model.spec.name}, sort_keys=True)
@@ -109,11 +91,10 @@ def save(model: Any, directory: str | Path) -> Path:
             with f.open("rb") as handle:
                 os.fsync(handle.fileno())
         _keep_others(target, staging)
-        _fsync_dir(staging)
         replace_directory(staging, target)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk reaches safetensors' writer as SafetensorError
         shutil.rmtree(staging, ignore_errors=True)
-        raise ArtifactError(f"cannot write artifact to {target}: {exc.strerror or exc}") from None
+        raise ArtifactError(f"cannot write artifact to {target}: {getattr(exc, 'strerror', None) or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -132,7 +113,8 @@ def _keep_others(target: Path, staging: Path) -> None:
         if entry.name in (MANIFEST, DELTA) or entry.name.startswith("."):
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns(".*.partial-*", ".*.old-*"))  # dead writers' staging
         else:
             _link_or_copy(entry, staging / entry.name)
 
@@ -142,43 +124,6 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
         os.link(src, dst, follow_symlinks=False)
     except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def replace_directory(staging: Path, target: Path) -> None:
-    """Put the finished directory ``staging`` at ``target`` by renames: a reader sees the old or the new one whole.
-
-    An existing ``target`` is renamed aside first and removed only after the swap; if the swap fails, it is
-    renamed back. (Also used for training checkpoints.)
-    """
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    try:
-        staging.rename(target)
-    except OSError:
-        if old is not None:
-            old.rename(target)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory)
-    if not path.is_dir():
-        raise ArtifactError(f"artifact directory not found: {path}")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{path} is not a peftc artifact (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: unsupported artifact format {manifest.get('format')!r}")
-    return manifest
 
 
 def read_delta(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -221,12 +166,16 @@ def apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.T
     for task in manifest["tasks"]:
         if task["name"] not in model.bank:
             model.bank.add(task["name"], task["classes"])
+    listed = {task["name"] for task in manifest["tasks"]}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     shared: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         scope, _, rest = key.partition("/")
         if scope == "tasks":
             task, _, name = rest.partition("/")
+            if task not in listed:  # loading would drop it and the next save delete it: refuse instead
+                raise ArtifactError(f"{directory / DELTA}: tensor {key!r} belongs to task {task!r}, which "
+                                    f"{MANIFEST} does not list (tasks: {', '.join(sorted(listed))})")
             grouped.setdefault(task, {})[name] = tensor
         elif scope == "shared":
             shared[rest] = tensor

@@ -65,15 +65,12 @@ class InspectRow:
 
 def parse_selector(text: str, where: str = "--filter") -> Selector:
     """A selector from YAML flow text (``'type: Linear'``, ``'{role: qkv, blocks: "::2"}'``)."""
-    import yaml
     from pydantic import ValidationError
 
     from peftc.errors import SpecError
+    from peftc.language.reader import read_yaml
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"not valid YAML: {str(exc).splitlines()[0]}", where) from None
+    data = read_yaml(text, None, lambda msg, _: SpecError(msg, where)).data
     if not isinstance(data, dict):
         raise SpecError(
             f"expected a selector mapping such as 'type: Linear' or 'name: \"layer4.*\"', got {text!r}", where

@@ -8,10 +8,12 @@
 Modules, one job each: ``data`` (folders → splits, bad data → clear errors), ``transforms``, ``recipe``
 (``train:`` + overrides → optimizer and lr schedule), ``context`` (what a task's stages share), ``stages`` (the stage
 registry: fit; methods register their own), ``heads`` (training heads: per task, or a method's own),
-``epochs`` (the epoch loop, early stopping, checkpoints), ``checkpoint``
-(safetensors + JSON, no pickles), ``journal`` (what the trainer remembers per task), ``task`` (one task),
-``evaluate`` (accuracy per task, task selection), ``sequence`` and ``metrics`` (accuracy matrix, forgetting,
-heat map), ``distributed`` (torchrun / DDP), ``demo`` (demo data).
+``epochs`` (the epoch loop, early stopping, checkpoints), ``step`` (one optimizer step: accumulation, loss
+scaling, clipping), ``precision`` (autocast, GradScaler, frozen 16-bit weights), ``logs`` (JSONL/CSV/TensorBoard
+metrics), ``checkpoint`` (safetensors + JSON, no pickles), ``journal`` (what the trainer remembers per task),
+``task`` (one task), ``evaluation`` (accuracy per task, task selection), ``sequence`` and ``metrics`` (accuracy
+matrix, the field's metrics, heat map), ``split`` (data sets → continual-learning sequences), ``distributed``
+(torchrun / DDP), ``sharding`` (FSDP2), ``demo`` (demo data).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 __all__ = ["TrainOptions", "evaluate", "train_sequence", "train_task"]
 
 
-_API = {"TrainOptions": "peftc.train.task", "train_task": "peftc.train.task", "evaluate": "peftc.train.evaluate",
+_API = {"TrainOptions": "peftc.train.task", "train_task": "peftc.train.task", "evaluate": "peftc.train.evaluation",
         "train_sequence": "peftc.train.sequence"}
 
 

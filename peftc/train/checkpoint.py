@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from peftc.errors import PeftcError
-from peftc.storage.artifact import replace_directory
+from peftc.storage.atomic import replace_directory, staging_dir
 
 __all__ = ["Checkpoint", "CheckpointError", "optimizer_from_files", "optimizer_to_files", "rng_state",
            "set_rng_state"]
@@ -117,11 +116,11 @@ class Checkpoint:
 
         from peftc.storage.artifact import save as save_artifact
 
-        parent = self.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            staging.mkdir()
+            staging = staging_dir(self.path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint {self.path}: {exc.strerror or exc}") from None
+        try:
             save_artifact(model, staging / MODEL)
             state = dict(state)
             if optimizer is not None:

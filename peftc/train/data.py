@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from peftc.errors import PeftcError, TaskError, did_you_mean
+from peftc.errors import PeftcError, TaskError, did_you_mean, render_path
+from peftc.images import to_rgb
+from peftc.language.reader import read_yaml_file
 
 __all__ = ["IMAGE_EXTENSIONS", "Corrupt", "DataError", "ImageDataset", "SequenceError", "SequenceTask", "Split",
-           "TaskData", "TaskSequence", "collate", "discover", "ensure_task_name", "read_sequence"]
+           "TaskData", "TaskSequence", "check_readable", "collate", "discover", "ensure_task_name", "read_sequence"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 _VAL_NAMES = ("val", "valid", "validation")
@@ -69,9 +70,18 @@ class TaskData:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively, sorted, hidden entries skipped); unreadable entries raise."""
+    """Image files below ``folder`` (recursively, sorted, hidden entries skipped); unreadable entries raise.
+
+    Linked folders are followed, each real folder once, so a link loop cannot count its images again.
+    """
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, onerror=_walk_error, followlinks=True):
+        here = os.stat(dirpath)
+        if (here.st_dev, here.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -163,6 +173,9 @@ def discover(path: str | Path, classes: Sequence[str] | None = None, *, val_frac
 
 
 def _check_names(names: Sequence[str], root: Path) -> None:
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            raise DataError(f"class {name!r} is not a folder name inside {root} (no '/', '..' or leading '.')")
     if not names:
         raise DataError(f"{root} is empty: expected one folder of images per class")
     if len(set(names)) != len(names):
@@ -189,9 +202,19 @@ def load_rgb(path: Path) -> Any:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except Exception as exc:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def check_readable(data: TaskData, corrupt: set[Path]) -> None:
+    """Refuse a task with a class none of whose images (in either split) decode: it would train or score blind."""
+    for split, what in ((data.train, "training"), (data.val, "validation")):
+        for label, name in enumerate(data.classes):
+            paths = [p for p, lab in split.samples if lab == label]
+            if paths and all(p in corrupt for p in paths):
+                raise DataError(f"every {what} image of class {name!r} in {split.root} is corrupt "
+                                f"({len(paths)} files, e.g. {paths[0]}); fix or remove them")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -255,50 +278,30 @@ class TaskSequence(BaseModel):
     root: Path = Path(".")
     epochs: int | None = Field(default=None, ge=1)
     tasks: list[SequenceTask] = Field(min_length=1)
+    split: dict[str, Any] | None = None  # how `peftc split` made it: kind, class order, seed (peftc.train.split)
 
 
-def _positions(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            out[(*path, key.value)] = key.start_mark.line + 1
-            _positions(value, (*path, key.value), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _positions(item, (*path, i), out)
-
-
-def read_sequence(path: str | Path) -> TaskSequence:
-    """Parse and check a sequence file; task folders become absolute (relative to the file and ``root``)."""
+def read_sequence(path: str | Path, schema: type[TaskSequence] = TaskSequence) -> TaskSequence:
+    """Parse and check a sequence file (or a subclass's, e.g. a stream file); task folders become absolute
+    (relative to the file and ``root``)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SequenceError(f"cannot read sequence file {path}: {exc.strerror or exc}") from None
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SequenceError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    doc = read_yaml_file(path, SequenceError, "sequence file")
+    raw = doc.data
     was_list = isinstance(raw, list)  # a bare list of tasks is accepted too
     if was_list:
         raw = {"tasks": raw}
     if not isinstance(raw, dict):
         raise SequenceError(f"{path}: expected a mapping with 'tasks:' (a list of {{name, data}})")
     try:
-        seq = TaskSequence.model_validate(raw)
+        seq = schema.model_validate(raw)
     except ValidationError as exc:
-        lines: dict[tuple[Any, ...], int] = {}
-        if node is not None:
-            _positions(node, ("tasks",) if was_list else (), lines)
         errors = []
         for err in exc.errors()[:3]:
-            loc = tuple(err["loc"])
-            line = next((lines[loc[:k]] for k in range(len(loc), -1, -1) if loc[:k] in lines), None)
-            key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-            errors.append(f"{path}{f':{line}' if line else ''}: {key}: {err['msg']}")
+            loc = tuple(err["loc"])[1 if was_list else 0:]
+            at = next((doc.positions[loc[:k]] for k in range(len(loc), -1, -1) if loc[:k] in doc.positions), None)
+            line = f":{at.line}" if at is not None and at.line else ""
+            key = render_path(err["loc"])
+            errors.append(f"{path}{line}: {key}: {err['msg']}")
         raise SequenceError("\n".join(errors)) from None
     base = (path.parent / seq.root).resolve()
     names = [t.name for t in seq.tasks]

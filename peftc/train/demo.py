@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from peftc.errors import PeftcError
+from peftc.storage.atomic import write_file
 
 __all__ = ["DIGIT_NAMES", "DemoDataError", "make_demo_data"]
 
@@ -55,7 +56,9 @@ def make_demo_data(directory: str | Path, *, tasks: int = 5, size: int = 32, per
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise DemoDataError(f"{root} exists and is not a folder")
-    if root.is_dir() and any(root.iterdir()) and not (root / "tasks.yaml").is_file():
+    if (root / "tasks.yaml").exists():
+        raise DemoDataError(f"{root} already holds a tasks.yaml; remove {root} or choose another folder")
+    if root.is_dir() and any(root.iterdir()):
         raise DemoDataError(f"{root} is a non-empty folder that is not demo data; choose another path")
     images, targets = _digits()
     rng = random.Random(seed)
@@ -85,7 +88,24 @@ def make_demo_data(directory: str | Path, *, tasks: int = 5, size: int = 32, per
             summary["tasks"].append({"name": name, "classes": [DIGIT_NAMES[d] for d in digits], "images": counts})
             lines.append(f"  - {{name: {name}, data: {name}, classes: [{DIGIT_NAMES[digits[0]]}, "
                          f"{DIGIT_NAMES[digits[1]]}]}}")
-        (root / "tasks.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_file(root / "tasks.yaml", "\n".join(lines) + "\n", overwrite=False)  # last: the data is complete
+    except FileExistsError:
+        raise DemoDataError(f"{root / 'tasks.yaml'} appeared while writing the demo data; left it as it was") from None
     except OSError as exc:
         raise DemoDataError(f"cannot write demo data to {root}: {exc.strerror or exc}") from None
     return summary
+
+
+def demo_cnn(classes: int = 10, seed: int = 0) -> Any:
+    """A small CNN (three conv-BN-ReLU stages, ~94k parameters) that learns the demo digits from scratch in
+    seconds on a CPU: the learner of the online tests and benchmark (``peftc.compile(spec, demo_cnn())``)."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stages: list[nn.Module] = []
+        for c_in, c_out in ((3, 32), (32, 64), (64, 128)):
+            stages += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            stages.append(nn.MaxPool2d(2) if c_out < 128 else nn.AdaptiveAvgPool2d(1))
+        return nn.Sequential(*stages, nn.Flatten(), nn.Linear(128, classes))

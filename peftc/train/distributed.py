@@ -21,7 +21,7 @@ import torch
 
 from peftc.errors import PeftcError
 
-__all__ = ["DistContext", "DistributedError", "env_world", "setup", "teardown"]
+__all__ = ["DistContext", "DistributedError", "cuda_usable", "env_world", "resolve_device", "setup", "teardown"]
 
 
 class DistributedError(PeftcError):
@@ -85,12 +85,27 @@ def env_world(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | No
     return rank, world, local
 
 
+def cuda_usable() -> bool:
+    """CUDA is there *and* works: a driver too old for this torch build reports a device, then fails on use."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
 def resolve_device(requested: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; under torchrun ``cuda`` means this process's local GPU."""
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``auto`` is CUDA when it really works, else the CPU; under
+    torchrun ``cuda`` means this process's local GPU."""
+    if requested == "auto":
+        requested = "cuda" if cuda_usable() else "cpu"
     if requested == "cpu":
         return torch.device("cpu")
     if not requested.startswith("cuda"):
-        raise DistributedError(f"--device must be cpu or cuda[:N], got {requested!r}")
+        raise DistributedError(f"--device must be auto, cpu or cuda[:N], got {requested!r}")
     if not torch.cuda.is_available():
         raise DistributedError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
     if requested == "cuda":
@@ -99,13 +114,13 @@ def resolve_device(requested: str, local_rank: int = 0, distributed: bool = Fals
         try:
             index = int(requested.split(":", 1)[1])
         except ValueError:
-            raise DistributedError(f"--device must be cpu or cuda[:N], got {requested!r}") from None
+            raise DistributedError(f"--device must be auto, cpu or cuda[:N], got {requested!r}") from None
     if index >= torch.cuda.device_count():
         raise DistributedError(f"cuda:{index} does not exist ({torch.cuda.device_count()} CUDA devices)")
     return torch.device("cuda", index)
 
 
-def setup(device: str = "cpu", env: Mapping[str, str] | None = None) -> DistContext:
+def setup(device: str = "auto", env: Mapping[str, str] | None = None) -> DistContext:
     """Join the process group when launched by torchrun; returns this process's context."""
     found = env_world(env)
     if found is None or found[1] == 1:

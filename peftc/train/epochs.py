@@ -9,6 +9,7 @@ uninterrupted one on the same hardware.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from peftc.language import TrainSection
 from peftc.train.context import TaskRun, batches
 from peftc.train.recipe import LRSchedule, build_optimizer
 from peftc.train.stages import Stage
+from peftc.train.step import Stepper, average_gradients, optimizer_steps
 
 __all__ = ["StageOutcome", "run_stage"]
 
@@ -42,10 +44,17 @@ class StageOutcome:
 
 
 def _wrap(run: TaskRun, stage: Stage) -> nn.Module | None:
-    if not run.dist.enabled or not stage.ddp:
-        return None
-    device_ids = [run.device.index] if run.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids, find_unused_parameters=True)
+    """The module the stage's loss runs through: DDP when distributed (not with FSDP, whose trained tensors are
+    plain and averaged by the stepper), compiled with ``--compile``; None = the model itself, eager."""
+    module: nn.Module | None = None
+    if run.dist.enabled and stage.ddp and run.sharding is None:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids, find_unused_parameters=True)
+    run.ddp = module
+    if run.compile:
+        # fullgraph: a graph break is an error, not a silent fallback to eager (tests train with it)
+        module = torch.compile(run.model if module is None else module, fullgraph=True)
+    return module
 
 
 def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resume: dict[str, Any] | None,
@@ -53,7 +62,7 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
               ) -> StageOutcome:
     """Train one stage for ``recipe.epochs`` epochs (fewer with early stopping); see the module docstring."""
     per_batch = run.dist.per_process_batch(recipe.batch_size)
-    lr = recipe.effective_lr()
+    lr = recipe.effective_lr()  # for the effective batch: batch_size × accumulate
     epochs = recipe.epochs
     outcome = StageOutcome(stage.label, 0)
     stage.begin()
@@ -62,8 +71,11 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
         return outcome
     params = stage.parameters()
     optimizer = build_optimizer(params, recipe, lr)
-    steps_per_epoch = len(run.train_loader(per_batch, index, 0))
-    schedule = LRSchedule(optimizer, recipe.scheduler, steps_per_epoch, epochs)
+    batches_per_epoch = len(run.train_loader(per_batch, index, 0))
+    schedule = LRSchedule(optimizer, recipe.scheduler, optimizer_steps(batches_per_epoch, recipe.accumulate), epochs)
+    average = (lambda ps: average_gradients(ps, run.dist.world, run.device)) if (
+        run.dist.enabled and (not stage.ddp or run.sharding is not None)) else None  # FSDP leaves them to us
+    stepper = Stepper(optimizer, schedule, params, run.precision, recipe.accumulate, recipe.grad_clip, average)
     start, best, bad = 0, None, 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer_state"])
@@ -78,14 +90,17 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
     run.forward_module = _wrap(run, stage)
     patience = recipe.early_stop
     title = f"{run.task} · {stage.label}"
-    run.reporter.start(title, steps_per_epoch * (epochs - start))
+    run.reporter.start(title, batches_per_epoch * (epochs - start))
     try:
         for epoch in range(start, epochs):
             if stage.begin_epoch(epoch, epochs) and run.dist.enabled:
                 run.forward_module = _wrap(run, stage)  # DDP fixes its parameter set at construction
-            record = _epoch(run, stage, recipe, optimizer, schedule, params, per_batch, index, epoch)
-            accuracy = stage.validate()
+            record = _epoch(run, stage, stepper, per_batch, index, epoch)
+            with run.sharding.gathered() if run.sharding is not None else contextlib.nullcontext():
+                accuracy = stage.validate()  # any stage's evaluation: its shards are not padded
             record["val_accuracy"] = accuracy
+            if run.log is not None:
+                run.log.epoch(record)
             improved = accuracy is not None and (outcome.best_accuracy is None or accuracy > outcome.best_accuracy)
             if improved:
                 outcome.best_accuracy, outcome.best_epoch, bad = accuracy, epoch, 0
@@ -119,62 +134,52 @@ def run_stage(run: TaskRun, stage: Stage, recipe: TrainSection, index: int, resu
     return outcome
 
 
-def _epoch(run: TaskRun, stage: Stage, recipe: TrainSection, optimizer: torch.optim.Optimizer,
-           schedule: LRSchedule, params: list[nn.Parameter], per_batch: int, index: int, epoch: int) -> dict[str, Any]:
+def _epoch(run: TaskRun, stage: Stage, stepper: Stepper, per_batch: int, index: int, epoch: int) -> dict[str, Any]:
     run.model.train()
     loader = run.train_loader(per_batch, index, epoch)
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    started = time.perf_counter()
+    samples = len(loader.sampler)  # type: ignore[arg-type]
+    stepper.start_epoch(samples - (samples % per_batch if loader.drop_last else 0), len(loader), per_batch)
+    started = last = time.perf_counter()
     total_loss, seen, steps, corrupt_before = 0.0, 0, 0, len(run.corrupt)
-    for step, (images, labels, bad) in enumerate(batches(loader, run.device)):
+    step_loss, step_images = 0.0, 0
+    for batch, (images, labels, bad) in enumerate(batches(loader, run.device, run.memory_format)):
         run.note_corrupt(bad)
         if labels.numel() == 0:
             continue
-        loss = stage.loss(images, labels)
-        if not torch.isfinite(loss):
-            from peftc.errors import PeftcError
+        with stepper.sync(run.ddp, batch):
+            with run.precision.autocast():
+                loss = stage.loss(images, labels)
+            if not torch.isfinite(loss):
+                from peftc.errors import PeftcError
 
-            raise PeftcError(f"task {run.task!r}, stage {stage.label!r}: the loss became {loss.item()} at epoch "
-                             f"{epoch + 1}, step {step + 1}; lower the learning rate (train.lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if run.dist.enabled and not stage.ddp:
-            _average_gradients(params, run)
-        if recipe.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        schedule.step()
+                raise PeftcError(f"task {run.task!r}, stage {stage.label!r}: the loss became {loss.item()} at epoch "
+                                 f"{epoch + 1}, step {batch + 1}; lower the learning rate (train.lr)")
+            lr = stepper.schedule.lr  # the lr this step updates with (the schedule moves on after it)
+            stepped = stepper.backward(batch, loss, len(labels))
         value = float(loss.detach())
         total_loss += value * len(labels)
         seen += len(labels)
-        steps += 1
+        step_loss += value * len(labels)
+        step_images += len(labels)
         run.reporter.step(len(labels) * run.dist.world, value)
+        if stepped:
+            steps += 1
+            now = time.perf_counter()
+            if run.log is not None:
+                speed = round(step_images * run.dist.world / max(now - last, 1e-9), 1)
+                run.log.step({"stage": stage.label, "epoch": epoch + 1, "step": steps,
+                              "global_step": stepper.schedule.step_count, "loss": step_loss / step_images,
+                              "lr": lr, "images_per_second": speed})
+            last, step_loss, step_images = now, 0.0, 0
         if run.hooks.on_step is not None:
-            run.hooks.on_step(run, stage, epoch, step, value)
+            run.hooks.on_step(run, stage, epoch, batch, value)
+    stepper.update()  # a group cut short by skipped batches
     loss_sum, count = run.dist.sum([total_loss, seen])
     seconds = time.perf_counter() - started
     return {"stage": stage.label, "epoch": epoch + 1, "loss": loss_sum / count if count else math.nan,
-            "lr": schedule.lr, "images": int(count), "steps": steps, "seconds": round(seconds, 3),
+            "lr": stepper.schedule.lr, "images": int(count), "steps": steps, "seconds": round(seconds, 3),
             "images_per_second": round(count / seconds, 1) if seconds > 0 else None,
             "corrupt_skipped": len(run.corrupt) - corrupt_before}
-
-
-def _average_gradients(params: list[nn.Parameter], run: TaskRun) -> None:
-    """Mean of every gradient over the processes (for stages whose loss does not go through DDP).
-
-    A parameter without a gradient on some process joins with zeros; one without a gradient anywhere keeps
-    none, so the optimizer skips it as it would in a single process.
-    """
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=run.device)
-    torch.distributed.all_reduce(has)
-    for p, flag in zip(params, has.tolist()):
-        if not flag:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad.div_(run.dist.world)
 
 
 def _line(label: str, epoch: int, epochs: int, record: dict[str, Any], improved: bool) -> str:

@@ -13,11 +13,11 @@ interruption between the two writes is resumed, never mistaken for a finished ta
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from peftc.storage.artifact import read_manifest
+from peftc.storage.atomic import write_file
 from peftc.train.data import DataError
 
 __all__ = ["TRAIN_DIR", "Journal"]
@@ -37,8 +37,11 @@ class Journal:
         if self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise DataError(f"{self.path} is unreadable: {exc}") from None
+            shape = self.data if isinstance(self.data, dict) else {}
+            if not isinstance(shape.get("tasks"), dict) or not isinstance(shape.get("order"), list):
+                raise DataError(f"{self.path} is not a peftc training journal (expected 'tasks' and 'order')")
 
     def task(self, name: str) -> dict[str, Any] | None:
         return self.data["tasks"].get(name)
@@ -61,7 +64,4 @@ class Journal:
         self.write()
 
     def write(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{FILE}.partial")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_file(self.path, json.dumps(self.data, indent=1, default=str) + "\n")

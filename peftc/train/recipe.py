@@ -30,7 +30,7 @@ class RecipeError(PeftcError):
 
 def parse_recipe_overrides(items: Iterable[str] | None) -> dict[str, Any]:
     """``["lr=0.01", "scheduler.name=cosine"]`` → a nested mapping (values read as YAML)."""
-    import yaml
+    from peftc.language.reader import read_yaml
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -38,9 +38,9 @@ def parse_recipe_overrides(items: Iterable[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise RecipeError(f"--recipe expects key=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = read_yaml(raw, None, RecipeError).data if raw.strip() else ""
+        except RecipeError:
+            value = raw  # not YAML: the text itself
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from peftc.compiler import load
+from peftc.storage.atomic import write_file
 from peftc.train.data import SequenceError, discover, read_sequence
 from peftc.train.distributed import setup
-from peftc.train.evaluate import evaluate_model
+from peftc.train.evaluation import evaluate_model
 from peftc.train.journal import TRAIN_DIR, Journal
-from peftc.train.metrics import continual_metrics, heatmap
+from peftc.train.metrics import DEFINITIONS, continual_metrics, heatmap
 from peftc.train.progress import Reporter
 from peftc.train.task import TrainError, TrainOptions, train_task
 
@@ -38,15 +38,12 @@ ACCURACY_PNG = "accuracy.png"
 
 
 def _write(directory: Path, record: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{ACCURACY_JSON}.partial"
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / ACCURACY_JSON)
+    write_file(directory / ACCURACY_JSON, json.dumps(record, indent=1) + "\n")
 
 
 def _check_selection(artifact: Path, options: TrainOptions) -> None:
     """Refuse ``select`` before training when the method has no task selection (not after the whole sequence)."""
-    from peftc.train.evaluate import EvalError, task_predictor
+    from peftc.train.evaluation import EvalError, task_predictor
     from peftc.train.heads import get_head
     from peftc.train.recipe import resolve
 
@@ -73,6 +70,15 @@ def _row(model: Any, names: list[str], i: int, data: dict[str, Any], settings: d
     return row
 
 
+def _metrics(matrix: list[list[float | None]], starts: list[dict[str, float]]) -> dict[str, Any]:
+    """The metrics, with forward transfer when every task has its start and untrained accuracy, and what each
+    key means (``metrics.DEFINITIONS``)."""
+    before = [s.get("start_accuracy") for s in starts]
+    baselines = [s.get("untrained_accuracy") for s in starts]
+    return {**continual_metrics(matrix, before=before, baselines=baselines), "start_accuracy": before,
+            "untrained_accuracy": baselines, "definitions": DEFINITIONS}
+
+
 def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOptions | None = None,
                    *, select: bool = False) -> dict[str, Any]:
     """Train every task of ``sequence`` in order on the artifact; returns the accuracy matrix and metrics."""
@@ -97,12 +103,18 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
     data = {}
     settings: dict[str, tuple[int, str]] = {}
     finished = [journal.finished(t.name) for t in seq.tasks]
+    untrained = None  # forward transfer's baseline: the shared state before any task trained (a fresh sequence)
+    if not any(finished) and not journal.trained_tasks():
+        model = load(artifact)
+        untrained = {k: v.clone() for k, v in model.shared_state().items()}
+    starts: list[dict[str, float]] = []
     for i, task in enumerate(seq.tasks):
         if finished[i]:
             if not options.resume:
                 raise TrainError(f"task {task.name!r} of the sequence is already trained in {artifact}; pass "
                                  "--resume to continue the sequence, or use a fresh artifact")
             entry = journal.task(task.name) or {}
+            starts.append(entry.get("start_accuracy") or {})
             data[task.name] = discover(task.data, entry.get("classes"), seed=entry.get("seed", options.seed))
             settings[task.name] = (entry.get("image_size"), (entry.get("recipe") or {}).get("augment", "standard"))
             reporter.note(f"task {i + 1}/{len(names)} {task.name}: already trained")
@@ -120,9 +132,11 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
         epochs = options.epochs or task.epochs or seq.epochs
         task_options = dataclasses.replace(options, classes=task.classes, epochs=epochs)
         reporter.note(f"[bold]task {i + 1}/{len(names)}: {task.name}[/]")
-        result = train_task(artifact, task.name, task.data, task_options, model=model, dist=dist, reporter=reporter)
+        result = train_task(artifact, task.name, task.data, task_options, model=model, dist=dist, reporter=reporter,
+                            untrained=untrained)
         model = result.model
         summaries.append(result.summary)
+        starts.append({k: result.summary[k] for k in ("start_accuracy", "untrained_accuracy") if k in result.summary})
         entry = Journal(artifact).task(task.name) or {}
         data[task.name] = discover(task.data, result.summary["classes"], seed=entry.get("seed", options.seed))
         settings[task.name] = (result.summary["image_size"], (entry.get("recipe") or {}).get("augment", "standard"))
@@ -131,9 +145,9 @@ def train_sequence(artifact: str | Path, sequence: str | Path, options: TrainOpt
         reporter.note("  accuracy after " + task.name + ": "
                       + "  ".join(f"{n} {a:.3f}" for n, a in zip(names, row) if a is not None))
         if dist.main:
-            _write(out_dir, {"tasks": names, "matrix": matrix, **continual_metrics(matrix)})
+            _write(out_dir, {"tasks": names, "matrix": matrix, **_metrics(matrix, starts)})
     record: dict[str, Any] = {"artifact": str(artifact), "tasks": names, "matrix": matrix,
-                              **continual_metrics(matrix), "trained": [s["task"] for s in summaries]}
+                              **_metrics(matrix, starts), "trained": [s["task"] for s in summaries]}
     if select:
 
         model = model or load(artifact).to(dist.device)

@@ -21,14 +21,17 @@ import torch
 from peftc.errors import PeftcError
 from peftc.language import StageDecl, TrainSection
 from peftc.train.checkpoint import Checkpoint
-from peftc.train.context import Hooks, TaskRun
+from peftc.train.context import Hooks, TaskRun, default_workers
 from peftc.train.data import discover
 from peftc.train.distributed import DistContext, setup
 from peftc.train.epochs import StageOutcome, run_stage
 from peftc.train.heads import get_head
 from peftc.train.journal import TRAIN_DIR, Journal
+from peftc.train.logs import RunLog
+from peftc.train.precision import FrozenCast, Precision, cast_frozen, restore_frozen
 from peftc.train.progress import Reporter
 from peftc.train.recipe import resolve, stage_recipe
+from peftc.train.sharding import SHARDINGS, Sharding, ShardingError, shard_model
 from peftc.train.stages import make_stage
 
 __all__ = ["TaskResult", "TrainError", "TrainOptions", "train_task"]
@@ -53,14 +56,23 @@ class TrainOptions:
     classes: Sequence[str] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)  # recipe keys (--recipe, --lr, --batch-size, ...)
     epochs: int | None = None  # overrides the recipe's epochs and caps every stage's
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when it really works, else CPU
     resume: bool = False
     seed: int = 0
     image_size: int | None = None
-    workers: int = 0
+    workers: int | None = 0  # DataLoader workers; None: min(8, CPUs) (the CLI's default)
     val_fraction: float = 0.2
     quiet: bool = False
     hooks: Hooks = field(default_factory=Hooks)
+    frozen_dtype: str | None = None  # bf16 | fp16: frozen conv/linear weights stored in 16 bits (peftc.train.precision)
+    compile: bool = False  # torch.compile the training forward (and its backward)
+    channels_last: bool | None = None  # None: on for CNNs on CUDA
+    log: tuple[str, ...] = ()  # extra loggers beside JSONL + CSV: "tensorboard"
+    sharding: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (frozen weights sharded; peftc.train.sharding)
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = default_workers()
 
 
 def _checkpoint(artifact: Path, task: str) -> Checkpoint:
@@ -125,14 +137,18 @@ def _add_task(model: Any, task: str, classes: int) -> None:
 
 
 def train_task(artifact: str | Path, task: str, data: str | Path, options: TrainOptions | None = None,
-               *, model: Any = None, dist: DistContext | None = None, reporter: Reporter | None = None
-               ) -> TaskResult:
+               *, model: Any = None, dist: DistContext | None = None, reporter: Reporter | None = None,
+               untrained: dict[str, torch.Tensor] | None = None) -> TaskResult:
     """Train ``task`` of the artifact at ``artifact`` on the data at ``data``; returns a summary (JSON-able).
 
     ``model`` may be the artifact already in memory (a sequence passes it on from task to task); it is
-    trained in place. Returns the JSON-able summary and the trained model.
+    trained in place. Returns the JSON-able summary and the trained model. Before training, the new task's
+    validation accuracy is measured (``start_accuracy``: a[j-1][j] of forward transfer) and, given the
+    ``untrained`` shared state of a sequence's start, also with that state (``untrained_accuracy``: b_j).
     """
     options = options or TrainOptions()
+    if options.sharding not in SHARDINGS:
+        raise ShardingError(f"--sharding must be one of {', '.join(SHARDINGS)}, got {options.sharding!r}")
     artifact = Path(artifact)
     dist = dist or setup(options.device)
     reporter = reporter or Reporter(quiet=options.quiet or not dist.main, warnings=dist.main)
@@ -168,6 +184,7 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     _add_task(model, task, len(task_data.classes))
     model.set_task(task)
     model.to(dist.device)
+    precision, memory_format, frozen, sharding = _hardware(model, recipe, options, dist, reporter)
     seen = [*(t for t in journal.trained_tasks() if t != task), task]
     offset = (state or {}).get("offset")
     if offset is None:
@@ -175,12 +192,71 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
     image_size = (state or {}).get("image_size") or options.image_size or int(model.backbone.input_size[-1])
     head = get_head(recipe.head, model.spec.locate(("train", "head")))
     memory = head.open_memory(artifact / TRAIN_DIR, recipe)
+    log = RunLog(artifact / TRAIN_DIR / task / "log", fresh=state is None, loggers=options.log) if dist.main else None
     run = TaskRun(model, task, task_data, recipe, dist, reporter, artifact, seed=seed, image_size=image_size,
-                  workers=options.workers, hooks=options.hooks, memory=memory,
-                  offset=offset, seen_tasks=seen)
+                  workers=int(options.workers or 0), hooks=options.hooks, memory=memory,
+                  offset=offset, seen_tasks=seen, precision=precision, compile=options.compile,
+                  memory_format=memory_format, log=log, sharding=sharding)
+    try:
+        start = _start_accuracy(run, untrained) if state is None else (state.get("start_accuracy") or {})
+        return _train(run, artifact, task, data, task_data, options, journal, state, ckpt, started, head, frozen,
+                      start)
+    finally:
+        run.close()
+
+
+def _hardware(model: Any, recipe: TrainSection, options: TrainOptions, dist: DistContext, reporter: Reporter
+              ) -> tuple[Precision, torch.memory_format, FrozenCast | None, Sharding | None]:
+    """How the model computes on this hardware: precision, memory format, 16-bit frozen weights, FSDP."""
+    precision = Precision(recipe.precision, dist.device)
+    memory_format = _memory_format(model, dist.device, options.channels_last)
+    if memory_format is torch.channels_last:
+        model.to(memory_format=memory_format)
+    frozen = cast_frozen(model, options.frozen_dtype, precision)
+    if frozen is not None:
+        reporter.note(f"frozen conv/linear weights in {options.frozen_dtype}: {frozen.bytes_before / 2**20:,.1f} MiB → "
+                      f"{frozen.bytes_after / 2**20:,.1f} MiB ({len(frozen.names)} tensors)")
+    sharding = None
+    if options.sharding == "fsdp":
+        sharding = shard_model(model, dist, options.frozen_dtype)
+        reporter.note(f"FSDP: {sharding.tensors} frozen tensors sharded over {dist.world} processes")
+    return precision, memory_format, frozen, sharding
+
+
+def _start_accuracy(run: TaskRun, untrained: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """The new task's accuracy before any training, with the model as it is and with the untrained shared state
+    (forward transfer's a[j-1][j] and b_j); the random generators are left as they were."""
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        out = {"start_accuracy": run.validate()}
+        if untrained is not None:
+            shared = run.model.shared_state()
+            now = {k: shared[k].clone() for k in untrained}
+            with torch.no_grad():
+                for key, value in untrained.items():
+                    shared[key].copy_(value)
+                out["untrained_accuracy"] = run.validate()
+                for key, value in now.items():
+                    shared[key].copy_(value)
+    return out
+
+
+def _memory_format(model: Any, device: torch.device, asked: bool | None) -> torch.memory_format:
+    """channels_last for a CNN when asked, or by default on CUDA (where cuDNN's NHWC kernels are faster)."""
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    wanted = device.type == "cuda" if asked is None else asked
+    return torch.channels_last if wanted and has_conv else torch.contiguous_format
+
+
+def _train(run: TaskRun, artifact: Path, task: str, data: str | Path, task_data: Any, options: TrainOptions,
+           journal: Journal, state: dict[str, Any] | None, ckpt: Checkpoint, started: float, head: Any,
+           frozen: FrozenCast | None, start: dict[str, float]) -> TaskResult:
+    """The stages of one task, then the journal and the artifact (see :func:`train_task`)."""
+    model, recipe, dist, reporter, memory = run.model, run.recipe, run.dist, run.reporter, run.memory
+    seed, image_size, offset = run.seed, run.image_size, run.offset
     info = {"classes": list(task_data.classes), "data": str(Path(data).resolve()),
             "recipe": recipe.model_dump(mode="json"),
-            "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset}
+            "seed": seed, "image_size": image_size, "head": recipe.head, "offset": offset, "start_accuracy": start}
     decls = recipe.stages or [StageDecl(stage="fit")]
     outcomes: list[dict[str, Any]] = list((state or {}).get("outcomes", []))
     recipes = [stage_recipe(recipe, decl, options.epochs) for decl in decls]
@@ -211,7 +287,10 @@ def train_task(artifact: str | Path, task: str, data: str | Path, options: Train
             ckpt.write(model, {**base, "outcomes": outcomes, "epoch": -1, "stage_done": True})
         dist.barrier()
     accuracy = run.validate() if any(s.validates for s in stages) else None
-    summary = _summary(run, task_data, outcomes, accuracy, time.perf_counter() - started)
+    summary = {**_summary(run, task_data, outcomes, accuracy, time.perf_counter() - started), **start}
+    if run.sharding is not None:
+        run.sharding.gather()  # plain tensors for the save and the sequence's evaluations
+    restore_frozen(model, frozen)
     if dist.main:
         if memory is not None:
             head.close_memory(memory, artifact / TRAIN_DIR, task, task_data.train, len(task_data.classes),

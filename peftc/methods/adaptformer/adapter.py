@@ -32,19 +32,20 @@ class AdapterArgs(BlockArgs):
     bits: Literal[1, 2, 4, 8, 32] = 32
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     up_init: Literal["auto", "zeros", "trunc_normal"] = "auto"  # auto: zeros at 32 bits, else trunc_normal
+    act: Literal["relu", "gelu"] = "relu"  # AdaptFormer: ReLU; MemVP's vision adapters: GELU
 
 
 class Adapter(Block):
     """Bottleneck ``up(dropout(relu(down(x))))`` over the last dimension, weights quantised to ``bits``."""
 
     def __init__(self, features: int, dim: int = 32, bits: int = 32, dropout: float = 0.1,
-                 up_init: str = "auto"):
+                 up_init: str = "auto", act: str = "relu"):
         super().__init__()
         self.features = features
         self.dim = dim
         self.bits = bits
         self.down = QuantLinear(features, dim, bits)
-        self.act = nn.ReLU()
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.up = QuantLinear(dim, features, bits)
         if up_init == "auto":
@@ -64,10 +65,10 @@ class Adapter(Block):
 
 @register_block("adapter", args=AdapterArgs, suffix="adapter")
 def adapter(site: Site, args: AdapterArgs) -> Adapter:
-    """AdaptFormer bottleneck adapter (down, ReLU, dropout, up; bias-free), optionally 1/2-bit quantised.
+    """AdaptFormer bottleneck adapter (down, ReLU or GELU, dropout, up; bias-free), optionally 1/2-bit quantised.
 
     Its Linears act on the last dimension, so that is its width: ``B×N×C`` tokens, and the channels-last
     ``B×H×W×C`` / ``B×G×P×C`` token grids of hierarchical transformers (Swin, MaxViT) alike."""
     shape = site.shape("output")
     features = int(shape[-1]) if shape is not None and len(shape) >= 2 else site.channels("output")
-    return Adapter(features, args.dim, args.bits, args.dropout, args.up_init)
+    return Adapter(features, args.dim, args.bits, args.dropout, args.up_init, args.act)

@@ -1,3 +1,4 @@
-"""TaER — task-aware experience replay: the ``taer`` training head (replay memory, incremental classifier)."""
+"""TaER — task-aware experience replay: the ``taer`` training head (replay memory, incremental classifier) and
+its task-free reading as the ``taer`` online learner."""
 
-from peftc.methods.taer import head  # noqa: F401  (registration)
+from peftc.methods.taer import head, online  # noqa: F401  (registration)

@@ -187,13 +187,13 @@ class ReplayBuffer:
 
     # -- persistence (safetensors + JSON metadata, no pickles) ------------------------------------------------
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tmp = path.with_name(f".{path.name}.partial")
+        from peftc.storage.atomic import write_file
+
         meta = {"memory": str(self.memory), "tasks": json.dumps(self.tasks), "classes": json.dumps(self.classes)}
-        save_file({"images": self.images.contiguous(), "labels": self.labels, "tasks": self.task_index}, str(tmp),
-                  metadata=meta)
-        tmp.replace(path)
+        write_file(path, save({"images": self.images.contiguous(), "labels": self.labels, "tasks": self.task_index},
+                              metadata=meta))
 
     @classmethod
     def load(cls, path: Path, memory: int) -> ReplayBuffer:

@@ -42,7 +42,6 @@ import math
 import os
 import random
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ from torch import nn
 from peftc.errors import ArtifactError, PeftcError
 from peftc.methods.tocom.tocom import compensators, set_compression
 from peftc.methods.tome.tome import set_r, token_merges
-from peftc.storage.artifact import replace_directory
+from peftc.storage.atomic import replace_directory, staging_dir
 from peftc.train.checkpoint import optimizer_from_files, optimizer_to_files
 
 __all__ = ["DistillResult", "distill", "distillation_kl", "soft_target_kl"]
@@ -200,9 +199,7 @@ def _write_checkpoint(directory: Path, model: nn.Module, named: Mapping[str, nn.
         "losses": losses,
     }
     directory = directory.resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = staging_dir(directory)
     try:
         save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, str(staging / _PLUGIN))
         save_file(tensors, str(staging / _OPTIM))
