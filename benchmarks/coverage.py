@@ -115,6 +115,9 @@ def cell(spec: str, bb: Any, x: Any, ref: Any, extra: dict[str, Any]) -> dict[st
         return {"status": "fail", "reason": f"{type(exc).__name__}: {_first_line(exc)} "
                 f"({Path(where.filename).name}:{where.lineno})", "compile_s": time.perf_counter() - start}
     seconds = time.perf_counter() - start
+    idle = _adapts_nothing(model)
+    if idle:
+        return {"status": "n/a", "reason": idle, "compile_s": seconds}
     result: dict[str, Any] = {"status": "ok", "compile_s": seconds, "added_params": model.report.added_params,
                               "trainable_params": model.report.trainable_params}
     try:
@@ -134,6 +137,18 @@ def cell(spec: str, bb: Any, x: Any, ref: Any, extra: dict[str, Any]) -> dict[st
             return {**result, "status": "fail", "reason": model}
     problem = _train_step(model, x)
     return {**result, "status": "fail", "reason": problem} if problem else result
+
+
+def _adapts_nothing(model: Any) -> str | None:
+    """A spec whose rules that add parameters (other than the head) all matched nothing — their selectors are
+    optional so that one spec serves CNNs and ViTs — compiles to a linear probe: that is not the method."""
+    from peftc.language import get_primitive
+
+    adding = [r.label for r in model.spec.rules if get_primitive(r.op).adds_params and r.op != "head"]
+    applied = {r.label for r in model.report.rules}
+    if not adding or any(label in applied for label in adding):
+        return None
+    return f"compiles, but none of its rules {', '.join(adding)} matches a node of this model: only the head trains"
 
 
 def _train_step(model: Any, x: Any) -> str | None:
@@ -246,8 +261,9 @@ def main() -> None:
     specs = sorted(args.specs or builtin_specs())
     backbones = args.only or (QUICK if args.quick else BACKBONES)
     partial = bool(args.only or args.specs or args.quick)  # a partial run updates its cells in the last matrix
-    rows: dict[str, dict[str, Any]] = json.loads(RESULT.read_text())["rows"] if partial and RESULT.is_file() else {}
-    every = sorted(builtin_specs()) if partial else specs
+    last = json.loads(RESULT.read_text()) if partial and RESULT.is_file() else {"rows": {}, "specs": []}
+    rows: dict[str, dict[str, Any]] = last["rows"]
+    every = sorted({*last["specs"], *specs})
     for backbone in backbones:  # written after every backbone: a long run interrupted keeps what it measured
         fresh = row(backbone, specs)
         old = rows.get(backbone, {"cells": {}})
