@@ -45,7 +45,7 @@ SMALL = 64  # the image side tried first; a model that needs its own size gets i
 TOL = 1e-5  # identity at init, relative to the output's scale (max |y|, at least 1)
 # params that make a spec equal to its backbone at init: token merging at r = 0, a head copied from the backbone
 IDENTITY_PARAMS: dict[str, dict[str, Any]] = {"tome": {"r": 0}, "tocom": {"r": 0}, "linear_probe": {"init": "backbone"}}
-NOT_IDENTITY = {"replacement"}  # tied blocks compute with their neighbours' parameters from the start
+NOT_IDENTITY = {"replacement", "memvp"}  # tied blocks use their neighbours' parameters; MemVP writes its memory at init
 
 
 def _image(bb: Any) -> Any:
@@ -84,14 +84,19 @@ def _output(model: Any, x: Any) -> Any:
 
     new = [r.detail["module"] for r in model.ledger.rewrites if r.action == "head" and r.detail.get("new")]
     if not new:
-        return model(x)
+        return _run(model, x)
     seen: list[Any] = []
     hook = model.net.get_submodule(new[0]).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     try:
-        model(x)
+        _run(model, x)
     finally:
         hook.remove()
     return torch.as_tensor(seen[0])
+
+
+def _run(model: Any, x: Any) -> Any:
+    """``model(x)``, with seeded example values for the second inputs a spec's ``stream`` rules add (MemVP)."""
+    return model(x, **model.stream_examples(x.shape[0]))
 
 
 def cell(spec: str, bb: Any, x: Any, ref: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +165,7 @@ def _train_step(model: Any, x: Any) -> str | None:
         return None  # trains nothing (token merging)
     model.train()
     try:
-        model(torch.cat([x, x.flip(-1)])).float().square().mean().backward()
+        _run(model, torch.cat([x, x.flip(-1)])).float().square().mean().backward()
     except Exception as exc:
         return f"train step: {type(exc).__name__}: {_first_line(exc)}"
     finally:
@@ -180,7 +185,7 @@ def _with_defaults(spec: str, bb: Any, x: Any, extra: dict[str, Any]) -> Any:
     try:
         model = peftc.compile(spec, copy.deepcopy(bb), params=extra)
         with torch.no_grad():
-            model.eval()(x)
+            _run(model.eval(), x)
     except Exception as exc:
         return f"with default params: {type(exc).__name__}: {_first_line(exc)}"
     return model
