@@ -343,6 +343,13 @@ def _generic(data: dict[str, Any]) -> str:
     return "\n\n".join(parts) or "(no tables in this result file)"
 
 
+def _coverage(data: dict[str, Any]) -> str:
+    n = data["counts"]
+    return (f"{len(data['rows'])} backbones × {len(data['specs'])} specs: **{n['ok']} pairs apply and work**, "
+            f"{n['n/a']} do not apply (each with the compiler's reason), {n['fail']} fail. The matrix, with compile "
+            "time and identity error per cell, is in [backbones.md](backbones.md).")
+
+
 def _online(data: dict[str, Any]) -> str:
     cfg = data.get("config", {})
     metrics = ("average_accuracy", "average_incremental_accuracy", "forgetting", "final_recent_share")
@@ -360,7 +367,7 @@ def _online(data: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "compile_time": _compile, "train_step": _train_step, "storage": _storage, "tome": _tome, "deploy": _deploy,
-    "replacement": _replacement, "online": _online, "trainer": _trainer}
+    "replacement": _replacement, "online": _online, "trainer": _trainer, "coverage": _coverage}
 PLOTS_OF = {"compile_time": ["compile_time"], "train_step": ["ratios", "memory"], "tome": ["tome_throughput"],
             "storage": []}
 

@@ -50,6 +50,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           "ER-ACE and TaER"),
     Suite("trainer", "trainer", "trainer", "Trainer: peftc train vs a hand-written loop, and the loader alone"),
     Suite("memvp", "memvp", "memvp", "MemVP: visual tokens as FFN memory vs prompt concatenation vs text only"),
+    Suite("coverage", "coverage", "coverage", "Coverage: every built-in spec on every backbone family "
+          "(docs/backbones.md)"),
 )}
 
 

@@ -7,7 +7,7 @@ A method's own primitive lives in its room (``tie`` in :mod:`peftc.methods.repla
 
 from __future__ import annotations
 
-from peftc.passes import insert, ownership, parallel, replace, stream  # noqa: F401  (registration)
+from peftc.passes import head, insert, ownership, parallel, replace, stream  # noqa: F401  (registration)
 from peftc.passes.base import CompileState, Ledger, ModuleSlot, PassContext, Rewrite, StreamInput, TensorSlot
 
 __all__ = ["CompileState", "Ledger", "ModuleSlot", "PassContext", "Rewrite", "StreamInput", "TensorSlot"]

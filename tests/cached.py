@@ -22,9 +22,10 @@ def backbone(name: str, **kwargs: object) -> Backbone:
     return build_backbone(name, **kwargs)
 
 
-def module(name: str, img_size: int | None = None) -> nn.Module:
-    """The cached backbone's module (timm ViTs optionally built for ``img_size`` inputs), in eval mode."""
-    return backbone(name, **({"img_size": img_size} if img_size is not None else {})).module
+def module(name: str, img_size: int | None = None, **kwargs: object) -> nn.Module:
+    """The cached backbone's module (timm ViTs optionally built for ``img_size`` inputs, other builder arguments
+    in ``kwargs``), in eval mode."""
+    return backbone(name, **({"img_size": img_size} if img_size is not None else {}), **kwargs).module
 
 
 @cache

@@ -29,6 +29,10 @@ RESNET18 = "resnet18"
 VIT_TINY = "timm:vit_tiny_patch16_224"
 DEIT_SMALL = "timm:deit_small_patch16_224"
 VIT_B_16 = "vit_b_16"  # torchvision: nn.MultiheadAttention, canonicalised into qkv/proj Linears
+DINOV2 = "timm:vit_small_patch14_dinov2"  # rows of these four are built tiny (Row.build)
+CONVNEXT = "timm:convnext_atto"
+SWIN = "timm:swin_tiny_patch4_window7_224"
+BEIT = "timm:beit_base_patch16_224"
 
 # Golden diffs: backbone -> the example image size of its diff (None: the backbone's own, 224 for a ViT).
 GOLDEN_SIZES: dict[str, int | None] = {RESNET18: 64, VIT_TINY: None, VIT_B_16: None}
@@ -74,6 +78,7 @@ class Row:
     checks: frozenset[str] = ALL_CHECKS
     leaks: tuple[str, ...] = ()  # globs of tensors the spec makes task state that still change with another
     # task's training: a product bug, reported by test_task_isolation_tensors as an xfail until it is fixed
+    build: tuple[tuple[str, Any], ...] = ()  # builder arguments of a tiny configuration (the families' rows)
 
     @property
     def id(self) -> str:
@@ -92,12 +97,22 @@ class Row:
 
     def module(self) -> nn.Module:
         """The cached backbone module this row compiles on (never modified: compile works on a copy)."""
+        if self.build:
+            return cached.module(self.backbone, **dict(self.build))
         if self.backbone.startswith(("timm:vit_", "timm:deit_")) and self.size != 224:
             return cached.module(self.backbone, img_size=self.size)
         return cached.module(self.backbone)
 
     def image(self, batch: int = 2) -> torch.Tensor:
         return cached.image(self.size, batch)
+
+
+def _tiny(backbone: str, **kwargs: Any) -> tuple[tuple[str, Any], ...]:
+    """Builder arguments of a tiny ViT-like configuration (two blocks, width 32) plus ``kwargs``."""
+    base: dict[str, Any] = {"depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 5}
+    if backbone == DINOV2:
+        base["num_classes"] = 0
+    return tuple(sorted({**(base if "depths" not in kwargs else {"num_classes": 5}), **kwargs}.items()))
 
 
 def _na(spec: str, backbone: str, error: str) -> Row:
@@ -124,7 +139,7 @@ ROWS: list[Row] = [
     # full fine-tuning (every tensor shared by all tasks) and a per-task head; its method is the online learner
     Row("generative_ocl", RESNET18, tol=1e-6, shared=("conv1.*", "bn1.*", "layer*"), seeded=False),
     Row("linear_probe", RESNET18, identity_to=None),  # the head is re-initialised
-    _na("ln_tuning", RESNET18, "specs/ln_tuning.yaml:27:16: rules[1].replace.target.type: no node has type"),
+    _na("ln_tuning", RESNET18, "specs/ln_tuning.yaml:30:16: rules[1].replace.target.type: no node has type"),
     Row("lora", RESNET18, tol=1e-6, onnx="ci"),  # conv LoRA
     _na("memvp", RESNET18, "specs/memvp_vision.yaml:20:12: rules[1].parallel.to.role: no node plays role"),
     _na("memvp_vision", RESNET18, "specs/memvp_vision.yaml:20:12: rules[1].parallel.to.role: no node plays role"),
@@ -167,6 +182,20 @@ ROWS: list[Row] = [
       for b in (DEIT_SMALL, VIT_B_16)],
     Row("fact", DEIT_SMALL, {"rank": 4}, label="r4", size=224, checks=frozenset({"identity"})),
     Row("fact", VIT_B_16, {"variant": "tk", "rank": 4}, label="tk4", size=224, checks=frozenset({"identity"})),
+    # -- more families, tiny (docs/backbones.md has the full-size matrix) ----------------------------------------
+    # headless (num_classes=0): a new Linear after the pooled features, per task; output differs from the features
+    Row("lora", DINOV2, {"num_classes": 10}, label="headless", size=28, build=_tiny(DINOV2, img_size=28),
+        checks=frozenset({"roundtrip", "isolation", "new_task", "bytes"})),
+    # channels-first LayerNorm2d (stem, downsampling, pre-head norm) banked over dim 1; the key after the head norm
+    Row("ln_tuning", CONVNEXT, size=32, build=(("depths", (1, 1, 1, 1)), ("dims", (8, 16, 32, 64)), ("num_classes", 5)),
+        head="shared",
+        seeded=False, checks=frozenset({"identity", "roundtrip", "fold", "onnx"})),
+    # Swin: nn.Softmax attention, B×H×W×C grids, adapters per stage width
+    Row("adaptformer", SWIN, size=32, fold="partial", checks=frozenset({"identity", "roundtrip", "fold", "onnx"}),
+        build=_tiny(SWIN, img_size=32, window_size=4, depths=(1, 1), embed_dim=16, num_heads=(1, 2))),
+    # BEiT: fused qkv read through F.linear with a cat(q, 0, v) bias, traced as qkv(x) + bias
+    Row("fact", BEIT, size=32, checks=frozenset({"identity", "roundtrip", "fold", "onnx"}),
+        build=_tiny(BEIT, img_size=32)),
     # -- torchvision vit_b_16: golden diffs through the canonicalisation (identity: test_lora, test_ln_tuning) ----
     Row("lora", VIT_B_16, size=224, checks=frozenset({"golden"})),
     Row("ln_tuning", VIT_B_16, size=224, checks=frozenset({"golden"})),

@@ -242,3 +242,24 @@ def test_docs_page_from_fixture_results(tmp_path: Path) -> None:
     saved = json.loads((results / "summary.json").read_text())
     assert saved["invocation"]["suites"] == ["compile"]
     assert len(collect_checks({"summary": saved, "deploy": json.loads((results / "deploy.json").read_text())})) == 1
+
+
+def test_coverage_cells_and_table() -> None:
+    """One headless tiny ViT: LoRA applies (compared on the features its new head reads), ConFiT does not."""
+    import timm
+    import torch
+
+    from benchmarks import coverage
+    from peftc.analysis.backbones import from_module
+
+    torch.manual_seed(0)
+    bb = from_module(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=0).eval())
+    x, ref = coverage._image(bb)
+    assert x.shape[-1] == 32 and coverage.headless(bb)
+    ok = coverage.cell("lora", bb, x, ref, {"num_classes": 10})
+    assert ok["status"] == "ok" and ok["identity"] <= coverage.TOL, ok
+    na = coverage.cell("confit", bb, x, ref, {"num_classes": 10})
+    assert na["status"] == "n/a" and na["reason"].startswith("specs/confit.yaml:"), na
+    rows = {"tiny": {"image": 32, "cells": {"lora": ok, "confit": na}}}
+    assert coverage.counts(rows) == {"ok": 1, "n/a": 1, "fail": 0, "backbone_errors": 0}
+    assert "| `tiny` | ok (" in coverage.table(rows, ["lora", "confit"])

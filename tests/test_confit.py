@@ -150,3 +150,16 @@ def test_cross_conv_bn_needs_its_tracker(resnet18: nn.Module) -> None:
     doc = {"name": "t", "rules": [{"replace": {"target": {"role": "bn_after_conv"}, "block": "cross_conv_bn"}}]}
     with pytest.raises(peftc.PeftcError, match="needs an input_mean block right before 'conv1'"):
         peftc.compile(doc, resnet18)
+
+
+def test_batchnorm_with_a_fused_activation_is_refused() -> None:
+    """timm's BatchNormAct2d is a BatchNorm2d subclass that also activates: replacing it would drop the
+    activation (the model differed from the backbone at init by 8x its output scale)."""
+
+    class BNAct(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(peftc.PeftcError, match=r"'1' \(BNAct\) computes more than batch normalisation"):
+        peftc.compile("confit", model.eval())

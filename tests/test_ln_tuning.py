@@ -239,5 +239,53 @@ def test_errors() -> None:
         task_selector(model).predict(torch.randn(1, 3, 32, 32))
     with pytest.raises(peftc.PeftcError, match="unknown task 'zz'"):
         task_selector(model)(torch.randn(1, 3, 32, 32), "zz")
+    class Doubled(nn.LayerNorm):  # a LayerNorm subclass computing something else
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    odd = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), Doubled(8), nn.Linear(8, 2))
     with pytest.raises(peftc.PeftcError, match="normalises differently"):
-        peftc.compile("ln_tuning", cached("timm:convnext_atto"), keys=False)
+        peftc.compile("ln_tuning", odd, keys=False)
+
+
+# -- channels-first norms ---------------------------------------------------------------------------------------
+
+
+def test_convnext_channels_first_norms_are_banked() -> None:
+    """ConvNeXt's LayerNorm2d (stem, downsampling, pre-head) becomes a bank over dim 1; the key follows the
+    pre-head norm; identity at init, and the fold gives back the LayerNorm2d with the task's row."""
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=5).eval()
+    model = peftc.compile("ln_tuning", backbone)
+    x = torch.randn(2, 3, 32, 32)
+    assert (model(x) - backbone(x)).abs().max() < 1e-5
+    stem = model.net.get_submodule("stem.1")
+    assert isinstance(stem, TaskLayerNorm) and stem.layout == "channels_first"
+    assert isinstance(model.net.get_submodule("head.norm.task_key"), TaskKey)
+    with torch.no_grad():
+        stem.weight.mul_(2)
+    folded = stem.folded()
+    y = torch.randn(2, 8, 4, 4)
+    assert type(folded) is type(backbone.stem[1]) and torch.allclose(folded(y), stem(y), atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_group_norm_bank_routes_per_sample(groups: int) -> None:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(groups, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        backbone[1].weight.normal_()
+    model = peftc.compile("ln_tuning", backbone, keys=False)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(model(x), backbone(x), atol=1e-6)
+    bank = model.net.get_submodule("1")
+    assert bank.layout == "group" and bank.groups == groups
+    rows_w, rows_b = torch.randn(2, 8), torch.randn(2, 8)
+    h = torch.randn(2, 8, 4, 4)
+    with bank.routed(rows_w, rows_b):
+        routed = bank(h)
+    each = [F.group_norm(h[i:i + 1], groups, rows_w[i], rows_b[i], bank.eps) for i in range(2)]
+    assert torch.allclose(routed, torch.cat(each), atol=1e-6)

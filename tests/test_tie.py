@@ -4,6 +4,7 @@ through ``a·θ_prev + b·θ_next``, train, and survive deepcopy, ``.to``, state
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -304,3 +305,54 @@ def test_per_task_scalars(resnet18: nn.Module) -> None:
     model.set_task("b")
     second = dict(model.net.named_parameters())["layer1.1.tie.a"]
     assert first is not second and second.item() == pytest.approx(0.9)
+
+
+def _plain_stack() -> nn.Sequential:
+    """A VGG-style plain Sequential: the children are single layers, three same-shape conv → BN pairs."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    for _ in range(3):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def test_plain_sequential_ties_layers_with_scalars_beside_them() -> None:
+    backbone = _plain_stack()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fx warned "Failed to fetch module 6.tie" before the scalars moved out
+        model = peftc.compile("replacement", backbone)
+    tied = _tied(model)
+    # the convs after the first form a run (3, 6, 9); all four BNs another: positions 1 and 3 of each are tied
+    assert tied == {"6": ("3", "9"), "4": ("1", "7"), "10": ("7", "7")}
+    assert isinstance(model.net.get_submodule("6"), TiedLayer)
+    assert isinstance(model.net.get_submodule("6_tie"), TieScalars)
+    x = torch.randn(2, 3, 16, 16)
+    train_steps(model, *synthetic_task(4, n=4, size=16), steps=1)
+    assert model.net.get_submodule("3").weight.grad is not None  # the neighbour learns through the tie
+    assert model(x).shape == (2, 4)
+
+
+def test_branchy_blocks_tie() -> None:
+    """ShuffleNet's blocks: a stage's first block (two branches, stride 2) is a run of its own."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.ShuffleNetV2(stages_repeats=[3, 2, 2], stages_out_channels=[8, 16, 32, 64, 128],
+                                          num_classes=4)
+    model = peftc.compile("replacement", net.eval())
+    assert "stage2.2" in _tied(model) and model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_dense_blocks_say_why_nothing_ties() -> None:
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleDict({f"l{i}": nn.Conv2d(3 + 2 * i, 2, 1) for i in range(3)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers.values():
+                x = torch.cat([x, layer(x)], 1)
+            return x.mean((2, 3))
+
+    with pytest.raises(SpecError, match=r"the 3 blocks of 'layers' differ .* 'layers.l0' vs 'layers.l1': weight"):
+        peftc.compile("replacement", Dense())

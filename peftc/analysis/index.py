@@ -60,14 +60,14 @@ def _type_names(node: fx.Node, module: nn.Module | None, tensor: torch.Tensor | 
 
 
 def block_positions(root: nn.Module) -> dict[str, tuple[str, int, int]]:
-    """Module path → (container, index, count) for children of Sequential/ModuleList runs of one class.
+    """Module path → (container, index, count) for children of Sequential/ModuleList/ModuleDict runs of one class.
 
     ``blocks.3`` of a timm ViT → ``("blocks", 3, 12)``; ``layer2.1`` of a ResNet → ``("layer2", 1, 4)``. Indices count
     only siblings of the same class, so a stage that starts with a different module still numbers its blocks 0..n.
     """
     out: dict[str, tuple[str, int, int]] = {}
     for path, module in root.named_modules():
-        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+        if not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             continue
         by_class: dict[type, list[str]] = {}
         for child_name, child in module.named_children():

@@ -190,8 +190,7 @@ def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
     On the meta device first (a ViT-B forward at 224² costs a third of a second of real compute on a small
     CPU, the meta run only the interpreter's bookkeeping); an op without a meta kernel makes it run for real.
     """
-    every = (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
-    meta = {name: t.to("meta") for name, t in every}  # every alias too: a shared tensor left real would mix
+    meta = _meta_slots(gm)
     inputs = example_inputs(gm, x)
     with torch.no_grad():
         try:
@@ -199,6 +198,25 @@ def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
                                        tuple(_to_meta(t) for t in inputs), tie_weights=False)
         except Exception:  # any failure on meta: the real run is the reference
             ShapeProp(gm).propagate(*inputs)
+
+
+def _meta_slots(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """A meta tensor for every parameter/buffer slot, each (module, attribute) once under one of its paths.
+
+    Every tensor is swapped (a tied tensor left real would mix devices), but a module reached by several paths
+    (FacT's factors, shared by every bypass) only once: swapped twice, its second "original" would be the meta
+    tensor, and that is what would be put back."""
+    slots: dict[tuple[int, str], str] = {}
+    values: dict[str, torch.Tensor] = {}
+    metas: dict[int, torch.Tensor] = {}
+    for path, module in gm.named_modules(remove_duplicate=False):
+        for attr, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None or (id(module), attr) in slots:
+                continue
+            name = f"{path}.{attr}" if path else attr
+            slots[id(module), attr] = name
+            values[name] = metas.setdefault(id(tensor), tensor.to("meta"))
+    return values
 
 
 def format_shape(shape: Shape) -> str:

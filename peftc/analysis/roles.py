@@ -30,7 +30,8 @@ role                 node (timm ViT / torchvision ``vit_b_16``)
 ``mlp_fc2``          last MLP Linear: ``mlp.fc2`` / ``mlp.3``
 ``attn_norm``        the norm feeding attention: ``norm1`` / ``ln_1``
 ``mlp_norm``         the norm feeding the MLP: ``norm2`` / ``ln_2``
-``final_norm``       the first norm after the last block: ``norm`` (or ``fc_norm``) / ``encoder.ln``
+``final_norm``       the first norm after the last block: ``norm`` (or ``fc_norm``) / ``encoder.ln`` (CNNs: the
+                     norm after the last residual add, ConvNeXt's ``classifier.0``)
 ``attn_out``         attention result right before its residual add: ``drop_path1`` / ``dropout``
 ``mlp_out``          MLP result right before its residual add: ``drop_path2`` / ``mlp.4``
 ``attn_residual``    residual stream after the attention add (input of ``mlp_norm``): ``add`` / ``add``
@@ -52,20 +53,27 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from peftc.analysis.index import Candidate, NodeIndex
+from peftc.analysis.index import Candidate, NodeIndex, operation_name
 from peftc.blocks.contract import acts_as
 
 __all__ = ["Sublayer", "TransformerLayout", "transformer_layout"]
 
 RoleFn = Callable[[NodeIndex], list[Candidate]]
+ExplainFn = Callable[[NodeIndex], str]
 _ROLES: dict[str, RoleFn] = {}
+_EXPLAIN: dict[str, ExplainFn] = {}
 
 
-def register_role(name: str) -> Callable[[RoleFn], RoleFn]:
-    """Register a structural role: a function from a graph's NodeIndex to the candidates that play it."""
+def register_role(name: str, explain: ExplainFn | None = None) -> Callable[[RoleFn], RoleFn]:
+    """Register a structural role: a function from a graph's NodeIndex to the candidates that play it.
+
+    ``explain(index)`` says, in terms of the model's structure, why nothing plays the role (for the error a
+    selector gives when it matches nothing)."""
 
     def decorate(fn: RoleFn) -> RoleFn:
         _ROLES[name] = fn
+        if explain is not None:
+            _EXPLAIN[name] = explain
         return fn
 
     return decorate
@@ -79,14 +87,39 @@ def get_role(name: str) -> RoleFn | None:
     return _ROLES.get(name)
 
 
+def why_absent(name: str, index: NodeIndex) -> str:
+    """Why no node of ``index`` plays role ``name``, from the model's structure ('' when the role cannot say)."""
+    explain = _EXPLAIN.get(name)
+    return explain(index) if explain is not None else ""
+
+
 def _has_params(cand: Candidate) -> bool:
     return cand.module is not None and any(True for _ in cand.module.parameters(recurse=False))
 
 
-@register_role("head")
+def _is_classifier(module: nn.Module | None) -> bool:
+    """A layer that maps features to classes: a Linear, or a 1×1 ungrouped convolution (timm's conv heads)."""
+    if acts_as(module, nn.Linear):
+        return True
+    conv = module if isinstance(module, nn.modules.conv._ConvNd) else None
+    return conv is not None and all(k == 1 for k in conv.kernel_size) and conv.groups == 1
+
+
+def _no_head(index: NodeIndex) -> str:
+    return ("the model has no classifier (no Linear or 1×1 conv between its last residual add or norm and the "
+            "output): a headless feature extractor; the head rule adds one when given the number of classes")
+
+
+@register_role("head", _no_head)
 def head(index: NodeIndex) -> list[Candidate]:
-    """The classifier(s): parameterised layers nearest the output (``fc``, ``head``, DeiT's ``head_dist``)."""
+    """The classifier(s): the Linear or 1×1 conv layers nearest the output (``fc``, ``head``, DeiT's ``head_dist``).
+
+    The search walks back from the output and stops at the first parameterised layer of each path and at
+    residual adds: a headless feature extractor (``num_classes=0``: its last layers are a norm, or an attention
+    pool's residual MLP) has no head rather than a misplaced one.
+    """
     output = next(n for n in reversed(index.gm.graph.nodes) if n.op == "output")
+    order = {n: i for i, n in enumerate(index.gm.graph.nodes)}
     found: list[Candidate] = []
     seen: set[fx.Node] = set()
     frontier = list(output.all_input_nodes)
@@ -97,13 +130,20 @@ def head(index: NodeIndex) -> list[Candidate]:
         seen.add(node)
         cand = index.by_node.get(node)
         if cand is not None and node.op == "call_module" and _has_params(cand):
-            found.append(cand)
+            if _is_classifier(cand.module):
+                found.append(cand)
             continue
-        if cand is not None and node.op == "get_attr":
+        if (cand is not None and node.op == "get_attr") or (_is_add(node) and _is_residual(node, order)):
             continue
         frontier.extend(node.all_input_nodes)
-    order = {c.node: i for i, c in enumerate(index.candidates)}
-    return sorted(found, key=lambda c: order[c.node])
+    rank = {c.node: i for i, c in enumerate(index.candidates)}
+    return sorted(found, key=lambda c: rank[c.node])
+
+
+def _is_residual(add: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """An add one of whose inputs is an ancestor of the other (``x + f(x)``), unlike DeiT's ``head + head_dist``."""
+    inputs = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    return len(inputs) == 2 and any(_body(s, b, order) is not None for s, b in (inputs, inputs[::-1]))
 
 
 # -- transformer structure ----------------------------------------------------------------------------------
@@ -172,7 +212,7 @@ def _is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.target in (F.scaled_dot_product_attention, F.softmax, torch.softmax)
     if node.op == "call_method":
         return node.target == "softmax"
-    return isinstance(_module(gm, node), nn.MultiheadAttention)
+    return isinstance(_module(gm, node), (nn.MultiheadAttention, nn.Softmax))  # timm's Swin: an nn.Softmax
 
 
 def _ancestors_after(node: fx.Node, floor: int, order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -300,6 +340,45 @@ def transformer_layout(gm: fx.GraphModule) -> TransformerLayout:
     return TransformerLayout(attn, mlp, final, stem)
 
 
+_PLUMBING = {"getitem", "getattr", "reshape", "view", "permute", "transpose", "contiguous", "flatten", "size",
+             "add", "mul", "pad", "roll", "chunk", "split", "unbind", "cat", "matmul", "truediv", "floordiv"}
+
+
+def _transformer_absence(index: NodeIndex) -> str:
+    """What the model has instead of pre-norm transformer sublayers (residual adds whose branch starts with a
+    norm and computes attention or an MLP)."""
+    gm = index.gm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    residual: list[tuple[fx.Node, set[fx.Node], fx.Node]] = []
+    for node in gm.graph.nodes:
+        if not _is_add(node) or _is_added(node):
+            continue
+        inputs = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        for skip, branch in ((inputs, inputs[::-1]) if len(inputs) == 2 else ()):
+            body = _body(skip, branch, order)
+            if body is not None:
+                residual.append((node, body, skip))
+                break
+    if not residual:
+        return "the model has no residual adds at all (a plain stack of layers), so no transformer sublayers"
+    prenorm = [(add, body) for add, body, skip in residual
+               if any(u in body and _is_norm(_module(gm, u)) for u in skip.users)]
+    if not prenorm:
+        first = next((n for n in sorted(residual[0][1], key=order.__getitem__) if n.op == "call_module"), None)
+        kind = f", e.g. '{index.by_node[first].name}' ({type(_module(gm, first)).__name__})" if (
+            first is not None and first in index.by_node) else ""
+        return (f"none of its {len(residual)} residual branches starts with a normalisation layer{kind}: residual "
+                "blocks of a CNN, not pre-norm transformer sublayers")
+    add, body = prenorm[0]
+    opaque = sorted({operation_name(n).removeprefix("fn:") for n in body if n.op == "call_function"}
+                    - _PLUMBING)
+    hidden = (f"; it calls {', '.join(opaque)}, opaque to tracing (no Linear or softmax visible inside)"
+              if opaque else "")
+    name = index.by_node[add].name if add in index.by_node else add.name
+    return (f"its {len(prenorm)} pre-norm residual sublayers (e.g. '{name}') compute neither visible attention "
+            f"nor an MLP of two Linears{hidden}")
+
+
 def _layout(index: NodeIndex) -> TransformerLayout:
     cached = getattr(index, "_peftc_transformer_layout", None)
     if cached is None:
@@ -314,37 +393,37 @@ def _candidates(index: NodeIndex, nodes: Iterable[fx.Node]) -> list[Candidate]:
     return [index.by_node[n] for n in sorted(found, key=order.__getitem__)]
 
 
-@register_role("qkv")
+@register_role("qkv", _transformer_absence)
 def qkv(index: NodeIndex) -> list[Candidate]:
     """Attention input projection: the fused q/k/v Linear (or the separate q, k, v Linears)."""
     return _candidates(index, (n for s in _layout(index).attn for n in s.first))
 
 
-@register_role("attn_proj")
+@register_role("attn_proj", _transformer_absence)
 def attn_proj(index: NodeIndex) -> list[Candidate]:
     """Attention output projection: the Linear that maps the merged heads back to the residual width."""
     return _candidates(index, (n for s in _layout(index).attn for n in s.last))
 
 
-@register_role("mlp_fc1")
+@register_role("mlp_fc1", _transformer_absence)
 def mlp_fc1(index: NodeIndex) -> list[Candidate]:
     """First MLP Linear (expansion, ``C → 4C``); both halves of a gated MLP."""
     return _candidates(index, (n for s in _layout(index).mlp for n in s.first))
 
 
-@register_role("mlp_fc2")
+@register_role("mlp_fc2", _transformer_absence)
 def mlp_fc2(index: NodeIndex) -> list[Candidate]:
     """Last MLP Linear (contraction, ``4C → C``)."""
     return _candidates(index, (n for s in _layout(index).mlp for n in s.last))
 
 
-@register_role("attn_norm")
+@register_role("attn_norm", _transformer_absence)
 def attn_norm(index: NodeIndex) -> list[Candidate]:
     """The normalisation feeding attention (timm ``norm1``, torchvision ``ln_1``)."""
     return _candidates(index, (s.norm for s in _layout(index).attn))
 
 
-@register_role("mlp_norm")
+@register_role("mlp_norm", _transformer_absence)
 def mlp_norm(index: NodeIndex) -> list[Candidate]:
     """The normalisation feeding the MLP (timm ``norm2``, torchvision ``ln_2``)."""
     return _candidates(index, (s.norm for s in _layout(index).mlp))
@@ -352,43 +431,70 @@ def mlp_norm(index: NodeIndex) -> list[Candidate]:
 
 @register_role("final_norm")
 def final_norm(index: NodeIndex) -> list[Candidate]:
-    """The first normalisation after the last transformer block (``norm``/``fc_norm``, ``encoder.ln``)."""
-    return _candidates(index, _layout(index).final_norm)
+    """The first normalisation after the last transformer block (``norm``/``fc_norm``, ``encoder.ln``); in a
+    model without transformer sublayers, the norm between the last residual add and the output (ConvNeXt's
+    pre-head ``LayerNorm2d``)."""
+    layout = _layout(index)
+    if layout.attn or layout.mlp:
+        return _candidates(index, layout.final_norm)
+    return _candidates(index, _norm_before_output(index.gm))
 
 
-@register_role("attn_out")
+def _norm_before_output(gm: fx.GraphModule) -> list[fx.Node]:
+    """The norm nearest the output on the way back to the last residual add (none in a ResNet: its body ends in
+    an add)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    seen: set[fx.Node] = set()
+    frontier = list(output.all_input_nodes)
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen or (_is_add(node) and _is_residual(node, order)):
+            continue
+        seen.add(node)
+        if not _is_added(node) and _is_norm(_module(gm, node)):
+            return [node]
+        frontier.extend(node.all_input_nodes)
+    return []
+
+
+@register_role("attn_out", _transformer_absence)
 def attn_out(index: NodeIndex) -> list[Candidate]:
     """The attention sublayer's result right before the residual add (after layer scale and drop path)."""
     return _candidates(index, (s.out for s in _layout(index).attn))
 
 
-@register_role("mlp_out")
+@register_role("mlp_out", _transformer_absence)
 def mlp_out(index: NodeIndex) -> list[Candidate]:
     """The MLP sublayer's result right before the residual add."""
     return _candidates(index, (s.out for s in _layout(index).mlp))
 
 
-@register_role("attn_residual")
+@register_role("attn_residual", _transformer_absence)
 def attn_residual(index: NodeIndex) -> list[Candidate]:
-    """The residual stream after the attention add: the input of ``mlp_norm`` (what AdaptFormer reads)."""
-    return _candidates(index, (s.add for s in _layout(index).attn))
+    """The residual stream after the attention add as the MLP sublayer reads it: the input of ``mlp_norm`` (what
+    AdaptFormer reads). In a ViT that is the add itself; Swin reshapes its ``B×H×W×C`` grid to ``B×N×C`` first."""
+    layout = _layout(index)
+    if not layout.attn:
+        return []
+    return _candidates(index, (_original(s.skip) for s in layout.mlp))
 
 
-@register_role("mlp_residual")
+@register_role("mlp_residual", _transformer_absence)
 def mlp_residual(index: NodeIndex) -> list[Candidate]:
     """The residual stream after the MLP add: the transformer block's output."""
     return _candidates(index, (s.add for s in _layout(index).mlp))
 
 
-@register_role("stem")
+@register_role("stem", _transformer_absence)
 def stem(index: NodeIndex) -> list[Candidate]:
     """Parameterised layers before the first transformer block (a ViT's patch embedding, a hybrid's stem)."""
     return _candidates(index, _layout(index).stem)
 
 
-register_role("proj")(attn_proj)
-register_role("fc1")(mlp_fc1)
-register_role("fc2")(mlp_fc2)
+register_role("proj", _transformer_absence)(attn_proj)
+register_role("fc1", _transformer_absence)(mlp_fc1)
+register_role("fc2", _transformer_absence)(mlp_fc2)
 
 
 # -- conv → BatchNorm pairs -------------------------------------------------------------------------------------
@@ -407,13 +513,22 @@ def _conv_bn_pairs(index: NodeIndex) -> list[tuple[Candidate, Candidate]]:
     return pairs
 
 
-@register_role("bn_after_conv")
+def _no_conv_bn(index: NodeIndex) -> str:
+    """What normalises the model's convolutions instead of a BatchNorm reading them directly."""
+    bns = [c for c in index if c.node.op == "call_module" and acts_as(c.module, nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        return f"its {len(bns)} BatchNorms (e.g. '{bns[0].name}') read no convolution's output directly"
+    norms = sorted({type(c.module).__name__ for c in index if c.node.op == "call_module" and _is_norm(c.module)})
+    return "it has no BatchNorm" + (f" (its norms: {', '.join(norms)})" if norms else " and no other norm")
+
+
+@register_role("bn_after_conv", _no_conv_bn)
 def bn_after_conv(index: NodeIndex) -> list[Candidate]:
     """BatchNorms that normalise a convolution's output directly (the BN of a conv → BN pair)."""
     return [bn for _, bn in _conv_bn_pairs(index)]
 
 
-@register_role("conv_before_bn")
+@register_role("conv_before_bn", _no_conv_bn)
 def conv_before_bn(index: NodeIndex) -> list[Candidate]:
     """Convolutions whose output a BatchNorm normalises directly (the conv of a conv → BN pair)."""
     convs = {conv.node: conv for conv, _ in _conv_bn_pairs(index)}

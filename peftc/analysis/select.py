@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from peftc.analysis.index import Candidate, NodeIndex, block_positions
-from peftc.analysis.roles import get_role, role_names
+from peftc.analysis.roles import get_role, role_names, why_absent
 from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language import Selector
 from peftc.language.predicate import Predicate, PredicateEvalError, UnknownName
@@ -158,8 +158,12 @@ def _steps(sel: Selector, index: NodeIndex) -> list[_Step]:
                     + f"; roles: {', '.join(role_names())}"
                 )
             members |= {c.node for c in fn(index)}
-        steps.append(_Step("role", f"role {'|'.join(role_list)}", lambda c: c.node in members,
-                           lambda _: f"no node plays role {' or '.join(map(repr, role_list))} in this backbone"))
+        def explain_role(_: list[Candidate]) -> str:
+            why = next((w for w in (why_absent(r, index) for r in role_list) if w), "")
+            return f"no node plays role {' or '.join(map(repr, role_list))} in this backbone" + (
+                f": {why}" if why else "")
+
+        steps.append(_Step("role", f"role {'|'.join(role_list)}", lambda c: c.node in members, explain_role))
     if sel.blocks is not None:
         spec = sel.blocks
 

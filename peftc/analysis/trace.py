@@ -3,9 +3,11 @@
 The leaf policy keeps every standard layer — convolutions, linears, all normalisation layers, attention,
 embeddings — *and their subclasses* as ``call_module`` nodes, so timm's ``LayerNorm`` subclass is a node rather
 than an inlined ``F.layer_norm``, and selectors by type see it. timm's own not-traceable modules and functions
-are honoured too. Each node gets a stable qualified name in ``node.meta["peftc_name"]``: the module path for
-layers (``layer1.0.conv2``), the enclosing module's path plus the function name for operations
-(``layer1.0.add``), the attribute path for parameters read directly (``cls_token``).
+are honoured too. A Linear whose own weight the code reads with ``F.linear`` (BEiT's and EVA's fused qkv, with a
+bias assembled outside it) becomes a call of that layer plus the bias, so it is a node too. Each node gets a
+stable qualified name in ``node.meta["peftc_name"]``: the module path for layers (``layer1.0.conv2``), the
+enclosing module's path plus the function name for operations (``layer1.0.add``), the attribute path for
+parameters read directly (``cls_token``).
 """
 
 from __future__ import annotations
@@ -168,10 +170,51 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
             f"peftc.analysis.trace.register_leaf({type(module.get_submodule(scope)).__name__ if scope else '...'})"
         ) from None
     _drop_concrete_placeholders(graph, concrete)
-    name = type(module).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    _call_linears(graph, tracer.root)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     assign_names(gm)
     return gm
+
+
+def _call_linears(graph: fx.Graph, root: nn.Module) -> int:
+    """``F.linear(x, lin.weight, b)`` on a Linear's own weight becomes ``lin(x) + b``: the layer is a node.
+
+    BEiT and EVA compute their fused qkv this way (its bias is ``cat(q_bias, 0, v_bias)``, outside the Linear),
+    which would hide the projection from roles and rules; as a module call it is ``role: qkv`` like any ViT's.
+    Returns how many calls were rewritten.
+    """
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+            continue
+        args = dict(zip(("input", "weight", "bias"), node.args)) | dict(node.kwargs)
+        weight, bias = args.get("weight"), args.get("bias")
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight")):
+            continue
+        path = str(weight.target)[: -len(".weight")]
+        layer = _submodule(root, path)
+        own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and str(bias.target) == f"{path}.bias"
+        if not isinstance(layer, nn.Linear) or (layer.bias is not None and not own_bias):
+            continue  # the layer's call would add a bias this F.linear does not
+        with graph.inserting_before(node):
+            out = graph.call_module(path, (args["input"],))
+            if bias is not None and not own_bias:
+                out = graph.call_function(torch.add, (out, bias))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        for read in (weight, bias if own_bias else None):
+            if isinstance(read, fx.Node) and not read.users:
+                graph.erase_node(read)
+        count += 1
+    return count
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def example_input(input_size: tuple[int, int, int], batch: int = 1, *, device: Any = "cpu") -> torch.Tensor:

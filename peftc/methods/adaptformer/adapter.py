@@ -65,5 +65,10 @@ class Adapter(Block):
 
 @register_block("adapter", args=AdapterArgs, suffix="adapter")
 def adapter(site: Site, args: AdapterArgs) -> Adapter:
-    """AdaptFormer bottleneck adapter (down, ReLU or GELU, dropout, up; bias-free), optionally 1/2-bit quantised."""
-    return Adapter(site.channels("output"), args.dim, args.bits, args.dropout, args.up_init, args.act)
+    """AdaptFormer bottleneck adapter (down, ReLU or GELU, dropout, up; bias-free), optionally 1/2-bit quantised.
+
+    Its Linears act on the last dimension, so that is its width: ``B×N×C`` tokens, and the channels-last
+    ``B×H×W×C`` / ``B×G×P×C`` token grids of hierarchical transformers (Swin, MaxViT) alike."""
+    shape = site.shape("output")
+    features = int(shape[-1]) if shape is not None and len(shape) >= 2 else site.channels("output")
+    return Adapter(features, args.dim, args.bits, args.dropout, args.up_init, args.act)

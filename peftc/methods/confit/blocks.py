@@ -26,6 +26,7 @@ exactly the tasks the saved one would have.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import fx, nn
 
@@ -170,6 +171,20 @@ def _producer(node: fx.Node) -> fx.Node | None:
     return first if isinstance(first, fx.Node) and first.op == "call_module" else None
 
 
+def _is_plain_batchnorm(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` computes exactly batch normalisation (in eval mode), found by running it on a probe."""
+    like = bn.running_mean
+    x = torch.randn(2, bn.num_features, 3, 3, generator=torch.Generator().manual_seed(0)).to(like)
+    was = bn.training
+    bn.eval()
+    try:
+        with torch.no_grad():
+            expected = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            return torch.allclose(bn(x), expected, atol=1e-5)
+    finally:
+        bn.train(was)
+
+
 @register_block("cross_conv_bn", suffix="cross_conv_bn")
 def cross_conv_bn(site: Site, args: BlockArgs) -> CrossConvBN:
     """A BatchNorm2d whose running mean is re-derived through its conv's current weights (ConFiT)."""
@@ -177,6 +192,9 @@ def cross_conv_bn(site: Site, args: BlockArgs) -> CrossConvBN:
     if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
         what = "a BatchNorm2d without running statistics" if isinstance(bn, nn.BatchNorm2d) else type(bn).__name__
         raise PeftcError(f"cross_conv_bn replaces a BatchNorm2d with running statistics; {site.name!r} is {what}")
+    if not _is_plain_batchnorm(bn):
+        raise PeftcError(f"cross_conv_bn replaces a plain BatchNorm2d; {site.name!r} ({type(bn).__name__}) computes "
+                         "more than batch normalisation (e.g. an activation fused in)")
     gm = site.node.graph.owning_module
     conv_node = _producer(site.node)
     conv = gm.get_submodule(str(conv_node.target)) if conv_node is not None else None

@@ -5,10 +5,11 @@ through a 3×3 conv (padding 1); the prefix tokens (class token, DeiT's distilla
 through the same conv as a 1×1 image, i.e. its centre tap plus bias → tokens re-assembled in their order →
 QuickGELU → dropout → ``up`` (Linear dim → d, weight and bias zero, so the model equals the backbone at init).
 
-The patch grid is read from the model, never assumed: at build time the block finds the patch-embedding conv
-(the last ``Conv2d`` before it in the graph), takes its output grid ``H × W`` at the example input, and counts
-as prefix tokens whatever the token sequence holds beyond ``H · W``. At run time a sequence of another length
-(another input resolution) is accepted when its patch count is a square.
+A channels-last ``B × H × W × d`` input (a hierarchical transformer's stage, as in Swin) is its own grid,
+with no prefix tokens. Otherwise the patch grid is read from the model, never assumed: at build time the block
+finds the patch-embedding conv (the last ``Conv2d`` before it in the graph), takes its output grid ``H × W`` at
+the example input, and counts as prefix tokens whatever the token sequence holds beyond ``H · W``. At run time a
+sequence of another length (another input resolution) is accepted when its patch count is a square.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Convpass(Block):
         return side, side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # a channels-last B × H × W × d token grid (Swin): the grid is explicit
+            h = self.conv(self.act(self.down(x)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self.up(self.dropout(self.act(h)))
         b, n, _ = x.shape
         h = self.act(self.down(x))
         p = self.prefix
@@ -112,13 +116,43 @@ def patch_grid(site: Site) -> tuple[int, int]:
     return grid
 
 
+def _stage_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """The patch grid, or — fewer tokens than patches, a later stage of a hierarchical model (Swin's B × N × C
+    MLP input) — the patch grid downsampled by the stride that fits the token count exactly."""
+    h, w = grid
+    for stride in range(2, h + 1):
+        if tokens >= h * w:
+            break
+        if h % stride == 0 and w % stride == 0 and (h // stride) * (w // stride) == tokens:
+            return h // stride, w // stride
+    return grid
+
+
+def _check_token_grid(site: Site, shape: torch.Size) -> None:
+    """A ``B × H × W × C`` input is a token grid when ``H × W`` is the image downsampled by one stride (Swin's
+    stages); MaxViT's ``B × G × P × C`` window partitions are not, and a conv over them would mix windows."""
+    image = next((site.shapes(n) for n in site.node.graph.nodes if n.op == "placeholder"), None)
+    rows, cols = int(shape[1]), int(shape[2])
+    if image is not None and len(image) == 4:
+        stride = image[2] // rows if image[2] % rows == 0 else None
+        if stride is not None and rows * stride == image[2] and cols * stride == image[3]:
+            return
+    raise PeftcError(f"convpass convolves over the token grid; {site.name!r} gives {tuple(shape)}, whose middle "
+                     f"dims are not the {tuple(image[2:]) if image is not None else '?'} image downsampled by one "
+                     "stride (window partitions, as in MaxViT, not a spatial grid)")
+
+
 @register_block("convpass", args=ConvpassArgs, suffix="convpass")
 def convpass(site: Site, args: ConvpassArgs) -> Convpass:
     """Convpass: down, QuickGELU, 3x3 conv over the patch grid, QuickGELU, up (zero init)."""
     shape = site.shape("output")
+    if shape is not None and len(shape) == 4:
+        _check_token_grid(site, shape)
+        return Convpass(int(shape[3]), (int(shape[1]), int(shape[2])), 0, args.dim, args.dropout, args.conv_init)
     if shape is None or len(shape) != 3:
-        raise PeftcError(f"convpass reads a B x N x C token sequence; {site.name!r} gives {shape}")
-    grid = patch_grid(site)
+        raise PeftcError(f"convpass reads a B x N x C token sequence or a B x H x W x C token grid; {site.name!r} "
+                         f"gives {shape}")
+    grid = _stage_grid(patch_grid(site), int(shape[1]))
     prefix = int(shape[1]) - grid[0] * grid[1]
     if prefix < 0:
         raise PeftcError(

@@ -10,13 +10,15 @@ init), and a small per-layer core Σ: ``ΔW = V Σ U``, with dropout between the
   layer ``i``'s slot ``j`` is ``C · P[:, 12 i + j]`` with slots q, k, v, proj, fc1 ×4, fc2 ×4:
   ``1536 r + 144 r + r³`` on ViT-B.
 
-Applied as ``parallel`` bypasses on ``qkv`` (q, k, v parts of the fused projection), ``attn_proj``,
+Applied as ``parallel`` bypasses on ``qkv`` (q, k, v parts of the fused projection; where a model splits them —
+three same-shape Linears reading the attention's input — each gets its own part's core), ``attn_proj``,
 ``mlp_fc1`` and ``mlp_fc2``. fc1's ``m·r`` core output is read as ``m`` groups of ``r``, each mapped by ``V``
 to one ``d``-slice of the hidden layer; fc2's input is read as ``m`` slices of ``d``, each mapped by ``U``.
 
 **Sharing.** The first FacT block of a compilation creates a :class:`FactFactors` module and leaves it in
-:attr:`Site.shared` under its ``group``; every later FacT block of that group reuses the same module, so U, V
-(and TK's C, P) are one set of tensors — counted, trained and saved once.
+:attr:`Site.shared` under its ``group`` and width ``d``; every later FacT block of that group and width reuses the
+same module, so U, V (and TK's C, P) are one set of tensors — counted, trained and saved once. A hierarchical
+transformer (Swin, MaxViT) widens stage by stage: each width is its own factor group.
 
 **Folding.** The bypass is linear in its input: :meth:`Fact.delta_weight` gives ``ΔW`` in the bypassed layer's
 weight shape, without the rule's scale (the graph's ``mul`` node carries it); dropout is the identity there,
@@ -30,7 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
+from torch import fx, nn
 
 from peftc.blocks.contract import Block
 from peftc.blocks.registry import BlockArgs, Site, register_block
@@ -82,18 +84,21 @@ class Fact(Block):
     """One FacT bypass ``V(dropout(Σ U x))`` for one bypassed layer (``part``) of one transformer block."""
 
     def __init__(
-        self, factors: FactFactors, part: str, *, layer: int = 0, groups: int = 4, dropout: float = 0.1
+        self, factors: FactFactors, part: str, *, layer: int = 0, groups: int = 4, dropout: float = 0.1,
+        slot: int | None = None,
     ):
         super().__init__()
         self.factors = factors
         self.part = part
         self.layer = layer
         self.groups = groups  # m: hidden = m · d for fc1/fc2
+        self.slot = slot  # a split q/k/v projection (EVA with qkv_fused=False): 0, 1 or 2; None for a fused qkv
         self.dropout = nn.Dropout(dropout)
         r = factors.rank
         if factors.variant == "tt":
             m = groups
-            shapes = {"qkv": [(r, r)] * 3, "proj": [(r, r)], "fc1": [(r, m * r)], "fc2": [(m * r, r)]}
+            shapes = {"qkv": [(r, r)] * (3 if slot is None else 1), "proj": [(r, r)], "fc1": [(r, m * r)],
+                      "fc2": [(m * r, r)]}
             self.cores = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in shapes[part])
         elif groups != 4 and part in ("fc1", "fc2"):
             raise PeftcError(f"FacT-TK's P has 4 fc1 and 4 fc2 slots per block; this MLP's ratio is {groups}")
@@ -105,6 +110,8 @@ class Fact(Block):
             return [core.weight for core in self.cores]
         f = self.factors
         start, stop = TK_SLOTS[self.part]
+        if self.slot is not None:
+            start, stop = start + self.slot, start + self.slot + 1
         cols = f.P[:, TK_PER_BLOCK * self.layer + start: TK_PER_BLOCK * self.layer + stop]
         slots = f.C @ cols  # r × r × slots: slot j's core is C · P[:, j]
         if self.part in ("qkv", "proj"):
@@ -145,7 +152,8 @@ class Fact(Block):
         return delta.to(weight.dtype), None
 
     def extra_repr(self) -> str:
-        return f"part={self.part}, layer={self.layer}, {self.factors.describe()}"
+        part = self.part if self.slot is None else "qkv"[self.slot]
+        return f"part={part}, layer={self.layer}, {self.factors.describe()}"
 
 
 def _features(site: Site, part: str) -> tuple[int, int]:
@@ -155,10 +163,29 @@ def _features(site: Site, part: str) -> tuple[int, int]:
         raise PeftcError(f"FacT bypasses Linear layers; {site.name!r} is {type(module).__name__}")
     i, o = module.in_features, module.out_features
     d, big = (o, i) if part == "fc2" else (i, o)
-    expect = {"qkv": 3 * d, "proj": d}.get(part)
-    if (expect is not None and big != expect) or big % d:
+    expect = {"qkv": 3 * d if _split_slot(site) is None else d, "proj": d}.get(part)
+    if expect is not None and big != expect:
         raise PeftcError(f"{site.name!r} ({i} -> {o}) is not shaped like a transformer {part} layer")
+    if big % d:
+        raise PeftcError(f"FacT reads {part}'s hidden side as m blocks of d = {d}; {site.name!r} maps {i} -> {o}, "
+                         f"an MLP ratio of {big / d:.3g} (a gated MLP such as SwiGLU), not a whole number")
     return d, big // d
+
+
+def _split_slot(site: Site) -> int | None:
+    """Which of q, k, v a square projection is when the model splits them: the three same-shape Linears reading
+    the attention's input, in graph order (None for anything else, a fused qkv)."""
+    module = site.module
+    first = site.node.args[0] if site.node.args else None
+    if not isinstance(module, nn.Linear) or module.in_features != module.out_features or not isinstance(
+            first, fx.Node):
+        return None
+    gm = site.node.graph.owning_module
+    order = {n: i for i, n in enumerate(site.node.graph.nodes)}
+    peers = sorted((u for u in first.users if u.op == "call_module" and isinstance(
+        gm.get_submodule(str(u.target)), nn.Linear) and gm.get_submodule(str(u.target)).weight.shape ==
+        module.weight.shape), key=order.__getitem__)
+    return peers.index(site.node) if len(peers) == 3 and site.node in peers else None
 
 
 @register_block("fact", args=FactArgs, suffix="fact")
@@ -166,10 +193,11 @@ def fact(site: Site, args: FactArgs) -> Fact:
     """FacT bypass on one qkv/proj/fc1/fc2 Linear; U, V (and TK's C, P) shared by all blocks of a group."""
     d, m = _features(site, args.part)
     depth = site.block[2] if site.block else None
-    factors = site.shared.get(args.group)
+    by_width = site.shared.setdefault(args.group, {})  # one set of factors per width: a hierarchical model's stages
+    factors = by_width.get(d)
     if factors is None:
-        factors = site.shared[args.group] = FactFactors(d, args.rank, args.variant, depth)
-    elif (factors.features, factors.rank, factors.variant) != (d, args.rank, args.variant) or (
+        factors = by_width[d] = FactFactors(d, args.rank, args.variant, depth)
+    elif (factors.rank, factors.variant) != (args.rank, args.variant) or (
         args.variant == "tk" and factors.depth != depth
     ):
         raise PeftcError(
@@ -178,4 +206,5 @@ def fact(site: Site, args: FactArgs) -> Fact:
         )
     layer = site.block[1] if site.block else 0
     groups = m if args.part in ("fc1", "fc2") else 4
-    return Fact(factors, args.part, layer=layer, groups=groups, dropout=args.dropout)
+    slot = _split_slot(site) if args.part == "qkv" else None
+    return Fact(factors, args.part, layer=layer, groups=groups, dropout=args.dropout, slot=slot)

@@ -20,6 +20,7 @@ is an identity. The deployed graph is the plain backbone for that task.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -36,13 +37,22 @@ __all__ = ["QueryReady", "TaskKeyArgs", "TaskKeyCore", "TaskLayerNorm"]
 
 
 class TaskLayerNorm(Block):
-    """``LayerNorm`` without its own affine, followed by the active task's row (or one row per sample)."""
+    """A normalisation without its own affine, followed by the active task's row (or one row per sample).
+
+    ``layout`` says what it normalises, as the norm it replaces did: ``last`` (``LayerNorm`` over the trailing
+    dims), ``channels_first`` (a ``LayerNorm2d`` over dim 1 of ``B×C×H×W``: ConvNeXt's stem and downsampling)
+    or ``group`` (``GroupNorm`` with ``groups`` groups, GroupNorm(1, C) being LayerNorm over ``C×H×W``). The
+    row is per channel in all three.
+    """
 
     def __init__(self, normalized_shape: tuple[int, ...], eps: float = 1e-5,
-                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 layout: str = "last", groups: int = 1, template: nn.Module | None = None):
         super().__init__()
         self.normalized_shape = tuple(normalized_shape)
         self.eps = eps
+        self.layout = layout
+        self.groups = groups
         w = weight.detach().clone() if weight is not None else torch.ones(self.normalized_shape)
         b = bias.detach().clone() if bias is not None else torch.zeros(self.normalized_shape, dtype=w.dtype,
                                                                        device=w.device)
@@ -52,6 +62,8 @@ class TaskLayerNorm(Block):
         # and not part of the delta (the backbone recreates them); _apply moves them with the module.
         self._pretrained = (w.clone(), b.clone())
         self._route: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the replaced norm (outside the module tree: never counted or saved), what ``folded`` gives back
+        self._template = (template,)
 
     @classmethod
     def from_layernorm(cls, norm: nn.LayerNorm) -> TaskLayerNorm:
@@ -64,9 +76,21 @@ class TaskLayerNorm(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._route if self._route is not None else (self.weight, self.bias)
-        if w.dim() == len(self.normalized_shape):  # one row for the batch: LayerNorm's own fused affine
+        one = w.dim() == len(self.normalized_shape)  # one row for the batch: the norm's own fused affine
+        if self.layout == "group":
+            if one:
+                return F.group_norm(x, self.groups, w, b, self.eps)
+            y = F.group_norm(x, self.groups, None, None, self.eps)
+            view = (w.shape[0], -1) + (1,) * (y.dim() - 2)
+            return y * w.reshape(view) + b.reshape(view)
+        if self.layout == "channels_first":
+            return self._last(x.movedim(1, -1), w, b, one).movedim(-1, 1)
+        return self._last(x, w, b, one)
+
+    def _last(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, one: bool) -> torch.Tensor:
+        """LayerNorm over the trailing dims with one row, or with one row per sample (``(B, *shape)``)."""
+        if one:
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-        # one row per sample, (B, *normalized_shape): normalise, then each sample's affine
         y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         view = (w.shape[0],) + (1,) * (y.dim() - 1 - len(self.normalized_shape)) + self.normalized_shape
         return y * w.reshape(view) + b.reshape(view)
@@ -82,11 +106,17 @@ class TaskLayerNorm(Block):
             self._route = previous
 
     def folded(self) -> nn.Module:
-        """An ``nn.LayerNorm`` with the active task's row; modules rules attached under this path come along."""
-        norm = nn.LayerNorm(self.normalized_shape, eps=self.eps, device=self.weight.device, dtype=self.weight.dtype)
+        """The replaced norm (an ``nn.LayerNorm`` for the last-dims layout) with the active task's row; modules
+        rules attached under this path come along."""
+        template = self._template[0]
+        if template is None:
+            norm: nn.Module = nn.LayerNorm(self.normalized_shape, eps=self.eps)
+        else:
+            norm = copy.deepcopy(template)
+        norm.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            norm.weight.copy_(self.weight)
-            norm.bias.copy_(self.bias)
+            norm.weight = nn.Parameter(self.weight.detach().clone())
+            norm.bias = nn.Parameter(self.bias.detach().clone())
         for name, child in self.named_children():
             norm.add_module(name, child)
         return norm
@@ -97,7 +127,9 @@ class TaskLayerNorm(Block):
         return self
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, per-task affine"
+        layout = "" if self.layout == "last" else f", {self.layout}" + (f"({self.groups})" if self.layout == "group"
+                                                                         else "")
+        return f"{self.normalized_shape}, eps={self.eps}{layout}, per-task affine"
 
 
 class QueryReady(Exception):  # control flow, not an error
@@ -179,28 +211,53 @@ class TaskKeyArgs(BlockArgs):
     seed: int = 0
 
 
-def _check_last_dim_norm(norm: nn.Module, name: str) -> None:
-    """ln_bank normalises over the last dims; refuse subclasses that do something else (channels-first LNs)."""
-    shape = tuple(norm.normalized_shape)
-    weight = getattr(norm, "weight", None)
+def _layout(norm: nn.Module, name: str) -> str:
+    """Which normalisation ``norm`` computes, found by running it: over the trailing dims (``LayerNorm``), over
+    the channels of ``B×C×H×W`` (``LayerNorm2d``), or GroupNorm's; anything else is refused."""
+    weight, bias, eps = norm.weight, norm.bias, norm.eps
     like = weight if isinstance(weight, torch.Tensor) else torch.empty(0)
-    x = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(0)).to(like)
-    try:
-        with torch.no_grad():
-            same = torch.allclose(norm(x), F.layer_norm(x, shape, norm.weight, norm.bias, norm.eps), atol=1e-5)
-    except (RuntimeError, ValueError):
-        same = False
-    if not same:
-        raise PeftcError(f"ln_bank replaces a LayerNorm over the last dimension; {name!r} "
-                         f"({type(norm).__name__}) normalises differently")
+    gen = torch.Generator().manual_seed(0)
+    x4 = x = torch.empty(0)
+    if isinstance(norm, nn.GroupNorm):
+        x = torch.randn(2, norm.num_channels, 3, 3, generator=gen).to(like)
+        candidates = {"group": lambda: F.group_norm(x, norm.num_groups, weight, bias, eps)}
+    else:
+        shape = tuple(norm.normalized_shape)
+        x = torch.randn(2, 3, *shape, generator=gen).to(like)
+        candidates = {"last": lambda: F.layer_norm(x, shape, weight, bias, eps)}
+        if len(shape) == 1:
+            x4 = torch.randn(2, shape[0], 3, 3, generator=gen).to(like)
+            candidates["channels_first"] = lambda: F.layer_norm(x4.movedim(1, -1), shape, weight, bias,
+                                                                eps).movedim(-1, 1)
+    for layout, expected in candidates.items():
+        probe = x4 if layout == "channels_first" else x
+        try:
+            with torch.no_grad():
+                if torch.allclose(norm(probe), expected(), atol=1e-5):
+                    return layout
+        except (RuntimeError, ValueError):
+            continue
+    raise PeftcError(f"ln_bank replaces a LayerNorm (over the trailing dims or, channels-first, over dim 1) or a "
+                     f"GroupNorm; {name!r} ({type(norm).__name__}) normalises differently")
 
 
 @register_block("ln_bank", args=LNBankArgs, suffix="ln")
 def ln_bank(site: Site, args: LNBankArgs) -> nn.Module:
-    """A LayerNorm with one scale/bias row per task, initialised from the pretrained γ/β (LN tuning)."""
+    """A norm with one scale/bias row per task, initialised from the pretrained γ/β (LN tuning)."""
     norm = site.module
-    if not isinstance(norm, nn.LayerNorm):
+    if not isinstance(norm, (nn.LayerNorm, nn.GroupNorm)):
         kind = type(norm).__name__ if norm is not None else "an operation"
-        raise PeftcError(f"ln_bank replaces a LayerNorm; {site.name!r} is {kind}")
-    _check_last_dim_norm(norm, site.name)
-    return TaskLayerNorm.from_layernorm(norm)
+        raise PeftcError(f"ln_bank replaces a LayerNorm or GroupNorm; {site.name!r} is {kind}")
+    layout = _layout(norm, site.name)
+    if layout == "last":
+        return TaskLayerNorm.from_layernorm(norm)
+    if isinstance(norm, nn.GroupNorm):
+        return TaskLayerNorm((norm.num_channels,), norm.eps, norm.weight, norm.bias, layout, norm.num_groups,
+                             _tensorless(norm))
+    return TaskLayerNorm(tuple(norm.normalized_shape), norm.eps, norm.weight, norm.bias, layout,
+                         template=_tensorless(norm))
+
+
+def _tensorless(norm: nn.Module) -> nn.Module:
+    """A copy of ``norm``'s code and configuration; ``folded`` gives it the task's row."""
+    return copy.deepcopy(norm, {id(t): None for t in (*norm.parameters(), *norm.buffers())})

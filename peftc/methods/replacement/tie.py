@@ -7,12 +7,13 @@ data flow: the neighbours' parameters and the scalars become ``get_attr`` nodes 
 the model —
 so the parameter count, the state dict and the optimizer really shrink while gradients reach the neighbours.
 
-Which blocks: the children of a ``Sequential``/``ModuleList`` form *runs of identical blocks* (consecutive
-siblings with the same parameter names and shapes; a ResNet stage's first block, with its downsample, is a run
-of its own). In each run positions ``offset, offset + every, …`` are tied. A tied block's neighbours are the
-run members right before and after it; one that is itself tied, or missing at the end of the run, cannot lend
-parameters: with one neighbour left ``edge`` decides (``reflect`` reads it for both terms, ``skip``,
-``error``), with none the rule fails naming the block and why.
+Which blocks: the children of a ``Sequential``/``ModuleList``/``ModuleDict`` form *runs of identical blocks*
+(consecutive siblings with the same parameter names and shapes; a ResNet stage's first block, with its
+downsample, is a run of its own; in a plain stack such as VGG's the blocks are single layers). In each run
+positions ``offset, offset + every, …`` are tied. A tied block's neighbours are the run members right before
+and after it; one that is itself tied, or missing at the end of the run, cannot lend parameters: with one
+neighbour left ``edge`` decides (``reflect`` reads it for both terms, ``skip``, ``error``), with none the rule
+fails naming the block and why.
 """
 
 from __future__ import annotations
@@ -157,8 +158,23 @@ def _plan(ctx: PassContext) -> list[_Plan]:
     if not plans and not args.target.optional:
         raise ctx.error(
             f"no block to tie: no run of identical repeated blocks has a block at positions {args.offset}::"
-            f"{args.every} with a same-shape neighbour", "offset")
+            f"{args.every} with a same-shape neighbour{_why_none(ctx)}", "offset")
     return plans
+
+
+def _why_none(ctx: PassContext) -> str:
+    """The model's structure that leaves nothing to tie: repeated blocks that differ (dense blocks grow their
+    input), or no repeated blocks at all."""
+    groups = _groups(ctx)
+    if not groups:
+        return " (the model has no Sequential/ModuleList/ModuleDict of two or more parameterised blocks of one class)"
+    differing = [g for g in groups if all(len(run) == 1 for run in g.runs())]
+    if not differing:
+        return ""
+    group = max(differing, key=lambda g: len(g.paths))
+    diff = _difference(group.structures[0], group.structures[1])
+    return (f" (the {len(group.paths)} blocks of {group.container or 'the model'!r} differ from one another, "
+            f"e.g. {group.paths[0]!r} vs {group.paths[1]!r}: {diff})")
 
 
 def _neighbours(ctx: PassContext, group: _Group, run: list[int], pos: int, chosen: set[int]) -> _Plan | None:
@@ -215,11 +231,18 @@ class _Reader:
         return node
 
 
+def _scalars_base(gm: fx.GraphModule, block: str) -> str:
+    """Where a block's scalars live: inside it, or beside it when the block is itself one layer (a plain
+    ``Sequential`` stack such as VGG's ``features.8``), which becomes a TiedLayer and cannot hold them."""
+    is_layer = any(n.op == "call_module" and str(n.target) == block for n in gm.graph.nodes)
+    return f"{block}_tie" if is_layer else f"{block}.tie"
+
+
 def _tie_block(ctx: PassContext, plan: _Plan, read: _Reader) -> None:
     gm, args = ctx.gm, ctx.args
     before = {id(p) for p in gm.get_submodule(plan.block).parameters()}
     removed = sum(p.numel() for p in gm.get_submodule(plan.block).parameters())
-    scalars_path = fresh_path(gm, f"{plan.block}.tie")
+    scalars_path = fresh_path(gm, _scalars_base(gm, plan.block))
     added = ctx.add_block(scalars_path, TieScalars(*args.init))
     a, b = read(f"{scalars_path}.a"), read(f"{scalars_path}.b")
     mix_names = {"a": f"{scalars_path}.a", "b": f"{scalars_path}.b"}

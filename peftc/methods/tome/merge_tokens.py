@@ -149,6 +149,42 @@ def _attention(ctx: PassContext, sub: Sublayer, order: dict[fx.Node, int], name:
         "scaled_dot_product_attention, or q @ k.transpose(-2, -1) → softmax)", "target")
 
 
+def _positional_term(ctx: PassContext, sub: Sublayer, site: _Attention, order: dict[fx.Node, int],
+                     from_image: set[fx.Node]) -> str | None:
+    """A tensor tied to token positions entering this attention: a relative-position bias (BEiT, Swin) or
+    rotary angles (EVA). Found by structure: inside the sublayer, a tensor made from parameters, buffers and
+    constants only (not from the image) joins the computation of the attention, and one of its dims counts the
+    tokens. Merged tokens have no single position, so such a term cannot follow them."""
+    tokens = ctx.state.shape_of(sub.skip)
+    if tokens is None or len(tokens) < 3:
+        return None
+    count = int(tokens[-2])
+    body = set(_body(sub, order))
+    frontier, seen = [site.node], set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen or node not in body:
+            continue
+        seen.add(node)
+        for inp in node.all_input_nodes:
+            if inp in from_image:
+                frontier.append(inp)
+                continue
+            shape = ctx.state.shape_of(inp)
+            if shape is not None and any(count - 16 <= int(d) <= count and d > 1 for d in shape):
+                return f"{_name(inp)!r} of shape {tuple(shape)}"
+    return None
+
+
+def _from_image(graph: fx.Graph) -> set[fx.Node]:
+    """Every node that depends on the model's input."""
+    out: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(i in out for i in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
 def _main_input(node: fx.Node) -> fx.Node | None:
     first = node.args[0] if node.args else None
     return first if isinstance(first, fx.Node) else None
@@ -259,7 +295,10 @@ def merge_tokens(ctx: PassContext) -> None:
     for cand in ctx.select(args.target, "target"):
         sub = by_add.get(cand.node)
         if sub is None:
-            raise ctx.error(f"{cand.name!r} is not the residual add after an attention sublayer; merge_tokens "
+            reshaped = cand.node in {s.skip for s in layout.mlp} and layout.attn
+            why = (" (the model reshapes its stream between attention and MLP: attention over windows of a token "
+                   "grid, as in Swin, not one global token sequence)") if reshaped else ""
+            raise ctx.error(f"{cand.name!r} is not the residual add after an attention sublayer{why}; merge_tokens "
                             "merges there (role attn_residual)", "target")
         picked.append((cand.name, sub))
     if not picked:
@@ -275,6 +314,14 @@ def merge_tokens(ctx: PassContext) -> None:
     start = next(i for i, s in enumerate(layout.attn) if s is first)
     later = layout.attn[start:]  # every attention from the first merging block on receives the size bias
     sites = {sub.add: _attention(ctx, sub, order, _name(sub.add)) for sub in later}
+    from_image = _from_image(graph)
+    for sub in later:
+        term = _positional_term(ctx, sub, sites[sub.add], order, from_image)
+        if term is not None:
+            raise ctx.error(
+                f"the attention of {_name(sub.add).rpartition('.')[0] or 'the model'!r} adds a term tied to token "
+                f"positions ({term}: a relative-position bias or rotary embedding); merged tokens have no single "
+                "position, so token merging does not apply to this model", "target")
     with graph.inserting_after(first.skip):
         size = _make(graph, "call_function", initial_size, (first.skip,), "tome.size", rule)
     bias: fx.Node | None = None
