@@ -72,6 +72,8 @@ def read_yaml(source: str | bytes, file: str | None, error: Error) -> YamlDocume
         mark = getattr(exc, "problem_mark", None)
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
         problem = getattr(exc, "problem", None) or str(exc)
+        if "maximum nesting depth" in problem:  # libyaml's scanner has its own cap and reads ahead of our count
+            raise error(f"nests deeper than {MAX_DEPTH} levels", where) from None
         raise error(f"invalid YAML: {problem}", where) from None
     if root is None:
         return YamlDocument(None, {}, file)
