@@ -57,6 +57,17 @@ class Registry(dict[str, T]):
         super().__init__(initial or {})
         self.kind, self.plural, self.ordered = kind, plural, ordered  # ordered: list in registration order
 
+    def named(self, name: str) -> Any:
+        """Class decorator: register the class under ``name`` and give it that ``name`` attribute (stages,
+        training heads, online learners)."""
+
+        def decorate(cls: Any) -> Any:
+            cls.name = name
+            self[name] = cls
+            return cls
+
+        return decorate
+
     def find(self, name: str) -> T:
         """The plug-in ``name``; raises KeyError when there is none."""
         if name not in self:

@@ -79,13 +79,7 @@ _HEADS: Registry[type[TrainHead]] = Registry("training head", "heads", {"task": 
 
 def register_head(name: str) -> Callable[[type[TrainHead]], type[TrainHead]]:
     """Class decorator: make a TrainHead subclass available to recipes as ``train.head: name``."""
-
-    def deco(cls: type[TrainHead]) -> type[TrainHead]:
-        cls.name = name
-        _HEADS[name] = cls
-        return cls
-
-    return deco
+    return _HEADS.named(name)
 
 
 def head_names() -> list[str]:

@@ -97,13 +97,7 @@ _LEARNERS: Registry[type[OnlineLearner]] = Registry("online learner", "online le
 
 def register_learner(name: str) -> Callable[[type[OnlineLearner]], type[OnlineLearner]]:
     """Class decorator: make an OnlineLearner subclass available as ``train.online.learner: name``."""
-
-    def deco(cls: type[OnlineLearner]) -> type[OnlineLearner]:
-        cls.name = name
-        _LEARNERS[name] = cls
-        return cls
-
-    return deco
+    return _LEARNERS.named(name)
 
 
 def learner_names() -> list[str]:

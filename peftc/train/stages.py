@@ -82,13 +82,7 @@ class Stage:
 
 def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
     """Class decorator: make a Stage subclass available to specs as ``stage: name``."""
-
-    def deco(cls: type[Stage]) -> type[Stage]:
-        cls.name = name
-        _STAGES[name] = cls
-        return cls
-
-    return deco
+    return _STAGES.named(name)
 
 
 def stage_names() -> list[str]:
