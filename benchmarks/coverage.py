@@ -52,12 +52,15 @@ def _image(bb: Any) -> Any:
     """One image at SMALL if the backbone runs on it, else at the backbone's own input size."""
     import torch
 
+    from peftc.analysis.trace import primary_output
+
     gen = torch.Generator().manual_seed(0)
-    for side in (SMALL, bb.input_size[1]):
+    # an HF model is traced shape-aware, specialised to its config's image size
+    for side in (bb.input_size[1],) if bb.library == "transformers" else (SMALL, bb.input_size[1]):
         x = torch.randn(1, bb.input_size[0], side, side, generator=gen)
         try:
             with torch.no_grad():
-                return x, bb.module(x)
+                return x, primary_output(bb.module(x))  # a mapping of outputs (HF): the one peftc compiles for
         except Exception:
             continue
     raise RuntimeError(f"{bb.id} runs neither at {SMALL} nor at {bb.input_size[1]}")
@@ -75,7 +78,7 @@ def headless(bb: Any) -> bool:
     from peftc.analysis.roles import head
     from peftc.analysis.trace import trace
 
-    return not head(NodeIndex(trace(bb.module), block_positions(bb.module)))
+    return not head(NodeIndex(trace(bb.module, input_size=bb.input_size), block_positions(bb.module)))
 
 
 def _output(model: Any, x: Any) -> Any:

@@ -75,6 +75,21 @@ class ShapedTracer(_Tracer):
         self.values: dict[fx.Node, Any] = {}
         self._evaluating = False  # running an operation on fake values: record nothing
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """Trace ``root``, then put back every module attribute its code set while being traced (HF Swin stores
+        the window size it computed from the input): tracing leaves no proxy behind in the model."""
+        modules = list(root.modules()) if isinstance(root, torch.nn.Module) else []
+        before = [dict(vars(m)) for m in modules]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for module, attrs in zip(modules, before):
+                for key in [k for k in vars(module) if k not in attrs]:
+                    delattr(module, key)
+                for key, value in attrs.items():
+                    if vars(module).get(key, attrs) is not value:
+                        vars(module)[key] = value
+
     def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         if self._evaluating:
             return forward(*args, **kwargs)

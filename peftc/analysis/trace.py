@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError, TraceError
 
-__all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "register_leaf", "trace", "trace_info"]
+__all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "primary_output", "register_leaf", "trace", "trace_info"]
 
 LEAF_TYPES: list[type[nn.Module]] = [
     nn.modules.conv._ConvNd,
@@ -170,9 +170,11 @@ class TraceInfo:
     tracer: str = "plain"
     why_not_plain: str = ""
     eager: Mapping[str, str] = field(default_factory=dict)
+    input_size: tuple[int, ...] | None = None  # the (C, H, W) the shape-aware graph is specialised to
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tracer": self.tracer, "why_not_plain": self.why_not_plain, "eager": dict(self.eager)}
+        return {"tracer": self.tracer, "why_not_plain": self.why_not_plain, "eager": dict(self.eager),
+                "input_size": list(self.input_size) if self.input_size else None}
 
 
 def trace_info(gm: fx.GraphModule) -> TraceInfo:
@@ -232,22 +234,23 @@ def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[A
                                  + _hint(module, tracer.failed_in)) from None
             eager[tracer.failed_in] = failure
     _single_output(graph, tracer.values)
-    return _finish(tracer.root, graph, module, TraceInfo("shape-aware", why_not_plain, eager))
+    return _finish(tracer.root, graph, module, TraceInfo("shape-aware", why_not_plain, eager,
+                                                                       tuple(input_size)))
+
+
+def primary_output(result: Any, value: Any = lambda v: v) -> Any:
+    """The one output peftc compiles for: the first per-image result of shape ``(batch, features)`` (logits,
+    pooled features) among the tensors of a mapping (HF's ``ModelOutput``) or tuple, else its first tensor.
+    ``value`` maps an entry to the tensor it stands for (a graph node to its example value)."""
+    entries = [e for e in torch.utils._pytree.tree_leaves(result) if isinstance(value(e), torch.Tensor)]
+    return next((e for e in entries if value(e).dim() == 2), entries[0] if entries else result)
 
 
 def _single_output(graph: fx.Graph, values: Mapping[fx.Node, Any]) -> None:
-    """A model returning several tensors (a mapping such as HF's ``ModelOutput``, or a tuple) returns one: the
-    first per-image output of shape ``(batch, features)`` (logits, pooled features), else the first tensor."""
+    """A model returning several tensors returns one: its :func:`primary_output`."""
     output = next(n for n in graph.nodes if n.op == "output")
-    result = output.args[0]
-    if isinstance(result, fx.Node):
-        return
-    leaves = [n for n in torch.utils._pytree.tree_leaves(result) if isinstance(n, fx.Node)
-              and isinstance(values.get(n), torch.Tensor)]
-    if not leaves:
-        return
-    chosen = next((n for n in leaves if values[n].dim() == 2), leaves[0])
-    output.args = (chosen,)
+    if not isinstance(output.args[0], fx.Node):
+        output.args = (primary_output(output.args[0], lambda n: values.get(n) if isinstance(n, fx.Node) else None),)
 
 
 def _failure(root: nn.Module, path: str | None, exc: BaseException) -> str:
