@@ -172,14 +172,23 @@ class TraceInfo:
     eager: Mapping[str, str] = field(default_factory=dict)
     input_size: tuple[int, ...] | None = None  # the (C, H, W) the shape-aware graph is specialised to
 
+    def describe(self) -> list[str]:
+        """One line per fact, for the report and the diff ([] for a plain trace of the whole model)."""
+        if self.tracer == "plain":
+            return []
+        size = "x".join(map(str, self.input_size or ()))
+        lines = [f"traced shape-aware for {size} inputs, because plain fx could not: {self.why_not_plain}"]
+        lines += [f"kept eager (one node, no rule reaches inside): {path}: {why}" for path, why in self.eager.items()]
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         return {"tracer": self.tracer, "why_not_plain": self.why_not_plain, "eager": dict(self.eager),
                 "input_size": list(self.input_size) if self.input_size else None}
 
 
-def trace_info(gm: fx.GraphModule) -> TraceInfo:
+def trace_info(gm: nn.Module) -> TraceInfo:
     """How ``gm`` was traced (plain fx when it does not say)."""
-    return gm.meta.get("peftc_trace", TraceInfo())
+    return getattr(gm, "meta", {}).get("peftc_trace", TraceInfo())
 
 
 def trace(module: nn.Module, *, leaves: Iterable[type] = (),
