@@ -217,7 +217,7 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = (),
 def _finish(root: nn.Module, graph: fx.Graph, module: nn.Module, info: TraceInfo) -> fx.GraphModule:
     _call_linears(graph, root)
     gm = fx.GraphModule(root, graph, type(module).__name__)
-    if gm.graph.eliminate_dead_code():  # what only the dropped outputs read
+    if info.tracer != "plain" and gm.graph.eliminate_dead_code():  # what only the dropped outputs read
         gm.recompile()
     gm.meta["peftc_trace"] = info
     assign_names(gm)
@@ -243,8 +243,8 @@ def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[A
                                  + _hint(module, tracer.failed_in)) from None
             eager[tracer.failed_in] = failure
     _single_output(graph, tracer.values)
-    return _finish(tracer.root, graph, module, TraceInfo("shape-aware", why_not_plain, eager,
-                                                                       tuple(input_size)))
+    info = TraceInfo("shape-aware", why_not_plain, eager, tuple(input_size))
+    return _finish(tracer.root, graph, module, info)
 
 
 def primary_output(result: Any, value: Any = lambda v: v) -> Any:
@@ -274,7 +274,8 @@ def _failure(root: nn.Module, path: str | None, exc: BaseException) -> str:
 def _hint(root: nn.Module, path: str | None) -> str:
     if not path:
         return ""
-    return f"; keep that module whole with peftc.analysis.trace.register_leaf({type(root.get_submodule(path)).__name__})"
+    name = type(root.get_submodule(path)).__name__
+    return f"; keep that module whole with peftc.analysis.trace.register_leaf({name})"
 
 
 def _source_line(exc: BaseException) -> str:
