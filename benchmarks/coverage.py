@@ -39,6 +39,7 @@ BACKBONES = (
     "timm:vit_base_patch16_224", "timm:deit_small_patch16_224", "timm:deit_base_distilled_patch16_224",
     "timm:vit_small_patch14_dinov2", "timm:vit_base_patch16_clip_224", "timm:eva02_tiny_patch14_224",
     "timm:swin_tiny_patch4_window7_224", "timm:beit_base_patch16_224",
+    "hf:ViTForImageClassification", "hf:Dinov2Model", "hf:SwinForImageClassification", "hf:CLIPVisionModel",
 )
 QUICK = ("resnet50", "vgg11_bn", "timm:vit_small_patch14_dinov2", "swin_t")
 SMALL = 64  # the image side tried first; a model that needs its own size gets it
