@@ -169,3 +169,23 @@ def test_top_level_control_flow_is_one_message_naming_the_line() -> None:
 def test_plain_models_keep_the_plain_trace() -> None:
     gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), input_size=(3, 8, 8))
     assert trace_info(gm).tracer == "plain" and trace_info(gm).describe() == []
+
+
+class Gated(nn.Module):
+    """Two blocks of the same untraceable code, called in turn."""
+
+    image_size = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Gate(), Gate())
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x.flatten(1)))
+
+
+def test_blocks_of_the_same_code_are_kept_eager_together() -> None:
+    info = trace_info(trace(Gated().eval(), input_size=(3, 2, 2)))
+    assert list(info.eager) == ["blocks.0", "blocks.1"]
+    assert info.eager["blocks.1"] == "same code as 'blocks.0'"

@@ -22,9 +22,8 @@ from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_map
 
 from peftc.analysis.paths import resolve
-from peftc.analysis.trace import _Tracer
 
-__all__ = ["ShapedTracer"]
+__all__ = ["ShapedTracing"]
 
 _UNKNOWN = object()
 
@@ -59,16 +58,15 @@ class _ValueAttribute(Attribute, _ValueProxy):
     """``proxy.attr``: an Attribute (a method call is one node) that also answers from its value."""
 
 
-class ShapedTracer(_Tracer):
-    """A leaf-policy tracer whose proxies carry fake example values (see the module docstring).
+class ShapedTracing(fx.Tracer):
+    """Proxies that carry fake example values (see the module docstring), mixed into a tracer with a leaf policy.
 
     ``example`` is the input the values are computed for; ``eager`` names module paths kept as single nodes
     (run as they are) because they do not trace even so.
     """
 
-    def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Any, ...], example: torch.Tensor,
-                 eager: frozenset[str] = frozenset()):
-        super().__init__(leaves, autowrap)
+    def __init__(self, *args: Any, example: torch.Tensor, eager: frozenset[str] = frozenset(), **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.example = self.mode.from_tensor(example)
         self.eager = eager

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.analysis.shaped import ShapedTracing
 from peftc.errors import PeftcError, TraceError
 
 __all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "primary_output", "register_leaf", "trace", "trace_info"]
@@ -85,6 +86,10 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.scope_stack.pop()
+
+
+class _ShapedTracer(ShapedTracing, _Tracer):
+    """The leaf policy, with proxies that know their example values."""
 
 
 def _concrete_args(module: nn.Module) -> dict[str, Any]:
@@ -227,12 +232,10 @@ def _finish(root: nn.Module, graph: fx.Graph, module: nn.Module, info: TraceInfo
 def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[Any, ...],
                   input_size: tuple[int, int, int], why_not_plain: str) -> fx.GraphModule:
     """The shape-aware trace, keeping eager (one node each) the modules whose code still does not trace."""
-    from peftc.analysis.shaped import ShapedTracer
-
     example = example_input(input_size, batch=2)  # batch 2: code specialised to a batch of one is not traced
     eager: dict[str, str] = {}
     while True:
-        tracer = ShapedTracer(leaves, autowrap, example, frozenset(eager))
+        tracer = _ShapedTracer(leaves, autowrap, example=example, eager=frozenset(eager))
         try:
             graph = tracer.trace(module)
             break
@@ -241,7 +244,10 @@ def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[A
             if not tracer.failed_in or tracer.failed_in in eager:
                 raise TraceError(f"{failure} (with the shape-aware tracer; plain fx: {why_not_plain})"
                                  + _hint(module, tracer.failed_in)) from None
-            eager[tracer.failed_in] = failure
+            failed = type(module.get_submodule(tracer.failed_in))
+            for path, other in module.named_modules():  # the same code fails the same way: one retry, not one each
+                if type(other) is failed:
+                    eager.setdefault(path, failure if path == tracer.failed_in else f"same code as {tracer.failed_in!r}")
     _single_output(graph, tracer.values)
     info = TraceInfo("shape-aware", why_not_plain, eager, tuple(input_size))
     return _finish(tracer.root, graph, module, info)
