@@ -91,6 +91,8 @@ def test_hf_ids(tmp_path: Path) -> None:
         peftc.compile("lora", "hf:no/such-model")
     with pytest.raises(BackboneError, match="an architecture, not a checkpoint"):
         peftc.compile("lora", HF_VIT, pretrained=True)
+    with pytest.raises(BackboneError, match="ViTConfig has no field 'hiden_size' \\(did you mean 'hidden_size'"):
+        peftc.compile("lora", HF_VIT, backbone_kwargs={"hiden_size": 64})
     # a local directory with a config.json; a pair that does not apply is one message and exit 1
     import transformers
 

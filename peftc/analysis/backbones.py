@@ -158,7 +158,8 @@ def _hub_offline() -> None:
 
 def _construct_hf(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     """An HF transformers model: an architecture class from its default config, or a hub id / local directory
-    whose config is read locally unless ``pretrained`` (then the weights are downloaded too)."""
+    whose config is read locally unless ``pretrained`` (then the weights are downloaded too). Builder arguments
+    override config fields; one the config does not have is refused (a config would keep it silently)."""
     try:
         import transformers
     except ImportError:
@@ -167,9 +168,10 @@ def _construct_hf(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Mod
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
         if pretrained:
             raise BackboneError(f"hf:{name} is an architecture, not a checkpoint: give a hub id for --pretrained")
+        _check_fields(cls.config_class, kwargs, name)
         return cls(cls.config_class(**kwargs))
-    if not pretrained and not _reachable("huggingface.co"):
-        _hub_offline()
+    if pretrained and not _reachable("huggingface.co"):
+        _hub_offline()  # use the local cache if it has the files; fail fast otherwise
     try:
         config = transformers.AutoConfig.from_pretrained(name, local_files_only=not pretrained, **kwargs)
     except OSError:
@@ -177,10 +179,20 @@ def _construct_hf(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Mod
             f"no config for hf:{name} here: give a local directory with a config.json, a hub id whose config is "
             "in the local cache, an architecture (hf:ViTForImageClassification), or --pretrained to download it"
         ) from None
+    _check_fields(type(config), kwargs, name)
     arch = getattr(transformers, (config.architectures or [""])[0], None) or transformers.AutoModel
     if pretrained:
         return arch.from_pretrained(name, config=config)
     return arch.from_config(config) if arch is transformers.AutoModel else arch(config)
+
+
+def _check_fields(config_class: type, kwargs: dict[str, Any], name: str) -> None:
+    """Builder arguments must be fields of the model's config: a config would keep a misspelt one silently."""
+    default = config_class()
+    for key in kwargs:
+        if not hasattr(default, key):
+            raise BackboneError(f"hf:{name}: {config_class.__name__} has no field {key!r}"
+                                + did_you_mean(key, default.to_dict()))
 
 
 def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
