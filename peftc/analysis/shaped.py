@@ -2,11 +2,11 @@
 
 Plain fx fails on code that asks a proxy a Python question: ``len(x.shape)``, ``(*x.shape[:-1], -1, d)``,
 ``if channels != self.channels``, ``range(n)`` — everyday code in HF transformers and other libraries. Here
-every node also gets a value computed by running its operation on fake tensors (no compute, no memory) for an
-example input, so those questions get concrete answers: what is not a tensor (a size, a flag) is specialised to
-the example's sizes, while the tensor operations — including reading ``x.shape[0]`` for a reshape — stay in the
-graph, so the batch dimension stays dynamic. Asking the *value* of a tensor (``if x.sum() > 0``) still fails:
-the graph cannot depend on data.
+every node also gets its values computed by running its operation on fake tensors (no compute, no memory) for
+example inputs at two batch sizes, so those questions get concrete answers: what is not a tensor (a size, a flag)
+is specialised to the examples' sizes, while the tensor operations — including reading ``x.shape[0]`` for a
+reshape — stay in the graph, so the batch dimension stays dynamic. An answer that differs between the two batch
+sizes, or one asked of a tensor's *value* (``if x.sum() > 0``), still fails: the graph cannot depend on either.
 """
 
 from __future__ import annotations
@@ -78,11 +78,8 @@ class ShapedTracing(fx.Tracer):
             return super().trace(root, concrete_args)
         finally:
             for module, attrs in zip(modules, before):
-                for key in [k for k in vars(module) if k not in attrs]:
-                    delattr(module, key)
-                for key, value in attrs.items():
-                    if vars(module).get(key, attrs) is not value:
-                        vars(module)[key] = value
+                vars(module).clear()
+                vars(module).update(attrs)
 
     def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         if self._evaluating:
