@@ -227,9 +227,11 @@ def _input_size(module: nn.Module, backbone_id: str) -> tuple[int, int, int]:
     channels = getattr(getattr(embed, "proj", None), "in_channels", 3)
     if isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(s, int) for s in built):
         return (int(channels), int(built[0]), int(built[1]))
-    config = getattr(module, "config", None)  # a transformers PretrainedConfig
-    if isinstance(getattr(config, "image_size", None), int):
-        return (int(getattr(config, "num_channels", 3)), config.image_size, config.image_size)
+    config = getattr(module, "config", None)  # a transformers PretrainedConfig: one side, or (H, W)
+    side = getattr(config, "image_size", None)
+    hw = (side, side) if isinstance(side, int) else tuple(side) if isinstance(side, (tuple, list)) else ()
+    if len(hw) == 2 and all(isinstance(s, int) for s in hw):
+        return (int(getattr(config, "num_channels", 3)), int(hw[0]), int(hw[1]))
     cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return tuple(cfg["input_size"])  # type: ignore[return-value]
