@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import peftc.language.primitives as primitives
-from peftc.blocks.registry import BLOCKS, get_block
+from peftc.blocks.registry import BLOCKS, declared_block
 from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language.catalog import builtin_specs
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
@@ -259,7 +259,7 @@ def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -
         raise SpecError("label must be a string", locate(doc.positions, (*path, "label"), doc.file))
     body = raw[op] if raw[op] is not None else {}
     try:
-        model = primitives.get_primitive(op).args
+        model = primitives.declared_primitive(op).args
         know_models((model,))
         args = model.model_validate(body)
     except ValidationError as exc:
@@ -317,7 +317,7 @@ def _check_block(args: Any, path: Path_, doc: _Doc) -> None:
     if block_name is None:
         return
     try:
-        block = get_block(block_name)
+        block = declared_block(block_name)
     except KeyError:
         raise BLOCKS.unknown(block_name, locate(doc.positions, (*path, "block"), doc.file)) from None
     try:
