@@ -43,12 +43,10 @@ def train(ctx: PassContext) -> None:
                 tensor.requires_grad_(True)
                 ctx.own_tensor(name, True)
                 params += tensor.numel()
-            elif args.buffers and tensor.is_floating_point():
-                ctx.ledger.updating_buffers.add(name)
-                ctx.own_tensor(name, False)
-                buffers += tensor.numel()
             elif args.buffers:
-                ctx.ledger.updating_buffers.add(name)  # e.g. num_batches_tracked: updates, not counted
+                ctx.ledger.updating_buffers.add(name)
+                ctx.own_tensor(name, False)  # num_batches_tracked too: BN with momentum=None averages by it
+                buffers += tensor.numel() if tensor.is_floating_point() else 0  # counters are not statistics
         if params or buffers:
             matched += 1
             ctx.record("train", cand.name, params=params, buffers=buffers, task_state=args.task_state)
