@@ -56,7 +56,7 @@ from torch import fx, nn
 from peftc.analysis.index import Candidate, NodeIndex, operation_name
 from peftc.blocks.contract import acts_as
 
-__all__ = ["Sublayer", "TransformerLayout", "transformer_layout"]
+__all__ = ["Sublayer", "TransformerLayout", "is_scale_norm", "transformer_layout"]
 
 RoleFn = Callable[[NodeIndex], list[Candidate]]
 ExplainFn = Callable[[NodeIndex], str]
@@ -197,9 +197,22 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         return None
 
 
+def is_scale_norm(module: nn.Module | None) -> bool:
+    """An RMS-style norm a library writes itself (HF's ``…RMSNorm``, T5's layer norm): a module without children
+    whose only parameter is a 1-D ``weight`` (a per-channel scale) and that carries an epsilon."""
+    if module is None or next(module.children(), None) is not None:
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    has_eps = any(isinstance(getattr(module, a, None), float) for a in ("eps", "variance_epsilon"))
+    return len(params) == 1 and weight is not None and weight.dim() == 1 and has_eps
+
+
 def _is_norm(module: nn.Module | None) -> bool:
-    """Normalisation modules, and blocks that stand in for one (``stands_for``, or carrying ``normalized_shape``)."""
-    return module is not None and (acts_as(module, _NORMS) or hasattr(module, "normalized_shape"))
+    """Normalisation modules, and blocks that stand in for one (``stands_for``, or carrying ``normalized_shape``),
+    and RMS-style norms of other libraries (:func:`is_scale_norm`)."""
+    return module is not None and (acts_as(module, _NORMS) or hasattr(module, "normalized_shape")
+                                   or is_scale_norm(module))
 
 
 def _is_linear(module: nn.Module | None) -> bool:
