@@ -54,7 +54,22 @@ def decoder_layers(model: nn.Module) -> list[str]:
 
 
 def record_calls(model: nn.Module, paths: list[str], run: Callable[[], Any]) -> list[Call]:
-    """Run ``run()`` (one example forward of ``model``) and record each layer's call."""
+    """Run ``run()`` (one example forward of ``model``) and record each layer's call.
+
+    A model on the meta device (a 7B-shaped one, built without weights) runs under fake tensors, which the glue's
+    data-dependent checks (padding detection, mask shortcuts) recognise as tracing and skip; what is recorded
+    comes back as meta tensors."""
+    if any(p.is_meta for p in model.parameters()):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = _record(model, paths, run)
+        memo: dict[int, Any] = {}
+        return [Call(_to_meta(c.args, memo), _to_meta(c.kwargs, memo), _to_meta(c.output, memo)) for c in fake]
+    return _record(model, paths, run)
+
+
+def _record(model: nn.Module, paths: list[str], run: Callable[[], Any]) -> list[Call]:
     calls: dict[str, Call] = {}
     handles = []
     for path in paths:
@@ -71,6 +86,19 @@ def record_calls(model: nn.Module, paths: list[str], run: Callable[[], Any]) -> 
     if missing:
         raise PeftcError(f"the example forward of {type(model).__name__} never called {missing[0]!r}")
     return [calls[p] for p in paths]
+
+
+def _to_meta(value: Any, memo: dict[int, Any]) -> Any:
+    """Fake tensors as meta tensors of the same shape and dtype, one per fake tensor (identity kept)."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)) and id(value) not in memo:
+        memo[id(value)] = type(value)(_to_meta(v, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v, memo) for k, v in value.items()}
+    return memo.get(id(value), value) if isinstance(value, (tuple, list)) else value
 
 
 def _side_inputs(calls: list[Call], paths: list[str]) -> tuple[list[str], dict[str, Any]]:
