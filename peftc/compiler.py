@@ -144,10 +144,13 @@ def _compile_backbone(method: MethodSpec, bb: Backbone, backbone_kwargs: Mapping
     backbone_params = sum(p.numel() for p in bb.module.parameters())
     state = rewrite(method, bb, leaves=leaves)
     if feeds is not None and method.pair is not None:
-        width = int(tap_tokens(state, method.pair)[-1])
+        _, tokens, width = (int(d) for d in tap_tokens(state, method.pair))
         if width != feeds.features:
             raise PeftcError(f"the visual encoder's tokens are {width} wide but stream {feeds.name!r} takes "
                              f"{feeds.features} features: set the spec's param that feeds it (e.g. features={width})")
+        if feeds.max_tokens is not None and tokens > feeds.max_tokens:
+            raise PeftcError(f"the visual encoder gives {tokens} tokens but stream {feeds.name!r} holds at most "
+                             f"{feeds.max_tokens}: set the spec's param that sizes it (e.g. tokens={tokens})")
         state.finish()
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.digest,
