@@ -64,7 +64,8 @@ class StreamValue(nn.Module):
 class CompiledPair(nn.Module):
     """``model(images, input_ids, labels=None, attention_mask=None, image_mask=None)`` → the language model's
     output (``.logits``, and ``.loss`` with ``labels``). ``images=None``, or ``image_mask`` false for a sample,
-    means no image: the stream gets no tokens (MemVP: Z = 0, only the learned memory acts)."""
+    means no image: the stream gets no tokens (MemVP: Z = 0, only the learned memory acts). ``features=`` gives
+    the encoder's tokens instead of images (computed once and cached, say): ``model(None, ids, features=t)``."""
 
     def __init__(self, vision: Compiled, language: nn.Module, prelude: fx.GraphModule | None, values: StreamValues,
                  spec: MethodSpec, stream: StreamInput, reports: dict[str, Report]):
@@ -83,17 +84,22 @@ class CompiledPair(nn.Module):
         return int(self.language.get_input_embeddings().num_embeddings)
 
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> Any:
+                attention_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> Any:
         self._check_ids(input_ids, labels)
         batch = int(input_ids.shape[0])
-        if images is None:
+        if features is not None:
+            if images is not None:
+                raise PeftcError("give images or their features, not both")
+            tokens = features
+        elif images is None:
             param = next(self.language.parameters())
             tokens = torch.zeros(batch, 0, self.stream.features, device=param.device, dtype=param.dtype)
         else:
             self._check_images(images, batch)
             tokens = self.vision(images)
-            if image_mask is not None:
-                tokens = tokens * image_mask.reshape(-1, 1, 1).to(tokens.dtype)
+        if image_mask is not None:
+            tokens = tokens * image_mask.reshape(-1, 1, 1).to(tokens.dtype)
         self.stream.check(tokens, batch)
         values = self.prelude(**{self.stream.name: tokens}) if self.prelude is not None else {}
         with self.values.bound(values):
