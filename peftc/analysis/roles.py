@@ -17,6 +17,11 @@ output projections (``attn_proj``, ``mlp_fc2``). Nodes added by peftc's own rule
 (``node.meta['peftc_rule']``) never play a role, and a bypass added after a role node is looked through, so
 roles keep naming the backbone's layers while rules rewrite the graph.
 
+A normalisation module is any torch norm layer, a block standing in for one, or an RMS-style norm a library
+writes itself (HF's ``LlamaRMSNorm``: no children, one 1-D ``weight``, an epsilon), so an HF decoder layer traced
+with its attention kept whole (:mod:`peftc.analysis.stack`) has ``mlp_norm`` = ``post_attention_layernorm`` and
+``mlp_out`` = ``mlp.down_proj``; an attention kept whole computes no visible attention, so it plays no role.
+
 CNN residual blocks (ResNet, ConvNeXt) have no normalisation right at the start of their branch, so they play
 no transformer role: a spec can select transformer roles with ``optional: true`` and still run on a CNN.
 
