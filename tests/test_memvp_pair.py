@@ -37,8 +37,9 @@ def language(family: str) -> nn.Module:
     import transformers
 
     torch.manual_seed(1)
-    config = getattr(transformers, f"{family}Config")(hidden_size=LM, intermediate_size=2 * LM, num_hidden_layers=LAYERS,
-                                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=LM, intermediate_size=2 * LM, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB)
     return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 

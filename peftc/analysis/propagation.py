@@ -15,8 +15,8 @@ standard closed form.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch

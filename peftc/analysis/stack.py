@@ -16,6 +16,7 @@ one's output); per-region tracing of any model (issue 17) generalises it.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,7 @@ def _side_inputs(calls: list[Call], paths: list[str]) -> tuple[list[str], dict[s
     if len(first.args) != 1 or not isinstance(first.args[0], torch.Tensor):
         raise PeftcError(f"{paths[0]!r} is called with {len(first.args)} positional inputs; a decoder layer takes "
                          "the hidden state first and the rest by keyword")
-    for i, (prev, call) in enumerate(zip(calls, calls[1:]), 1):
+    for i, (prev, call) in enumerate(itertools.pairwise(calls), 1):
         if not call.args or call.args[0] is not prev.output:
             raise PeftcError(f"{paths[i]!r} does not read {paths[i - 1]!r}'s output: the layers are not a plain "
                              "stack, so they cannot be rewritten as one")
@@ -264,7 +265,7 @@ def cut(gm: fx.GraphModule, stack: Stack, streams: set[str], reader: Callable[[s
                     reads.append(name)
                 modules[f"stream_{name}"] = reader(name)
                 env[a] = graph.call_module(f"stream_{name}")
-            copy = graph.node_copy(n, lambda a: env[a])
+            copy = graph.node_copy(n, env.__getitem__)
             if copy.op in ("call_module", "get_attr"):
                 target = str(n.target)
                 local = target.removeprefix(f"{path}.") if target.startswith(f"{path}.") else target

@@ -45,10 +45,10 @@ class MethodSpec:
     positions: Mapping[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
     train: TrainSection | None = None  # the training recipe (peftc.train); None = the trainer's defaults
     schedule: tuple[Phase, ...] = ()  # training phases (peftc.runtime.schedule applies them); empty = no schedule
-    pair: PairSection | None = None  # how a vision-language pair runs it (peftc.pair); None = single models only
+    pair: PairSection | None = None  # how a vision-language pair runs it (peftc.pair); None: single models only
 
     def part(self, name: str) -> MethodSpec:
-        """The spec as one part of a vision-language pair sees it: the rules without ``part:`` or with ``part: name``."""
+        """The spec as one part of a vision-language pair sees it: its rules without ``part:`` or of that part."""
         return replace(self, rules=tuple(r for r in self.rules if r.part in (None, name)))
 
     def locate(self, path: Path_) -> Location:

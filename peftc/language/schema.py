@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from peftc.errors import did_you_mean
 from peftc.language.predicate import Predicate, PredicateSyntaxError
 
-__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "PARTS", "BlockRuleArgs", "PairSection", "ParamDecl", "RuleArgs", "Selector", "SpecDocument",
-           "TaskState", "TensorArgs"]
+__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "PARTS", "BlockRuleArgs", "PairSection", "ParamDecl", "RuleArgs",
+           "Selector", "SpecDocument", "TaskState", "TensorArgs"]
 
 FORMAT_VERSION = 1
 MAX_CLASSES = 1_000_000  # a head's outputs, wherever a number of classes is read (spec, manifest, add_task)

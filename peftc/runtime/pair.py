@@ -118,7 +118,8 @@ class CompiledPair(nn.Module):
             if ids is None and name == "labels":
                 continue
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-                got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+                got = (f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
+                       else type(ids).__name__)
                 raise PeftcError(f"{name} must be integer token ids of shape (batch, tokens), got {got}")
             real = ids[ids != -100] if name == "labels" else ids  # -100: positions the loss ignores
             if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.vocab_size):
