@@ -50,7 +50,7 @@ def resolve_backbone(
 def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module]] = ()) -> CompileState:
     """The compiler proper: trace ``bb`` and run one pass per rule, in order. Returns the finished state."""
     positions = block_positions(bb.module)
-    state = CompileState(trace(bb.module, leaves=leaves), method, positions, bb.input_size)
+    state = CompileState(trace(bb.module, leaves=leaves, input_size=bb.input_size), method, positions, bb.input_size)
     state.head_params = sum(sum(p.numel() for p in c.module.parameters()) for c in head(state.index))
     for rule in method.rules:
         get_primitive(rule.op).run(PassContext(state, rule))
