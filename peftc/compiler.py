@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.analysis.backbones import Backbone, build_backbone, from_module, shared_copy
+from peftc.analysis.backbones import Backbone, WeightsDigest, build_backbone, from_module, shared_copy
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.roles import head
@@ -26,6 +26,7 @@ from peftc.runtime.pair import CompiledPair, StreamValue, StreamValues
 from peftc.runtime.report import build_report
 from peftc.runtime.schedule import build_schedule
 from peftc.storage.artifact import MANIFEST, apply_delta, read_delta, read_manifest
+from peftc.storage.pair import PAIR, is_pair_artifact, load_pair_delta, read_pair
 
 __all__ = ["Pair", "compile", "load", "pair", "resolve_backbone", "rewrite"]
 
@@ -165,6 +166,7 @@ def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPa
         raise PeftcError(f"spec {method.name!r} has no pair: section: it does not say which of the visual encoder's "
                          "tokens feed which stream of the language model")
     part = method.part("language")
+    digest = WeightsDigest({n: t.detach() for n, t in both.language.state_dict(keep_vars=True).items()})
     lm = shared_copy(both.language).eval()
     paths = decoder_layers(lm)
     device = next(lm.parameters()).device
@@ -195,7 +197,19 @@ def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPa
             p.requires_grad_(False)
     report = build_report(part.name, type(lm).__name__, backbone_params, 0, original_ids, state.gm, state.ledger)
     return CompiledPair(vision, lm, pieces.prelude, values, method, stream,
-                        {"vision": vision.report, "language": report})
+                        {"vision": vision.report, "language": report}, digest)
+
+
+def _load_pair(directory: Path, both: Any) -> CompiledPair:
+    manifest = read_pair(directory)
+    if not isinstance(both, Pair):
+        raise ArtifactError(f"{directory} holds a vision-language pair ({manifest['language']['class']}): pass both "
+                            "models, peftc.load(dir, backbone=peftc.pair(vision, language))")
+    try:
+        model = compile(manifest["spec"], both)
+    except PeftcError as exc:
+        raise ArtifactError(f"{directory / PAIR}: the stored spec no longer compiles on this pair: {exc}") from None
+    return load_pair_delta(model, directory, manifest)
 
 
 def _rebuild_backbone(info: dict[str, Any], backbone: Any, weights: str | Path | None) -> Any:
@@ -222,9 +236,12 @@ def load(directory: str | Path, backbone: Any = None, *, weights: str | Path | N
     """Rebuild the compiled model saved in ``directory``.
 
     The backbone is rebuilt from the manifest (same id, seed, weights file or pretrained weights) unless you
-    pass it (a name or your own module); its weight hash must match the one recorded at compile time.
+    pass it (a name or your own module); its weight hash must match the one recorded at compile time. A
+    vision-language pair's artifact needs both models again: ``load(dir, backbone=peftc.pair(vit, lm))``.
     """
     directory = Path(directory)
+    if is_pair_artifact(directory):
+        return _load_pair(directory, backbone)
     manifest = read_manifest(directory)
     info = manifest["backbone"]
     bb = _rebuild_backbone(info, backbone, weights)

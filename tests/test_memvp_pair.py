@@ -173,6 +173,26 @@ def test_what_cannot_pair_is_one_clear_message() -> None:
         peftc.load_spec({"peftc": 1, "name": "x", "rules": [{"freeze": {}, "part": "audio"}]})
 
 
+def test_save_holds_only_the_trainables_and_loads_equal(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from peftc.errors import ArtifactError
+
+    model = peftc.compile("memvp", peftc.pair(vit(), language("Llama")), **PARAMS)
+    perturb(list(model.trainable_parameters()))
+    model.save(tmp_path / "a")
+    stored = load_file(str(tmp_path / "a" / "delta.safetensors"))
+    assert set(stored) == {n for n, _ in model.named_trainable_parameters()}
+    assert sum(t.numel() for t in stored.values()) == model.trainable_params
+    again = peftc.load(tmp_path / "a", backbone=peftc.pair(vit(), language("Llama")))
+    with torch.no_grad():
+        assert torch.equal(again(images(), ids()).logits, model(images(), ids()).logits)
+    with pytest.raises(ArtifactError, match="pass both models"):
+        peftc.load(tmp_path / "a")
+    with pytest.raises(ArtifactError, match="made for a language model with weights"):
+        peftc.load(tmp_path / "a", backbone=peftc.pair(vit(), language("Qwen2")))
+
+
 def test_the_vision_side_exports_to_onnx(tmp_path: Path) -> None:
     model = compiled()
     result = peftc.export_onnx(model.vision, tmp_path / "vision.onnx")

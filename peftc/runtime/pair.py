@@ -10,8 +10,9 @@ the duration of the forward, and each layer's graph reads them through a :class:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,18 @@ class StreamValue(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.values.get(self.name)
 
+    def save(self, directory: str | Path) -> Path:
+        """Write the pair's artifact (spec, both models' hashes, the trainable tensors) to ``directory``."""
+        from peftc.storage.pair import save_pair
+
+        return save_pair(self, directory)
+
+    def load_delta(self, directory: str | Path) -> CompiledPair:
+        """Load a saved pair's tensors (same spec, same two models)."""
+        from peftc.storage.pair import load_pair_delta
+
+        return load_pair_delta(self, directory)
+
     def extra_repr(self) -> str:
         return repr(self.name)
 
@@ -68,7 +81,7 @@ class CompiledPair(nn.Module):
     the encoder's tokens instead of images (computed once and cached, say): ``model(None, ids, features=t)``."""
 
     def __init__(self, vision: Compiled, language: nn.Module, prelude: fx.GraphModule | None, values: StreamValues,
-                 spec: MethodSpec, stream: StreamInput, reports: dict[str, Report]):
+                 spec: MethodSpec, stream: StreamInput, reports: dict[str, Report], language_digest: Callable[[], str]):
         super().__init__()
         self.vision = vision
         self.language = language
@@ -77,7 +90,13 @@ class CompiledPair(nn.Module):
         self.spec = spec
         self.stream = stream
         self.reports = reports
+        self._language_digest = language_digest
         self.train(False)
+
+    @property
+    def language_hash(self) -> str:
+        """A hash of the language model's weights as given (computed when first asked for: saving, loading)."""
+        return self._language_digest()
 
     @property
     def vocab_size(self) -> int:
@@ -149,6 +168,18 @@ class CompiledPair(nn.Module):
             for rule in report.rules:
                 out[rule.label] = out.get(rule.label, 0) + rule.added_params
         return out
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the pair's artifact (spec, both models' hashes, the trainable tensors) to ``directory``."""
+        from peftc.storage.pair import save_pair
+
+        return save_pair(self, directory)
+
+    def load_delta(self, directory: str | Path) -> CompiledPair:
+        """Load a saved pair's tensors (same spec, same two models)."""
+        from peftc.storage.pair import load_pair_delta
+
+        return load_pair_delta(self, directory)
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, stream={self.stream.name!r}"
