@@ -200,7 +200,7 @@ def _inline(graph: fx.Graph, region: fx.GraphModule, path: str, index: int, hidd
         if node.op == "call_function" and node.args and node.args[0] is mapping:
             env[node] = inputs[node.args[1]]  # inputs["attention_mask"] -> the side-input placeholder
             continue
-        copy = graph.node_copy(node, lambda n: env[n])
+        copy = graph.node_copy(node, env.__getitem__)
         if copy.op in ("call_module", "get_attr"):
             copy.target = f"{path}.{copy.target}"
         copy.meta["peftc_name"] = f"{path}.{node.meta['peftc_name']}"
