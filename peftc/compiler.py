@@ -15,7 +15,7 @@ from peftc.analysis.backbones import Backbone, WeightsDigest, build_backbone, fr
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.roles import head
-from peftc.analysis.stack import cut, decoder_layers, record_calls, trace_stack
+from peftc.analysis.stack import Stack, cut, decoder_layers, record_calls, trace_stack
 from peftc.analysis.trace import trace
 from peftc.errors import ArtifactError, PeftcError
 from peftc.language import MethodSpec, get_primitive, load_spec
@@ -114,7 +114,7 @@ def compile(
     backbone_kwargs: Mapping[str, Any] | None = None,
     leaves: Iterable[type[nn.Module]] = (),
     **param_overrides: Any,
-) -> Compiled:
+) -> Compiled | CompiledPair:
     """Rewrite ``backbone`` as ``spec`` says and return the trainable model.
 
     ``spec`` is a file path, a built-in name (``"clr"``), a document mapping or a loaded :class:`MethodSpec`;
@@ -122,7 +122,8 @@ def compile(
     ``backbone`` is a name (``"resnet50"``, ``"timm:vit_tiny_patch16_224"``) or a module you built, which is
     copied and never modified. ``seed`` seeds the backbone's random init and the inserted blocks' init (LoRA's
     down projections, adapters), so the same call always gives the same model and a byte-identical artifact;
-    the caller's global RNG is left as it was.
+    the caller's global RNG is left as it was. ``backbone`` may also be a vision-language :func:`pair`: the result
+    is then a :class:`~peftc.runtime.pair.CompiledPair` (``model(images, input_ids, labels=…)``).
     """
     overrides = {**dict(params or {}), **param_overrides}
     method = load_spec(spec, overrides)
@@ -168,18 +169,9 @@ def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPa
     part = method.part("language")
     digest = WeightsDigest({n: t.detach() for n, t in both.language.state_dict(keep_vars=True).items()})
     lm = shared_copy(both.language).eval()
-    paths = decoder_layers(lm)
-    device = next(lm.parameters()).device
-    calls = record_calls(lm, paths, lambda: lm(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device),
-                                               use_cache=False))
-    stack = trace_stack(lm, paths, calls)
     original_ids = {id(p) for p in lm.parameters()}
     backbone_params = sum(p.numel() for p in lm.parameters())
-    state = CompileState(stack.gm, part, block_positions(lm), tuple(stack.hidden.shape[1:]), examples=stack.examples)
-    for rule in part.rules:
-        get_primitive(rule.op).run(PassContext(state, rule))
-    state.finish()
-    _own_writable(state)  # the stack shares the caller's language model's storage
+    state, stack = _rewrite_stack(part, lm)
     stream = state.ledger.streams.get(method.pair.stream)
     if stream is None:
         raise PeftcError(f"pair.stream {method.pair.stream!r}: no 'part: language' rule of {method.name!r} adds that "
@@ -188,7 +180,7 @@ def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPa
                                backbone.get("backbone_kwargs"), feeds=stream)
     values = StreamValues()
     pieces = cut(state.gm, stack, set(state.ledger.streams), lambda name: StreamValue(values, name))
-    for path, layer in zip(paths, pieces.layers):
+    for path, layer in zip(stack.paths, pieces.layers):
         parent, _, name = path.rpartition(".")
         setattr(lm.get_submodule(parent), name, layer)
     in_stack = {id(p) for p in state.gm.parameters()}
@@ -198,6 +190,21 @@ def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPa
     report = build_report(part.name, type(lm).__name__, backbone_params, 0, original_ids, state.gm, state.ledger)
     return CompiledPair(vision, lm, pieces.prelude, values, method, stream,
                         {"vision": vision.report, "language": report}, digest)
+
+
+def _rewrite_stack(part: MethodSpec, lm: nn.Module) -> tuple[CompileState, Stack]:
+    """Trace ``lm``'s decoder layers as one stack (from one recorded example forward) and run ``part``'s rules."""
+    paths = decoder_layers(lm)
+    device = next(lm.parameters()).device
+    calls = record_calls(lm, paths, lambda: lm(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device),
+                                               use_cache=False))
+    stack = trace_stack(lm, paths, calls)
+    state = CompileState(stack.gm, part, block_positions(lm), tuple(stack.hidden.shape[1:]), examples=stack.examples)
+    for rule in part.rules:
+        get_primitive(rule.op).run(PassContext(state, rule))
+    state.finish()
+    _own_writable(state)  # the stack shares the caller's language model's storage
+    return state, stack
 
 
 def _load_pair(directory: Path, both: Any) -> CompiledPair:

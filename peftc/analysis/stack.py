@@ -80,6 +80,11 @@ def _record(model: nn.Module, paths: list[str], run: Callable[[], Any]) -> list[
     try:
         with torch.no_grad():
             run()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PeftcError(f"{type(model).__name__} cannot run an example forward of token ids "
+                         f"({type(exc).__name__}: {first}); a pair's language model is called as "
+                         "lm(input_ids=..., attention_mask=..., labels=..., use_cache=False)") from None
     finally:
         for h in handles:
             h.remove()
