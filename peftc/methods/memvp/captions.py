@@ -76,11 +76,12 @@ def tiny_pair(lm: str = "llama", *, seed: int = 0, width: int = 64, layers: int 
 
 def train(model: nn.Module, steps: int, *, batch: int = 16, lr: float = 3e-2, precision: str | None = None,
           seed: int = 0, log: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` (a compiled pair) on fresh caption batches with its spec's recipe; the loss of every step."""
+    """Train ``model`` (a compiled pair, on its device) on fresh caption batches with its spec's recipe (its
+    ``precision`` unless ``precision`` overrides it: fp16 autocast with loss scaling needs CUDA); every step's loss."""
     from peftc.train.precision import Precision
     from peftc.train.recipe import LRSchedule, build_optimizer, resolve
 
-    device = torch.device("cpu")
+    device = next(model.language.parameters()).device
     recipe = resolve(model.spec.train, {"batch_size": batch, **({"precision": precision} if precision else {})})
     numerics = Precision(recipe.precision, device)
     optimizer = build_optimizer(model.trainable_parameters(), recipe, lr)
@@ -89,7 +90,7 @@ def train(model: nn.Module, steps: int, *, batch: int = 16, lr: float = 3e-2, pr
     model.train()
     losses = []
     for step in range(steps):
-        images, ids = captions(batch, seed=seed * 100_003 + step)
+        images, ids = (t.to(device) for t in captions(batch, seed=seed * 100_003 + step))
         with numerics.autocast():
             loss = model(images, ids, labels=ids).loss
         numerics.backward(loss)
