@@ -39,7 +39,7 @@ def language(family: str) -> nn.Module:
     torch.manual_seed(1)
     config = getattr(transformers, f"{family}Config")(
         hidden_size=LM, intermediate_size=2 * LM, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB)
+        num_key_value_heads=2, head_dim=LM // 4, vocab_size=VOCAB)
     return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
@@ -63,18 +63,24 @@ def perturb(params: list[nn.Parameter]) -> None:
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Gemma"])
 def test_identity_at_init_without_images(family: str) -> None:
-    """E2 = 0 and Z = 0 without an image: logits and loss equal the plain LM's. With images, the official init
-    already writes Z into the memory values (E2 + Z = Z ≠ 0): a small change, as the formula says."""
+    """E2 = 0 and Z = 0 without an image: logits and loss equal the plain LM's (also with a padding mask, and for
+    the sample of a batch whose image is masked out). With images, the official init already writes Z into the
+    memory values (E2 + Z = Z ≠ 0): a small change, as the formula says."""
     model, plain, tokens = compiled(family), language(family), ids()
+    padding = torch.ones_like(tokens)
+    padding[1, :3] = 0
     with torch.no_grad():
         ref = plain(input_ids=tokens, labels=tokens)
         got = model(None, tokens, labels=tokens)
-        masked = model(images(), tokens, image_mask=torch.tensor([False, False]))
+        padded = model(None, tokens, attention_mask=padding).logits
+        masked = model(images(), tokens, image_mask=torch.tensor([True, False])).logits
         with_images = model(images(), tokens).logits
+        ref_padded = plain(input_ids=tokens, attention_mask=padding).logits
     assert (got.logits - ref.logits).abs().max().item() <= 1e-5
-    assert (masked.logits - ref.logits).abs().max().item() <= 1e-5
+    assert (padded - ref_padded).abs().max().item() <= 1e-5
+    assert (masked[1] - ref.logits[1]).abs().max().item() <= 1e-5 < (masked[0] - ref.logits[0]).abs().max().item()
     assert abs(got.loss.item() - ref.loss.item()) <= 1e-5
     assert 0 < (with_images - ref.logits).abs().max().item() < 0.1 * ref.logits.abs().max().item()
 
