@@ -189,3 +189,30 @@ def test_blocks_of_the_same_code_are_kept_eager_together() -> None:
     info = trace_info(trace(Gated().eval(), input_size=(3, 2, 2)))
     assert list(info.eager) == ["blocks.0", "blocks.1"]
     assert info.eager["blocks.1"] == "same code as 'blocks.0'"
+
+
+class PerSample(nn.Module):
+    """A Python loop over the batch: traced at one batch size it would be wrong at every other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fc(x[i]) for i in range(x.shape[0])])
+
+
+class Looped(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = PerSample()
+
+
+def test_code_specialised_to_the_batch_size_is_kept_eager() -> None:
+    net = Looped().eval()
+    gm = trace(net, input_size=(3, 2, 2))
+    assert list(trace_info(gm).eager) == ["gate"]
+    assert "specialises on the batch size" in trace_info(gm).eager["gate"]
+    x = torch.randn(5, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(gm(x), net(x))

@@ -19,30 +19,24 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.proxy import Attribute
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from peftc.analysis.paths import resolve
 
 __all__ = ["ShapedTracing"]
 
 _UNKNOWN = object()
+BATCHES = (2, 3)  # the example is traced at two batch sizes: an answer that differs between them depends on the batch
 
 
 class _ValueProxy(fx.Proxy):
-    """A proxy whose Python questions (``len``, iteration, ``int``) are answered from its example value."""
-
-    @property
-    def value(self) -> Any:
-        return self.tracer.values.get(self.node, _UNKNOWN)
+    """A proxy whose Python questions (``len``, iteration, ``int``) are answered from its example values."""
 
     def __getattr__(self, k: str) -> Attribute:
         return _ValueAttribute(self, k)
 
     def __len__(self) -> int:
-        value = self.value
-        if value is _UNKNOWN:
-            return super().__len__()
-        return len(value)
+        return self.tracer.concrete(self, len)
 
     def __index__(self) -> int:
         return self.tracer.concrete(self, int)
@@ -55,22 +49,24 @@ class _ValueProxy(fx.Proxy):
 
 
 class _ValueAttribute(Attribute, _ValueProxy):
-    """``proxy.attr``: an Attribute (a method call is one node) that also answers from its value."""
+    """``proxy.attr``: an Attribute (a method call is one node) that also answers from its values."""
 
 
 class ShapedTracing(fx.Tracer):
     """Proxies that carry fake example values (see the module docstring), mixed into a tracer with a leaf policy.
 
-    ``example`` is the input the values are computed for; ``eager`` names module paths kept as single nodes
-    (run as they are) because they do not trace even so.
+    ``examples`` are input batches of the sizes in :data:`BATCHES`: every node gets its value for each, so a
+    Python answer that depends on the batch size is caught rather than fixed. ``eager`` names module paths kept
+    as single nodes (run as they are) because they do not trace even so.
     """
 
-    def __init__(self, *args: Any, example: torch.Tensor, eager: frozenset[str] = frozenset(), **kwargs: Any):
+    def __init__(self, *args: Any, examples: tuple[torch.Tensor, ...], eager: frozenset[str] = frozenset(),
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        self.example = self.mode.from_tensor(example)
+        self.examples = tuple(self.mode.from_tensor(x) for x in examples)
         self.eager = eager
-        self.values: dict[fx.Node, Any] = {}
+        self.values: dict[fx.Node, tuple[Any, ...]] = {}
         self._evaluating = False  # running an operation on fake values: record nothing
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
@@ -113,57 +109,74 @@ class ShapedTracing(fx.Tracer):
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **more)
         if kind != "output":
-            self.values[node] = self._evaluate(kind, target, node.args, node.kwargs)
+            self.values[node] = tuple(self._evaluate(i, kind, target, node.args, node.kwargs)
+                                      for i in range(len(BATCHES)))
         return node
 
-    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
-        """The node's value on the fake example; unknown when the operation fails on fake tensors."""
+    def _evaluate(self, i: int, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        """The node's value on the ``i``-th fake example; unknown when the operation fails on fake tensors."""
 
         def value(a: Any) -> Any:
-            return self.values.get(a, _UNKNOWN) if isinstance(a, fx.Node) else a
+            return self.values.get(a, (_UNKNOWN,) * len(BATCHES))[i] if isinstance(a, fx.Node) else a
 
         args, kwargs = tree_map(value, args), tree_map(value, kwargs)
-        if any(v is _UNKNOWN for v in (*torch.utils._pytree.tree_leaves((args, kwargs)),)):
+        if any(v is _UNKNOWN for v in tree_leaves((args, kwargs))):
             return _UNKNOWN
         self._evaluating = True
         try:
             with self.mode:
                 if kind == "placeholder":
-                    return self.example
+                    return self.examples[i]
                 if kind == "get_attr":
                     return resolve(self.root, target)
                 if kind == "call_function":
                     return target(*args, **kwargs)
                 if kind == "call_method":
                     return getattr(args[0], target)(*args[1:], **kwargs)
-                if kind == "call_module":
-                    return self.root.get_submodule(target)(*args, **kwargs)
+                return self.root.get_submodule(target)(*args, **kwargs)  # call_module
         except Exception:
             return _UNKNOWN
         finally:
             self._evaluating = False
-        return _UNKNOWN
 
-    def concrete(self, proxy: fx.Proxy, kind: type) -> Any:
-        """A Python number the code needs now (``range(n)``): the example's, when it is not tensor data."""
-        value = self.values.get(proxy.node, _UNKNOWN)
-        if isinstance(value, torch.Tensor) or value is _UNKNOWN:
-            raise fx.proxy.TraceError(f"the code needs a Python {kind.__name__} computed from tensor data")
-        return kind(value)
+    def answer(self, proxy: fx.Proxy, question: Any) -> Any:
+        """``question(value)`` — ``len``, ``bool``, ``int`` — asked of the proxy's example values; ``_UNKNOWN`` when
+        a value could not be computed. A TraceError when the value is tensor data or the answer depends on the
+        batch size: a graph cannot hold either as a constant."""
+        values = self.values.get(proxy.node, (_UNKNOWN,))
+        if any(v is _UNKNOWN for v in values):
+            return _UNKNOWN
+        if any(isinstance(v, torch.Tensor) for v in values):
+            raise fx.proxy.TraceError("the code branches on tensor data (a Python value computed from the input)")
+        answers = [question(v) for v in values]
+        if any(a != answers[0] for a in answers[1:]):
+            got, batches = " or ".join(map(str, answers)), " or ".join(map(str, BATCHES))
+            raise fx.proxy.TraceError(f"the code specialises on the batch size ({question.__name__}() is {got} for "
+                                      f"batches of {batches})")
+        return answers[0]
+
+    def concrete(self, proxy: fx.Proxy, question: Any) -> Any:
+        """A Python answer the code needs now (``len(x.shape)``, ``range(n)``), from the example's values."""
+        answer = self.answer(proxy, question)
+        if answer is _UNKNOWN:
+            raise fx.proxy.TraceError(f"the code needs {question.__name__}() of a value peftc could not compute")
+        return answer
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        value = self.values.get(obj.node, _UNKNOWN)
-        if isinstance(value, torch.Tensor) or value is _UNKNOWN:
-            return super().to_bool(obj)  # control flow on tensor data: the graph cannot depend on it
-        return bool(value)
+        answer = self.answer(obj, bool)
+        return super().to_bool(obj) if answer is _UNKNOWN else answer
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
-        value = self.values.get(obj.node, _UNKNOWN)
-        if value is _UNKNOWN or isinstance(value, torch.Tensor):
+        length = self.answer(obj, len)
+        if length is _UNKNOWN:
             return super().iter(obj)
-        return iter([obj[i] for i in range(len(value))])
+        return iter([obj[i] for i in range(length)])
 
     def keys(self, obj: fx.Proxy) -> Any:
-        value = self.values.get(obj.node, _UNKNOWN)
-        return list(value.keys()) if isinstance(value, dict) else super().keys(obj)
+        keys = self.answer(obj, _keys)
+        return super().keys(obj) if keys in (_UNKNOWN, None) else keys
+
+
+def _keys(value: Any) -> list[Any] | None:
+    return list(value.keys()) if isinstance(value, dict) else None
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from peftc.analysis.shaped import ShapedTracing
+from peftc.analysis.shaped import BATCHES, ShapedTracing
 from peftc.errors import PeftcError, TraceError
 
 __all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "primary_output", "register_leaf", "trace", "trace_info"]
@@ -232,10 +232,10 @@ def _finish(root: nn.Module, graph: fx.Graph, module: nn.Module, info: TraceInfo
 def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[Any, ...],
                   input_size: tuple[int, int, int], why_not_plain: str) -> fx.GraphModule:
     """The shape-aware trace, keeping eager (one node each) the modules whose code still does not trace."""
-    example = example_input(input_size, batch=2)  # batch 2: code specialised to a batch of one is not traced
+    examples = tuple(example_input(input_size, batch) for batch in BATCHES)
     eager: dict[str, str] = {}
     while True:
-        tracer = _ShapedTracer(leaves, autowrap, example=example, eager=frozenset(eager))
+        tracer = _ShapedTracer(leaves, autowrap, examples=examples, eager=frozenset(eager))
         try:
             graph = tracer.trace(module)
             break
@@ -247,8 +247,9 @@ def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[A
             failed = type(module.get_submodule(tracer.failed_in))
             for path, other in module.named_modules():  # the same code fails the same way: one retry, not one each
                 if type(other) is failed:
-                    eager.setdefault(path, failure if path == tracer.failed_in else f"same code as {tracer.failed_in!r}")
-    _single_output(graph, tracer.values)
+                    same = f"same code as {tracer.failed_in!r}"
+                    eager.setdefault(path, failure if path == tracer.failed_in else same)
+    _single_output(graph, {node: values[0] for node, values in tracer.values.items()})
     info = TraceInfo("shape-aware", why_not_plain, eager, tuple(input_size))
     return _finish(tracer.root, graph, module, info)
 
