@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     why = (f"the memory branch's own FLOPs, which shrink with the model: per text token and layer it costs "
            f"4·M'·d FLOPs (u·Kᵀ and ·V over M' = {args.tokens} rows) against the SwiGLU FFN's 6·d·d_ff, "
            f"a share of 2M'/(3·d_ff) = {share:.0%} at d_ff = {d_ff} (LLaMA-7B, d_ff 11008: 1.9%), plus the "
-           f"projector over {args.visual} visual tokens once per forward. Attention and the LM head are untouched.")
+           f"projector over {args.visual} visual tokens once per forward. Attention and the LM head are untouched. "
+           f"A training step also runs AdamW over MemVP's trained tensors, which text only (nothing trained) skips.")
     payload = {"config": vars(args), "results": rows, "checks": checks,
                "explanations": {c["id"]: why for c in checks if c["id"].startswith("memvp-")}}
     console.print(f"wrote {write_result('memvp', payload)}")
