@@ -141,6 +141,19 @@ def test_llama_7b_and_clip_l14_counts_on_the_meta_device() -> None:
     assert model.trainable_params == 3_870_848
 
 
+def test_rules_see_the_decoder_layers_as_one_stack() -> None:
+    """Selectors work on the language model as on a ViT: ``blocks: "-1"`` puts the memory in the last layer only,
+    and the layers' modules keep the model's own paths."""
+    doc = peftc.load_spec("memvp", PARAMS).to_document()
+    rule = next(r for r in doc["rules"] if r.get("label") == "memvp")
+    rule["parallel"]["to"] = {"role": "mlp_out", "blocks": "-1"}
+    model = peftc.compile(doc, peftc.pair(vit(), language("Llama")))
+    layers = model.language.model.layers
+    assert not hasattr(layers[0].mlp.down_proj, "memvp") and hasattr(layers[1].mlp.down_proj, "memvp")
+    assert next(r for r in model.reports["language"].rules if r.label == "memvp").nodes == 1
+    assert "model.layers.1.mlp.down_proj.memvp.table.keys" in dict(model.language.named_parameters())
+
+
 @pytest.mark.parametrize(("call", "words"), [
     (lambda m: m(torch.randn(2, 3, 64, 64), ids()), "images must be (batch, 3, 32, 32)"),
     (lambda m: m(images(3), ids()), "3 images for 2 token sequences"),
