@@ -28,7 +28,8 @@ __all__ = ["CompiledPair", "StreamValue", "StreamValues"]
 
 
 class StreamValues:
-    """The encoded streams of the forward running now, by name (bound by :class:`CompiledPair`)."""
+    """The encoded streams of the forward running now, by name (bound by :class:`CompiledPair`; one forward of
+    a model at a time — threads sharing one model would see each other's values)."""
 
     def __init__(self) -> None:
         self._values: Mapping[str, torch.Tensor] | None = None
