@@ -39,6 +39,7 @@ BACKBONES = (
     "timm:vit_base_patch16_224", "timm:deit_small_patch16_224", "timm:deit_base_distilled_patch16_224",
     "timm:vit_small_patch14_dinov2", "timm:vit_base_patch16_clip_224", "timm:eva02_tiny_patch14_224",
     "timm:swin_tiny_patch4_window7_224", "timm:beit_base_patch16_224",
+    "hf:ViTForImageClassification", "hf:Dinov2Model", "hf:SwinForImageClassification", "hf:CLIPVisionModel",
 )
 QUICK = ("resnet50", "vgg11_bn", "timm:vit_small_patch14_dinov2", "swin_t")
 SMALL = 64  # the image side tried first; a model that needs its own size gets it
@@ -52,12 +53,15 @@ def _image(bb: Any) -> Any:
     """One image at SMALL if the backbone runs on it, else at the backbone's own input size."""
     import torch
 
+    from peftc.analysis.trace import primary_output
+
     gen = torch.Generator().manual_seed(0)
-    for side in (SMALL, bb.input_size[1]):
+    # an HF model is traced shape-aware, specialised to its config's image size
+    for side in (bb.input_size[1],) if bb.library == "transformers" else (SMALL, bb.input_size[1]):
         x = torch.randn(1, bb.input_size[0], side, side, generator=gen)
         try:
             with torch.no_grad():
-                return x, bb.module(x)
+                return x, primary_output(bb.module(x))  # a mapping of outputs (HF): the one peftc compiles for
         except Exception:
             continue
     raise RuntimeError(f"{bb.id} runs neither at {SMALL} nor at {bb.input_size[1]}")
@@ -75,7 +79,7 @@ def headless(bb: Any) -> bool:
     from peftc.analysis.roles import head
     from peftc.analysis.trace import trace
 
-    return not head(NodeIndex(trace(bb.module), block_positions(bb.module)))
+    return not head(NodeIndex(trace(bb.module, input_size=bb.input_size), block_positions(bb.module)))
 
 
 def _output(model: Any, x: Any) -> Any:

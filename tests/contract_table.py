@@ -33,6 +33,21 @@ DINOV2 = "timm:vit_small_patch14_dinov2"  # rows of these four are built tiny (R
 CONVNEXT = "timm:convnext_atto"
 SWIN = "timm:swin_tiny_patch4_window7_224"
 BEIT = "timm:beit_base_patch16_224"
+# HF transformers (hf: ids built from their config classes, tiny: 32x32 images, two blocks or stages of width 64/16)
+HF_VIT = "hf:ViTForImageClassification"
+HF_DINOV2 = "hf:Dinov2Model"  # headless: the compile adds a head after the pooled features
+HF_SWIN = "hf:SwinForImageClassification"
+HF_CLIP = "hf:CLIPVisionModel"  # headless
+_HF_TRANSFORMER = (("hidden_size", 64), ("image_size", 32), ("num_attention_heads", 2), ("num_hidden_layers", 2),
+                   ("patch_size", 8))
+HF_BUILD: dict[str, tuple[tuple[str, Any], ...]] = {
+    HF_VIT: (*_HF_TRANSFORMER, ("intermediate_size", 128), ("num_labels", 5)),
+    HF_DINOV2: (*_HF_TRANSFORMER, ("mlp_ratio", 2)),
+    HF_SWIN: (("depths", (1, 1)), ("embed_dim", 16), ("image_size", 32), ("num_heads", (1, 2)), ("num_labels", 5),
+              ("patch_size", 4), ("window_size", 4)),
+    HF_CLIP: (*_HF_TRANSFORMER, ("intermediate_size", 128)),
+}
+HF_CHECKS = frozenset({"identity", "roundtrip", "fold", "onnx"})
 
 # Golden diffs: backbone -> the example image size of its diff (None: the backbone's own, 224 for a ViT).
 GOLDEN_SIZES: dict[str, int | None] = {RESNET18: 64, VIT_TINY: None, VIT_B_16: None}
@@ -196,6 +211,17 @@ ROWS: list[Row] = [
     # BEiT: fused qkv read through F.linear with a cat(q, 0, v) bias, traced as qkv(x) + bias
     Row("fact", BEIT, size=32, checks=frozenset({"identity", "roundtrip", "fold", "onnx"}),
         build=_tiny(BEIT, img_size=32)),
+    # -- HF transformers, traced shape-aware: one model per method family in CI's ONNX parity (tests/
+    # test_hf_backbones.py runs every spec on all four for identity at init and a training step)
+    Row("lora", HF_VIT, size=32, build=HF_BUILD[HF_VIT], onnx="ci", checks=HF_CHECKS),
+    Row("bitfit", HF_VIT, size=32, build=HF_BUILD[HF_VIT], seeded=False, checks=HF_CHECKS - {"onnx"}),
+    Row("fact", HF_SWIN, size=32, build=HF_BUILD[HF_SWIN], onnx="ci", checks=HF_CHECKS),
+    Row("adaptformer", HF_DINOV2, {"num_classes": 5}, size=32, build=HF_BUILD[HF_DINOV2], fold="partial", onnx="ci",
+        checks=HF_CHECKS - {"identity"}),  # headless: the new head differs; its features are checked there
+    Row("ln_tuning", HF_CLIP, {"num_classes": 5}, size=32, build=HF_BUILD[HF_CLIP], head="shared", seeded=False,
+        fold="plain", onnx="ci", checks=HF_CHECKS - {"identity"}),  # folds to the backbone plus its new head
+    Row("tome", HF_CLIP, size=32, build=HF_BUILD[HF_CLIP], identity_to=None, trains=False, head="none",
+        seeded=False, fold="partial", onnx="ci", checks=frozenset({"roundtrip", "onnx"})),
     # -- torchvision vit_b_16: golden diffs through the canonicalisation (identity: test_lora, test_ln_tuning) ----
     Row("lora", VIT_B_16, size=224, checks=frozenset({"golden"})),
     Row("ln_tuning", VIT_B_16, size=224, checks=frozenset({"golden"})),

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 import peftc
+from peftc.analysis.trace import primary_output
 from peftc.export.fold import FoldResult, fold
 from peftc.export.ort import OrtRunner
 from peftc.runtime.model import Compiled
@@ -125,8 +126,8 @@ def reference(row: Row) -> tuple[torch.Tensor, torch.Tensor]:
         return cached.image(), cached.reference_output(row.backbone)
     key = (row.backbone, row.size)
     if key not in _REFERENCE:
-        with torch.no_grad():
-            _REFERENCE[key] = row.module().eval()(row.image())
+        with torch.no_grad():  # a mapping of outputs (HF's ModelOutput): the one peftc compiles for
+            _REFERENCE[key] = primary_output(row.module().eval()(row.image()))
     return row.image(), _REFERENCE[key]
 
 

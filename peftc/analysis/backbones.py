@@ -1,4 +1,7 @@
-"""Backbones by name: any torchvision classification model (``resnet50``) or timm model (``timm:deit_small_…``).
+"""Backbones by name: any torchvision classification model (``resnet50``), timm model (``timm:deit_small_…``) or
+HF transformers model (``hf:google/vit-base-patch16-224`` — a hub id whose config is in the local cache, a local
+directory with a ``config.json``, or an architecture class built from its default config:
+``hf:ViTForImageClassification``; builder arguments override config fields).
 
 Random init is the default and is seeded, so the same id and seed always rebuild bit-identical weights (an
 artifact of a randomly initialised backbone can be loaded again). ``pretrained=True`` asks the library to
@@ -77,7 +80,9 @@ class Backbone:
 
     @property
     def library(self) -> str:
-        return "timm" if self.id.startswith("timm:") else ("torchvision" if self.source != "module" else "custom")
+        if self.source == "module":
+            return "custom"
+        return {"timm": "timm", "hf": "transformers"}.get(self.id.partition(":")[0], "torchvision")
 
 
 def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -151,7 +156,36 @@ def _hub_offline() -> None:
     constants.HF_HUB_OFFLINE = True
 
 
+def _construct_hf(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """An HF transformers model: an architecture class from its default config, or a hub id / local directory
+    whose config is read locally unless ``pretrained`` (then the weights are downloaded too)."""
+    try:
+        import transformers
+    except ImportError:
+        raise BackboneError("hf: backbones need HF transformers: pip install 'peftc[hf]'") from None
+    cls = getattr(transformers, name, None)
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        if pretrained:
+            raise BackboneError(f"hf:{name} is an architecture, not a checkpoint: give a hub id for --pretrained")
+        return cls(cls.config_class(**kwargs))
+    if not pretrained and not _reachable("huggingface.co"):
+        _hub_offline()
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=not pretrained, **kwargs)
+    except OSError:
+        raise BackboneError(
+            f"no config for hf:{name} here: give a local directory with a config.json, a hub id whose config is "
+            "in the local cache, an architecture (hf:ViTForImageClassification), or --pretrained to download it"
+        ) from None
+    arch = getattr(transformers, (config.architectures or [""])[0], None) or transformers.AutoModel
+    if pretrained:
+        return arch.from_pretrained(name, config=config)
+    return arch.from_config(config) if arch is transformers.AutoModel else arch(config)
+
+
 def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    if backbone_id.startswith("hf:"):
+        return _construct_hf(backbone_id[3:], pretrained, kwargs)
     if backbone_id.startswith("timm:"):
         import timm
 
@@ -169,8 +203,8 @@ def _construct(backbone_id: str, pretrained: bool, kwargs: dict[str, Any]) -> nn
     if backbone_id not in names:
         hint = did_you_mean(backbone_id, names)
         raise BackboneError(
-            f"unknown backbone {backbone_id!r}{hint}; use a torchvision classification model name or timm:NAME "
-            "(see `peftc backbones`)"
+            f"unknown backbone {backbone_id!r}{hint}; use a torchvision classification model name, timm:NAME or "
+            "hf:NAME (see `peftc backbones`)"
         )
     return torchvision.models.get_model(backbone_id, weights="DEFAULT" if pretrained else None, **kwargs)
 
@@ -181,6 +215,9 @@ def _input_size(module: nn.Module, backbone_id: str) -> tuple[int, int, int]:
     channels = getattr(getattr(embed, "proj", None), "in_channels", 3)
     if isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(s, int) for s in built):
         return (int(channels), int(built[0]), int(built[1]))
+    config = getattr(module, "config", None)  # a transformers PretrainedConfig
+    if isinstance(getattr(config, "image_size", None), int):
+        return (int(getattr(config, "num_channels", 3)), config.image_size, config.image_size)
     cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return tuple(cfg["input_size"])  # type: ignore[return-value]

@@ -15,15 +15,18 @@ from __future__ import annotations
 import inspect
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from peftc.analysis.shaped import BATCHES, ShapedTracing
 from peftc.errors import PeftcError, TraceError
 
-__all__ = ["LEAF_TYPES", "node_name", "register_leaf", "trace"]
+__all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "primary_output", "register_leaf", "trace", "trace_info"]
 
 LEAF_TYPES: list[type[nn.Module]] = [
     nn.modules.conv._ConvNd,
@@ -65,6 +68,7 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
         self._leaves = leaves
         self.scope_stack: list[str] = []
+        self.failed_in: str | None = None  # the innermost module whose code raised, once a trace failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves) or getattr(type(m), "_peftc_leaf", False):
@@ -72,11 +76,20 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self.scope_stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.scope_stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = path
+            raise
         finally:
             self.scope_stack.pop()
+
+
+class _ShapedTracer(ShapedTracing, _Tracer):
+    """The leaf policy, with proxies that know their example values."""
 
 
 def _concrete_args(module: nn.Module) -> dict[str, Any]:
@@ -154,26 +167,138 @@ def node_name(node: fx.Node) -> str:
     return node.meta.get("peftc_name") or str(node.target if node.op in ("call_module", "get_attr") else node.name)
 
 
-def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
-    """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced."""
+@dataclass(frozen=True)
+class TraceInfo:
+    """How a model was traced, for the report and the diff: ``plain`` fx, or the shape-aware tracer (why plain
+    fx could not trace the whole model), and the modules kept eager as single nodes (why each did not trace)."""
+
+    tracer: str = "plain"
+    why_not_plain: str = ""
+    eager: Mapping[str, str] = field(default_factory=dict)
+    input_size: tuple[int, ...] | None = None  # the (C, H, W) the shape-aware graph is specialised to
+
+    def describe(self) -> list[str]:
+        """One line per fact, for the report and the diff ([] for a plain trace of the whole model)."""
+        if self.tracer == "plain":
+            return []
+        size = "x".join(map(str, self.input_size or ()))
+        lines = [f"traced shape-aware for {size} inputs, because plain fx could not: {self.why_not_plain}"]
+        lines += [f"kept eager (one node, no rule reaches inside): {path}: {why}" for path, why in self.eager.items()]
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tracer": self.tracer, "why_not_plain": self.why_not_plain, "eager": dict(self.eager),
+                "input_size": list(self.input_size) if self.input_size else None}
+
+
+def trace_info(gm: nn.Module) -> TraceInfo:
+    """How ``gm`` was traced (plain fx when it does not say)."""
+    return getattr(gm, "meta", {}).get("peftc_trace", TraceInfo())
+
+
+def trace(module: nn.Module, *, leaves: Iterable[type] = (),
+          input_size: tuple[int, int, int] | None = None) -> fx.GraphModule:
+    """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced.
+
+    Plain fx first. When it fails and the model's ``input_size`` is known, the shape-aware tracer
+    (:mod:`peftc.analysis.shaped`) tries again for an example of that size, keeping each module that still does
+    not trace eager, as one node — rules apply everywhere else. How it went is ``trace_info(gm)``.
+    """
     timm_leaves, timm_functions = _timm_notrace(module)
-    tracer = _Tracer((*LEAF_TYPES, *leaves, *timm_leaves), timm_functions)
+    all_leaves = (*LEAF_TYPES, *leaves, *timm_leaves)
+    tracer = _Tracer(all_leaves, timm_functions)
     concrete = _concrete_args(module)
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as exc:
-        scope = tracer.scope_stack[-1] if tracer.scope_stack else ""
-        where = f"{scope!r} ({type(module.get_submodule(scope)).__qualname__})" if scope else type(module).__name__
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {where}: {first}. Keep that module whole with "
-            f"peftc.analysis.trace.register_leaf({type(module.get_submodule(scope)).__name__ if scope else '...'})"
-        ) from None
+        failure = _failure(module, tracer.failed_in, exc)
+        if input_size is None:
+            raise TraceError(failure + _hint(module, tracer.failed_in)) from None
+        return _trace_shaped(module, all_leaves, timm_functions, input_size, failure)
     _drop_concrete_placeholders(graph, concrete)
-    _call_linears(graph, tracer.root)
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    return _finish(tracer.root, graph, module, TraceInfo())
+
+
+def _finish(root: nn.Module, graph: fx.Graph, module: nn.Module, info: TraceInfo) -> fx.GraphModule:
+    _call_linears(graph, root)
+    gm = fx.GraphModule(root, graph, type(module).__name__)
+    if info.tracer != "plain" and gm.graph.eliminate_dead_code():  # what only the dropped outputs read
+        gm.recompile()
+    gm.meta["peftc_trace"] = info
     assign_names(gm)
     return gm
+
+
+def _trace_shaped(module: nn.Module, leaves: tuple[type, ...], autowrap: tuple[Any, ...],
+                  input_size: tuple[int, int, int], why_not_plain: str) -> fx.GraphModule:
+    """The shape-aware trace, keeping eager (one node each) the modules whose code still does not trace."""
+    examples = tuple(example_input(input_size, batch) for batch in BATCHES)
+    eager: dict[str, str] = {}
+    while True:
+        tracer = _ShapedTracer(leaves, autowrap, examples=examples, eager=frozenset(eager))
+        try:
+            graph = tracer.trace(module)
+            break
+        except Exception as exc:
+            failure = _failure(module, tracer.failed_in, exc)
+            if not tracer.failed_in or tracer.failed_in in eager:
+                raise TraceError(f"{failure} (with the shape-aware tracer; plain fx: {why_not_plain})"
+                                 + _hint(module, tracer.failed_in)) from None
+            failed = type(module.get_submodule(tracer.failed_in))
+            for path, other in module.named_modules():  # the same code fails the same way: one retry, not one each
+                if type(other) is failed:
+                    same = f"same code as {tracer.failed_in!r}"
+                    eager.setdefault(path, failure if path == tracer.failed_in else same)
+    _single_output(graph, {node: values[0] for node, values in tracer.values.items()})
+    info = TraceInfo("shape-aware", why_not_plain, eager, tuple(input_size))
+    return _finish(tracer.root, graph, module, info)
+
+
+def primary_output(result: Any, value: Any = lambda v: v) -> Any:
+    """The one output peftc compiles for: the first per-image result of shape ``(batch, features)`` (logits,
+    pooled features) among the tensors of a mapping (HF's ``ModelOutput``) or tuple, else its first tensor.
+    ``value`` maps an entry to the tensor it stands for (a graph node to its example value)."""
+    entries = [e for e in torch.utils._pytree.tree_leaves(result) if isinstance(value(e), torch.Tensor)]
+    return next((e for e in entries if value(e).dim() == 2), entries[0] if entries else result)
+
+
+def _single_output(graph: fx.Graph, values: Mapping[fx.Node, Any]) -> None:
+    """A model returning several tensors returns one: its :func:`primary_output`."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    if not isinstance(output.args[0], fx.Node):
+        output.args = (primary_output(output.args[0], lambda n: values.get(n) if isinstance(n, fx.Node) else None),)
+
+
+def _failure(root: nn.Module, path: str | None, exc: BaseException) -> str:
+    """``'encoder.layer.0' (ViTLayer) at modeling_vit.py:123 `code`: message`` — where tracing failed and why."""
+    module = root.get_submodule(path) if path else root
+    where = f"{path!r} ({type(module).__qualname__})" if path else type(root).__qualname__
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    line = _source_line(exc)
+    return f"torch.fx cannot trace {where}{f' at {line}' if line else ''}: {first}"
+
+
+def _hint(root: nn.Module, path: str | None) -> str:
+    if not path:
+        return ""
+    name = type(root.get_submodule(path)).__name__
+    return f"; keep that module whole with peftc.analysis.trace.register_leaf({name})"
+
+
+def _source_line(exc: BaseException) -> str:
+    """The model's own line that failed: the innermost traceback frame outside torch and peftc's tracers."""
+    import traceback
+
+    torch_dir = str(Path(torch.__file__).parent)
+    here = str(Path(__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((torch_dir, here)) and not f.filename.startswith("<")]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    path = Path(frame.filename)
+    shown = "/".join(path.parts[-3:]) if "site-packages" in path.parts else str(path)
+    return f"{shown}:{frame.lineno}" + (f" `{frame.line.strip()}`" if frame.line else "")
 
 
 def _call_linears(graph: fx.Graph, root: nn.Module) -> int:

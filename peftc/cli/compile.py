@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from peftc.cli.app import app
@@ -47,13 +48,15 @@ def render_report(report: Report, title: str) -> None:
         rules.add_row(r.label, r.op, str(r.nodes), fmt_int(r.added_params), fmt_int(r.removed_params),
                       fmt_int(r.task_params), fmt_int(r.task_buffers))
     console.print(rules)
+    for line in report.tracing:
+        console.print(f"[dim]{escape(line)}[/]")
 
 
 @app.command("compile")
 @handle_errors
 def compile_cmd(
     spec: Annotated[str, typer.Argument(help="Spec file or built-in spec name (see `peftc specs`).")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="torchvision name or timm:NAME.")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="torchvision name, timm:NAME or hf:NAME.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact here.")] = None,
     set_: SetOpt = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Download the library's weights.")] = False,

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.analysis.trace import trace_info
+from peftc.errors import PeftcError
 from peftc.language import MethodSpec
 from peftc.passes import Ledger
 from peftc.runtime.report import Report
@@ -61,11 +63,16 @@ class Compiled(nn.Module):
         self.bank = TaskBank(net, ledger.tensor_slots, ledger.module_slots)
         self.schedule = schedule or Schedule.constant(
             frozenset(n for n, p in net.named_parameters() if p.requires_grad))
+        self.input_size = trace_info(net).input_size  # set when the graph only runs at this (C, H, W)
         self.train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.ledger.streams:
             self._check_streams(args, kwargs)
+        if self.input_size is not None and args and tuple(getattr(args[0], "shape", ())[1:]) != self.input_size:
+            got = "x".join(map(str, getattr(args[0], "shape", ())[1:])) or type(args[0]).__name__
+            raise PeftcError(f"this model was traced shape-aware for inputs of {'x'.join(map(str, self.input_size))} "
+                             f"(C x H x W), got {got}: sizes the model's code branches on are fixed at compile time")
         return self.net(*args, **kwargs)
 
     def _check_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

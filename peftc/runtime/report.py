@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from peftc.analysis.trace import trace_info
 from peftc.language import get_primitive
 from peftc.passes import Ledger, Rewrite
 
@@ -38,6 +39,7 @@ class Report:
     rules: tuple[RuleSummary, ...] = field(default=())
     delta_bytes: int = 0  # one task's artifact delta as stored (quantised tensors packed), heads included
     delta_head_bytes: int = 0  # of which per-task heads
+    tracing: tuple[str, ...] = ()  # how the backbone was traced when plain fx could not trace it whole
 
     @property
     def backbone_body_params(self) -> int:
@@ -122,6 +124,7 @@ def build_report(
         rules=tuple(rules),
         delta_bytes=delta_bytes,
         delta_head_bytes=delta_head_bytes,
+        tracing=tuple(trace_info(model).describe()),
     )
 
 

@@ -116,7 +116,7 @@ def inspect_nodes(
         view = view_model(model, shape, positions)
         gm = model.net
     else:
-        gm = trace(bb.module)
+        gm = trace(bb.module, input_size=bb.input_size)
         view = build_view(gm, shape=shape, positions=positions, baseline=True, label=bb.id)
     index = NodeIndex(gm, positions)
     if isinstance(selector, str):
@@ -199,7 +199,7 @@ def dry_run(
 
     method = load_spec(spec, params)
     bb = resolve_backbone(backbone, seed=seed)
-    gm = trace(bb.module)
+    gm = trace(bb.module, input_size=bb.input_size)
     index = NodeIndex(gm, block_positions(bb.module))
     out = []
     for rule in method.rules:

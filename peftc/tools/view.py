@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from peftc.analysis.index import block_positions, enclosing_block, operation_name
 from peftc.analysis.propagation import NodeStats, Shape, input_shape, propagate
-from peftc.analysis.trace import node_name, trace
+from peftc.analysis.trace import node_name, trace, trace_info
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -388,14 +388,16 @@ def build_view(
         )
     totals = ownership.totals()
     totals["flops"] = sum(n.flops for n in nodes.values())
-    return GraphView(label or "graph", dict(source or {}), tuple(shape), nodes, sites, totals, names)
+    tracing = trace_info(gm).describe()
+    source = {**dict(source or {}), **({"tracing": tracing} if tracing else {})}
+    return GraphView(label or "graph", source, tuple(shape), nodes, sites, totals, names)
 
 
 def view_backbone(
     bb: Backbone, shape: tuple[int, ...], *, leaves: Iterable[type[nn.Module]] = ()
 ) -> GraphView:
     """The reference view of a built backbone (all tensors ``frozen``); ``bb`` is not modified."""
-    gm = trace(bb.module, leaves=leaves)
+    gm = trace(bb.module, leaves=leaves, input_size=bb.input_size)
     return build_view(
         gm,
         shape=shape,

@@ -215,6 +215,8 @@ def build_tree(d: GraphDiff) -> Tree:
         f"FLOPs {format_flops(s['flops']['a'])} → {format_flops(s['flops']['b'])}",
     ]
     root.add(" · ".join(totals))
+    for line in dict.fromkeys([*d.a.source.get("tracing", ()), *d.b.source.get("tracing", ())]):
+        root.add(f"[dim]{escape(line)}[/]")
     if d.empty:
         root.add("[green]no changes[/]")
     for kind in SECTIONS:
