@@ -4,17 +4,17 @@
                                [--quick] [--threads N]
 
 One HF ``LlamaForCausalLM`` (random init, frozen) runs three ways on the same text: (a) text only; (b) LLaVA-style,
-``projector(features)`` as ``visual`` extra input tokens in front of the text (``inputs_embeds``); (c) MemVP, the
-text alone with peftc's memory branch (``memvp_projector`` + ``memvp_memory`` blocks, E1/E2 shared) beside every
-decoder layer's MLP. Forward latency (inference mode) and one training step (the projector, and E1/E2 for MemVP,
-trained with AdamW on the text's next-token loss; text only back-propagates through the LM to its input
-embeddings and updates nothing, the floor any trained part costs) are timed *interleaved* — one call of each
-variant per round — so a shared machine's load hits them alike; figures are medians over rounds. Memory: the
-bytes autograd saves for backward in a training step (a deterministic activation-memory figure; the CPU has no
-peak-memory counter).
+``projector(features)`` as ``visual`` extra input tokens in front of the text (``inputs_embeds``); (c) MemVP as
+peftc compiles it: ``peftc.compile("memvp", peftc.pair(clip_vit, lm))``, the LM's decoder layers replaced by their
+rewritten graphs (memory branch beside every MLP, E1/E2 shared), called with the same precomputed visual
+features (``model(None, ids, features=...)``: the encoder's cost is the same for (b) and (c) and left out; the
+pair's CLIP ViT is a 2-block ViT-L/14-width stand-in that never runs here). Forward latency (inference mode) and
+one training step (the projector, and E1/E2 for MemVP, trained with AdamW on the text's next-token loss; text only
+back-propagates through the LM to its input embeddings and updates nothing, the floor any trained part costs) are
+timed *interleaved* — one call of each variant per round — so a shared machine's load hits them alike; figures
+are medians over rounds. Memory: the bytes autograd saves for backward in a training step (a deterministic
+activation-memory figure; the CPU has no peak-memory counter).
 
-The memory branch is attached here with forward hooks on each ``mlp``: ``peftc.compile`` does not rewrite HF
-decoders yet (they do not trace whole), so this script measures the method's cost, not the compiler's graph.
 Targets (the paper's Fig. 2: 256 visual tokens in front of 64 text tokens make LLaMA-7B inference 4.8× slower):
 MemVP ≤ 1.25× text-only and prompt concatenation ≥ 2× MemVP, in forward and in training; MemVP saves less for
 backward than prompt concatenation. Results go to ``benchmarks/results/memvp.json``.
@@ -51,25 +51,17 @@ def _language_model(dim: int, layers: int, vocab: int) -> nn.Module:
     return model
 
 
-class _Memory(nn.Module):
-    """MemVP beside every decoder layer's MLP of ``lm``, through forward hooks: ``mlp(u) + s·memory(u, Z)``."""
+def _memvp(lm: nn.Module, tokens: int) -> nn.Module:
+    """The compiled pair: a 2-block CLIP ViT-L/14-width encoder (never run here) and ``lm``."""
+    import timm
 
-    def __init__(self, lm: nn.Module, tokens: int):
-        super().__init__()
-        from peftc.methods.memvp.memory import MemoryProjector, MemoryTable, VisualMemory
+    import peftc
 
-        dim = lm.config.hidden_size
-        self.projector = MemoryProjector(FEATURES, HIDDEN, dim, tokens)
-        self.memory = VisualMemory(MemoryTable(tokens, dim), dropout=0.0)
-        self.z: torch.Tensor | None = None
-        for layer in lm.model.layers:
-            layer.mlp.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-        return None if self.z is None else output + SCALE * self.memory(inputs[0], self.z)
+    vit = timm.create_model("vit_large_patch14_clip_224", pretrained=False, depth=2, num_classes=0)
+    return peftc.compile("memvp", peftc.pair(vit, lm), features=FEATURES, hidden=HIDDEN, tokens=tokens, scale=SCALE)
 
 
-def _variants(lm: nn.Module, memory: _Memory, ids: torch.Tensor, feats: torch.Tensor) -> dict[str, Any]:
+def _variants(lm: nn.Module, memvp: nn.Module, ids: torch.Tensor, feats: torch.Tensor) -> dict[str, Any]:
     """Per variant: (forward, trainable parameters, loss) callables on the same text and features."""
     dim = lm.config.hidden_size
     prompt_proj = nn.Sequential(nn.Linear(FEATURES, dim), nn.GELU(), nn.Linear(dim, dim))  # LLaVA-1.5's MLP
@@ -84,15 +76,12 @@ def _variants(lm: nn.Module, memory: _Memory, ids: torch.Tensor, feats: torch.Te
         embeds = torch.cat([prompt_proj(feats), lm.model.embed_tokens(ids)], dim=1)
         return lm(inputs_embeds=embeds, use_cache=False).logits[:, feats.shape[1]:]
 
-    def memvp() -> torch.Tensor:
-        memory.z = memory.projector(feats)
-        try:
-            return lm(input_ids=ids, use_cache=False).logits
-        finally:
-            memory.z = None
+    def memory() -> torch.Tensor:
+        return memvp(None, ids, features=feats).logits
 
+    language_side = [p for n, p in memvp.named_trainable_parameters() if not n.startswith("vision.")]
     return {"text": (text, []), "prompt": (prompt, list(prompt_proj.parameters())),
-            "memvp": (memvp, list(memory.parameters()))}
+            "memvp": (memory, language_side)}
 
 
 def _train_step(forward: Callable[[], torch.Tensor], params: list[nn.Parameter], ids: torch.Tensor,
@@ -134,10 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lm = _language_model(args.dim, args.layers, vocab=1000)
-    memory = _Memory(lm, args.tokens)
+    memvp = _memvp(lm, args.tokens)
     ids = torch.randint(0, 1000, (args.batch, args.text))
     feats = torch.randn(args.batch, args.visual, FEATURES)
-    variants = _variants(lm, memory, ids, feats)
+    variants = _variants(lm, memvp, ids, feats)
 
     def infer(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -184,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     why = (f"the memory branch's own FLOPs, which shrink with the model: per text token and layer it costs "
            f"4·M'·d FLOPs (u·Kᵀ and ·V over M' = {args.tokens} rows) against the SwiGLU FFN's 6·d·d_ff, "
            f"a share of 2M'/(3·d_ff) = {share:.0%} at d_ff = {d_ff} (LLaMA-7B, d_ff 11008: 1.9%), plus the "
-           f"projector over {args.visual} visual tokens once per forward. Attention and the LM head are untouched.")
+           f"projector over {args.visual} visual tokens once per forward. Attention and the LM head are untouched. "
+           f"A training step also runs AdamW over MemVP's trained tensors, which text only (nothing trained) skips.")
     payload = {"config": vars(args), "results": rows, "checks": checks,
                "explanations": {c["id"]: why for c in checks if c["id"].startswith("memvp-")}}
     console.print(f"wrote {write_result('memvp', payload)}")

@@ -123,11 +123,12 @@ class CompileState:
     gm: fx.GraphModule
     spec: MethodSpec
     positions: Mapping[str, tuple[str, int, int]]
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]  # the example input's shape without the batch: (C, H, W), a stack's (T, d)
     ledger: Ledger = field(default_factory=Ledger)
     head_params: int = 0  # parameters of the backbone's own classifier (what "% of the body" excludes)
     shared: dict[str, dict[str, Any]] = field(default_factory=dict)  # block name -> Site.shared namespace
     streams: dict[str, Any] = field(default_factory=dict)  # stream name -> its rule, then its encoded node
+    examples: Mapping[str, Any] = field(default_factory=dict)  # example values of further inputs, by name
     _index: NodeIndex | None = field(default=None, repr=False)
     _shapes_valid: bool = field(default=False, repr=False)
     _stale_code: bool = field(default=False, repr=False)
@@ -180,7 +181,7 @@ class CompileState:
             x = example_input(self.input_size, device=param.device if param is not None else "cpu")
             if param is not None and param.is_floating_point():
                 x = x.to(param.dtype)
-            propagate_shapes(self.gm, x)
+            propagate_shapes(self.gm, x, self.examples)
             self._shapes_valid = True
         meta = node.meta.get("tensor_meta")
         return getattr(meta, "shape", None)

@@ -9,32 +9,19 @@ vector per image; it gets a new Linear after those pooled features, sized by ``c
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
-from pydantic import Field
 from torch import fx, nn
 
 from peftc.analysis.paths import fresh_path
 from peftc.blocks import get_block
-from peftc.blocks.linear import LinearHeadArgs, head_widths, make_head
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import MAX_CLASSES, RuleArgs, Selector, TaskState
+from peftc.blocks.args import LinearHeadArgs
+from peftc.blocks.linear import head_widths, make_head
+from peftc.language.primitives import primitive_pass
 from peftc.passes.base import ModuleSlot, PassContext, count_params
 from peftc.passes.replace import swap
 
 
-class HeadArgs(RuleArgs):
-    """A classification head in place of the backbone's (role ``head`` unless ``target`` says otherwise)."""
-
-    target: Selector = Field(default_factory=lambda: Selector(role="head"))
-    classes: int | None = Field(default=None, ge=1, le=MAX_CLASSES)
-    bias: bool | None = None  # None: as the backbone's head (a bias when the model has none)
-    init: Literal["backbone", "default", "zeros"] = "backbone"
-    task_state: TaskState = "new"
-    trainable: bool = True
-
-
-@register_primitive("head", args=HeadArgs, adds_params=True, reads_shapes=True)
+@primitive_pass("head")
 def head(ctx: PassContext) -> None:
     args = ctx.args
     default = "target" not in args.model_fields_set

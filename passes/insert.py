@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
-
 from peftc.blocks import get_block
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import BlockRuleArgs, Selector
+from peftc.language.primitives import primitive_pass
 from peftc.passes.base import PassContext
 
 
-class InsertArgs(BlockRuleArgs):
-    """Put ``block`` on the data path right after (or before) each selected node."""
-
-    after: Selector | None = None
-    before: Selector | None = None
-
-    @model_validator(mode="after")
-    def _one_side(self) -> InsertArgs:
-        if (self.after is None) == (self.before is None):
-            raise ValueError("give exactly one of 'after' or 'before'")
-        return self
-
-
-
-@register_primitive("insert", args=InsertArgs, adds_params=True, reads_shapes=True)
+@primitive_pass("insert")
 def insert(ctx: PassContext) -> None:
     args = ctx.args
     side = "after" if args.after is not None else "before"

@@ -2,23 +2,8 @@
 
 from __future__ import annotations
 
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import TaskState, TensorArgs
+from peftc.language.primitives import primitive_pass
 from peftc.passes.base import PassContext, own_tensors
-
-
-class FreezeArgs(TensorArgs):
-    """Stop gradients (and running-stat updates) for the selected nodes' tensors; no selector = everything."""
-
-    buffers: bool = True
-
-
-class TrainArgs(TensorArgs):
-    """Make the selected nodes' parameters trainable; ``buffers: true`` also lets running stats update."""
-
-    buffers: bool = False
-    task_state: TaskState = "shared"
-
 
 
 def _targets(ctx: PassContext):
@@ -29,7 +14,7 @@ def _targets(ctx: PassContext):
     return list(ctx.state.index)
 
 
-@register_primitive("freeze", args=FreezeArgs)
+@primitive_pass("freeze")
 def freeze(ctx: PassContext) -> None:
     """Stop gradients; with ``buffers: true`` (default) running statistics stop updating too."""
     args = ctx.args
@@ -46,7 +31,7 @@ def freeze(ctx: PassContext) -> None:
             ctx.record("freeze", cand.name, params=touched)
 
 
-@register_primitive("train", args=TrainArgs)
+@primitive_pass("train")
 def train(ctx: PassContext) -> None:
     """Make parameters trainable; ``buffers: true`` lets running stats update; ``task_state`` makes them per task."""
     args = ctx.args
@@ -58,12 +43,10 @@ def train(ctx: PassContext) -> None:
                 tensor.requires_grad_(True)
                 ctx.own_tensor(name, True)
                 params += tensor.numel()
-            elif args.buffers and tensor.is_floating_point():
-                ctx.ledger.updating_buffers.add(name)
-                ctx.own_tensor(name, False)
-                buffers += tensor.numel()
             elif args.buffers:
-                ctx.ledger.updating_buffers.add(name)  # e.g. num_batches_tracked: updates, not counted
+                ctx.ledger.updating_buffers.add(name)
+                ctx.own_tensor(name, False)  # num_batches_tracked too: BN with momentum=None averages by it
+                buffers += tensor.numel() if tensor.is_floating_point() else 0  # counters are not statistics
         if params or buffers:
             matched += 1
             ctx.record("train", cand.name, params=params, buffers=buffers, task_state=args.task_state)

@@ -10,26 +10,13 @@ input, encoded once (:mod:`peftc.passes.stream`): ``to(x) + scale * block(src, s
 from __future__ import annotations
 
 import operator
-from typing import Literal
 
-from pydantic import Field
 from torch import fx
 
 from peftc.blocks import get_block
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import BlockRuleArgs, Selector
+from peftc.language.primitives import primitive_pass
 from peftc.passes.base import PassContext
 from peftc.passes.stream import encoded_stream
-
-
-class ParallelArgs(BlockRuleArgs):
-    """A scaled bypass: ``to(x) + scale * block(src)``, ``src`` = the input or output of ``from`` (default: ``to``)."""
-
-    to: Selector
-    from_: Selector | None = Field(default=None, alias="from")
-    read: Literal["input", "output"] = "input"
-    scale: float = 1.0
-    stream: str | None = None  # a second model input (a ``stream`` rule's) the block also reads
 
 
 def _source(ctx: PassContext, node: fx.Node, name: str) -> fx.Node:
@@ -41,7 +28,7 @@ def _source(ctx: PassContext, node: fx.Node, name: str) -> fx.Node:
     return inputs[0]
 
 
-@register_primitive("parallel", args=ParallelArgs, adds_params=True, reads_shapes=True)
+@primitive_pass("parallel")
 def parallel(ctx: PassContext) -> None:
     args = ctx.args
     targets = ctx.select(args.to, "to")

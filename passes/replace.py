@@ -5,15 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from peftc.blocks import Block
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import BlockRuleArgs, Selector
+from peftc.language.primitives import primitive_pass
 from peftc.passes.base import PassContext
-
-
-class ReplaceArgs(BlockRuleArgs):
-    """Put ``block``, built from the original module, in place of each selected node."""
-
-    target: Selector
 
 
 def swap(ctx: PassContext, path: str, new: nn.Module) -> int:
@@ -25,7 +18,7 @@ def swap(ctx: PassContext, path: str, new: nn.Module) -> int:
     return sum(p.numel() for p in old.parameters() if id(p) not in kept)
 
 
-@register_primitive("replace", args=ReplaceArgs, adds_params=True, reads_shapes=True)
+@primitive_pass("replace")
 def replace(ctx: PassContext) -> None:
     for cand in ctx.select(ctx.args.target, "target"):
         if cand.node.op != "call_module":

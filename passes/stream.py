@@ -10,36 +10,18 @@ runs (:class:`~peftc.passes.base.StreamInput`), and export declares it as a seco
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from pydantic import Field, field_validator
 from torch import fx
 
 from peftc.analysis.index import Candidate
 from peftc.analysis.paths import fresh_path
 from peftc.blocks import get_block
 from peftc.language import Rule
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import BlockRuleArgs
+from peftc.language.primitives import primitive_pass
 from peftc.passes.base import PassContext, StreamInput
 
-__all__ = ["StreamArgs", "encoded_stream"]
-
-
-class StreamArgs(BlockRuleArgs):
-    """A second model input ``(batch, tokens, features)``, encoded once by ``block`` for the rules that read it."""
-
-    input: str
-    features: int = Field(ge=1)
-    max_tokens: int | None = Field(default=None, ge=0)
-
-    @field_validator("input")
-    @classmethod
-    def _identifier(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError(f"input must be an identifier (it becomes an argument name), got {value!r}")
-        return value
+__all__ = ["encoded_stream"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +32,7 @@ class _Declared:
     placeholder: fx.Node
 
 
-@register_primitive("stream", args=StreamArgs, adds_params=True, reads_shapes=True)
+@primitive_pass("stream")
 def stream(ctx: PassContext) -> None:
     args = ctx.args
     graph = ctx.gm.graph

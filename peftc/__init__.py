@@ -21,6 +21,7 @@ from peftc.version import __version__
 # public name -> (module, attribute); resolved on first access (PEP 562)
 _API = {
     "compile": ("peftc.compiler", "compile"),
+    "pair": ("peftc.compiler", "pair"),
     "load": ("peftc.compiler", "load"),
     "load_spec": ("peftc.language.loader", "load_spec"),
     "diff": ("peftc.tools.diff", "diff"),
@@ -41,4 +42,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_API})
 
 
-__all__ = ["PeftcError", "__version__", "compile", "diff", "export_onnx", "load", "load_spec"]
+__all__ = ["PeftcError", "__version__", "compile", "diff", "export_onnx", "load", "load_spec", "pair"]

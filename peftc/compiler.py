@@ -4,26 +4,31 @@ back from an artifact (rebuild the backbone, check its hash, compile the stored 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftc.analysis.backbones import Backbone, build_backbone, from_module, shared_copy
+from peftc.analysis.backbones import Backbone, WeightsDigest, build_backbone, from_module, shared_copy
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.roles import head
+from peftc.analysis.stack import Stack, cut, decoder_layers, record_calls, trace_stack
 from peftc.analysis.trace import trace
 from peftc.errors import ArtifactError, PeftcError
 from peftc.language import MethodSpec, get_primitive, load_spec
-from peftc.passes import CompileState, PassContext
+from peftc.passes import CompileState, PassContext, StreamInput
+from peftc.passes.tap import tap_tokens
 from peftc.runtime.model import BackboneInfo, Compiled
+from peftc.runtime.pair import CompiledPair, StreamValue, StreamValues
 from peftc.runtime.report import build_report
 from peftc.runtime.schedule import build_schedule
 from peftc.storage.artifact import MANIFEST, apply_delta, read_delta, read_manifest
+from peftc.storage.pair import PAIR, is_pair_artifact, load_pair_delta, read_pair
 
-__all__ = ["compile", "load", "resolve_backbone", "rewrite"]
+__all__ = ["Pair", "compile", "load", "pair", "resolve_backbone", "rewrite"]
 
 
 def resolve_backbone(
@@ -75,9 +80,32 @@ def _own_writable(state: CompileState) -> None:
         t.data = t.data.clone()
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A visual encoder and a decoder language model, compiled as one model (:func:`pair`)."""
+
+    vision: str | nn.Module | Backbone
+    language: nn.Module
+
+
+def pair(vision: str | nn.Module | Backbone, language: nn.Module) -> Pair:
+    """Name a vision-language pair for :func:`compile`: ``peftc.compile("memvp", peftc.pair(vit, lm))``.
+
+    ``vision`` is what :func:`compile` takes as a backbone (a timm CLIP ViT, by name or built); ``language`` a
+    causal language model module with token embeddings (transformers' ``LlamaForCausalLM``, ``Qwen2ForCausalLM``
+    …). The spec's ``pair:`` section wires them; its rules say which part they rewrite (``part:``).
+    """
+    if not isinstance(language, nn.Module) or not callable(getattr(language, "get_input_embeddings", None)):
+        raise PeftcError(f"the language model of a pair must be a causal LM module with token embeddings "
+                         f"(e.g. transformers' LlamaForCausalLM), got {type(language).__name__}")
+    if not isinstance(vision, (str, nn.Module, Backbone)):
+        raise PeftcError(f"the visual encoder of a pair is a backbone name or module, got {type(vision).__name__}")
+    return Pair(vision, language)
+
+
 def compile(
     spec: str | Path | Mapping[str, Any] | MethodSpec,
-    backbone: str | nn.Module | Backbone,
+    backbone: str | nn.Module | Backbone | Pair,
     *,
     params: Mapping[str, Any] | None = None,
     pretrained: bool = False,
@@ -86,7 +114,7 @@ def compile(
     backbone_kwargs: Mapping[str, Any] | None = None,
     leaves: Iterable[type[nn.Module]] = (),
     **param_overrides: Any,
-) -> Compiled:
+) -> Compiled | CompiledPair:
     """Rewrite ``backbone`` as ``spec`` says and return the trainable model.
 
     ``spec`` is a file path, a built-in name (``"clr"``), a document mapping or a loaded :class:`MethodSpec`;
@@ -94,21 +122,101 @@ def compile(
     ``backbone`` is a name (``"resnet50"``, ``"timm:vit_tiny_patch16_224"``) or a module you built, which is
     copied and never modified. ``seed`` seeds the backbone's random init and the inserted blocks' init (LoRA's
     down projections, adapters), so the same call always gives the same model and a byte-identical artifact;
-    the caller's global RNG is left as it was.
+    the caller's global RNG is left as it was. ``backbone`` may also be a vision-language :func:`pair`: the result
+    is then a :class:`~peftc.runtime.pair.CompiledPair` (``model(images, input_ids, labels=…)``).
     """
     overrides = {**dict(params or {}), **param_overrides}
     method = load_spec(spec, overrides)
-    bb = resolve_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed, backbone_kwargs=backbone_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(backbone, Pair):
+            return _compile_pair(method, backbone, pretrained=pretrained, weights=weights, seed=seed,
+                                 backbone_kwargs=backbone_kwargs)
+        bb = resolve_backbone(backbone, pretrained=pretrained, weights=weights, seed=seed,
+                              backbone_kwargs=backbone_kwargs)
+        return _compile_backbone(method, bb, backbone_kwargs, leaves=leaves)
+
+
+def _compile_backbone(method: MethodSpec, bb: Backbone, backbone_kwargs: Mapping[str, Any] | None, *,
+                      leaves: Iterable[type[nn.Module]] = (), feeds: StreamInput | None = None) -> Compiled:
+    """Rewrite one backbone; as the visual encoder of a pair, its graph then outputs the tokens the spec's
+    ``pair:`` section names (:func:`~peftc.passes.tap.tap_tokens`), which the stream ``feeds`` reads."""
     canonicalize(bb.module)  # nn.MultiheadAttention -> traceable qkv/proj Linears (same tensors, same function)
     original_ids = {id(p) for p in bb.module.parameters()}
     backbone_params = sum(p.numel() for p in bb.module.parameters())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = rewrite(method, bb, leaves=leaves)
+    state = rewrite(method, bb, leaves=leaves)
+    if feeds is not None and method.pair is not None:
+        _, tokens, width = (int(d) for d in tap_tokens(state, method.pair))
+        if width != feeds.features:
+            raise PeftcError(f"the visual encoder's tokens are {width} wide but stream {feeds.name!r} takes "
+                             f"{feeds.features} features: set the spec's param that feeds it (e.g. features={width})")
+        if feeds.max_tokens is not None and tokens > feeds.max_tokens:
+            raise PeftcError(f"the visual encoder gives {tokens} tokens but stream {feeds.name!r} holds at most "
+                             f"{feeds.max_tokens}: set the spec's param that sizes it (e.g. tokens={tokens})")
+        state.finish()
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.digest,
                         tuple(sorted((backbone_kwargs or {}).items())))
     return Compiled(state.gm, method, info, state.ledger, report, schedule=build_schedule(state))
+
+
+def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPair:
+    """The language model's decoder stack rewritten with the ``part: language`` rules and cut back into its layers
+    (:mod:`peftc.analysis.stack`); the visual encoder compiled with the ``part: vision`` rules and tapped."""
+    if method.pair is None:
+        raise PeftcError(f"spec {method.name!r} has no pair: section: it does not say which of the visual encoder's "
+                         "tokens feed which stream of the language model")
+    part = method.part("language")
+    digest = WeightsDigest({n: t.detach() for n, t in both.language.state_dict(keep_vars=True).items()})
+    lm = shared_copy(both.language).eval()
+    original_ids = {id(p) for p in lm.parameters()}
+    backbone_params = sum(p.numel() for p in lm.parameters())
+    state, stack = _rewrite_stack(part, lm)
+    stream = state.ledger.streams.get(method.pair.stream)
+    if stream is None:
+        raise PeftcError(f"pair.stream {method.pair.stream!r}: no 'part: language' rule of {method.name!r} adds that "
+                         "stream to the language model")
+    vision = _compile_backbone(method.part("vision"), resolve_backbone(both.vision, **backbone),
+                               backbone.get("backbone_kwargs"), feeds=stream)
+    values = StreamValues()
+    pieces = cut(state.gm, stack, set(state.ledger.streams), lambda name: StreamValue(values, name))
+    for path, layer in zip(stack.paths, pieces.layers):
+        parent, _, name = path.rpartition(".")
+        setattr(lm.get_submodule(parent), name, layer)
+    in_stack = {id(p) for p in state.gm.parameters()}
+    for p in lm.parameters():  # the glue's own layers (embeddings, final norm, LM head): no rule reaches them
+        if id(p) not in in_stack:
+            p.requires_grad_(False)
+    report = build_report(part.name, type(lm).__name__, backbone_params, 0, original_ids, state.gm, state.ledger)
+    return CompiledPair(vision, lm, pieces.prelude, values, method, stream,
+                        {"vision": vision.report, "language": report}, digest)
+
+
+def _rewrite_stack(part: MethodSpec, lm: nn.Module) -> tuple[CompileState, Stack]:
+    """Trace ``lm``'s decoder layers as one stack (from one recorded example forward) and run ``part``'s rules."""
+    paths = decoder_layers(lm)
+    device = next(lm.parameters()).device
+    calls = record_calls(lm, paths, lambda: lm(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device),
+                                               use_cache=False))
+    stack = trace_stack(lm, paths, calls)
+    state = CompileState(stack.gm, part, block_positions(lm), tuple(stack.hidden.shape[1:]), examples=stack.examples)
+    for rule in part.rules:
+        get_primitive(rule.op).run(PassContext(state, rule))
+    state.finish()
+    _own_writable(state)  # the stack shares the caller's language model's storage
+    return state, stack
+
+
+def _load_pair(directory: Path, both: Any) -> CompiledPair:
+    manifest = read_pair(directory)
+    if not isinstance(both, Pair):
+        raise ArtifactError(f"{directory} holds a vision-language pair ({manifest['language']['class']}): pass both "
+                            "models, peftc.load(dir, backbone=peftc.pair(vision, language))")
+    try:
+        model = compile(manifest["spec"], both)
+    except PeftcError as exc:
+        raise ArtifactError(f"{directory / PAIR}: the stored spec no longer compiles on this pair: {exc}") from None
+    return load_pair_delta(model, directory, manifest)
 
 
 def _rebuild_backbone(info: dict[str, Any], backbone: Any, weights: str | Path | None) -> Any:
@@ -135,9 +243,12 @@ def load(directory: str | Path, backbone: Any = None, *, weights: str | Path | N
     """Rebuild the compiled model saved in ``directory``.
 
     The backbone is rebuilt from the manifest (same id, seed, weights file or pretrained weights) unless you
-    pass it (a name or your own module); its weight hash must match the one recorded at compile time.
+    pass it (a name or your own module); its weight hash must match the one recorded at compile time. A
+    vision-language pair's artifact needs both models again: ``load(dir, backbone=peftc.pair(vit, lm))``.
     """
     directory = Path(directory)
+    if is_pair_artifact(directory):
+        return _load_pair(directory, backbone)
     manifest = read_manifest(directory)
     info = manifest["backbone"]
     bb = _rebuild_backbone(info, backbone, weights)

@@ -143,7 +143,7 @@ ROWS: list[Row] = [
     # -- resnet18 (64x64) -------------------------------------------------------------------------------------
     _na("adaptformer", RESNET18, "specs/adaptformer.yaml:30:12: rules[1].parallel.to.role: no node plays role"),
     Row("bitfit", RESNET18, tol=1e-6, seeded=False),
-    Row("clr", RESNET18, tol=1e-6, seeded=False, fold="plain", leaks=BN_COUNTER),
+    Row("clr", RESNET18, tol=1e-6, seeded=False, fold="plain"),
     # the convs are shared and trained by every task; an old task's BN means are re-derived through them on
     # set_task (cross-convolution BN), its BN and input means continue the previous task's; the head is new.
     # num_batches_tracked is one counter for all tasks by design: it dates each task's statistics (measured_at)

@@ -130,7 +130,8 @@ def test_no_import_cycles() -> None:
 def test_the_architecture_walkthrough_shows_the_shipped_vera() -> None:
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     walk = doc[doc.index("## Adding a method"):]
-    sources = {"python": (ROOT / "peftc" / "methods" / "vera" / "vera.py").read_text(encoding="utf-8"),
+    room = ROOT / "peftc" / "methods" / "vera"
+    sources = {"python": "".join(p.read_text(encoding="utf-8") for p in sorted(room.glob("*.py"))),
                "yaml": (ROOT / "specs" / "vera.yaml").read_text(encoding="utf-8")}
     snippets = re.findall(r"```(python|yaml)\n(.*?)```", walk, re.S)
     assert len(snippets) >= 5
@@ -150,7 +151,8 @@ def test_import_peftc_and_the_cli_need_no_torch() -> None:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["specs"], ["specs", "--json"], ["compile", "--help"],
-                                  ["train", "--help"], ["export", "--help"]])
+                                  ["train", "--help"], ["export", "--help"], ["validate", "memvp"],
+                                  ["validate", "tome", "--set", "r=8"]])
 def test_listing_and_help_commands_import_no_torch(args: list[str]) -> None:
     """What only reads the spec catalog or prints help runs the real command line without importing torch."""
     import subprocess
@@ -160,6 +162,24 @@ def test_listing_and_help_commands_import_no_torch(args: list[str]) -> None:
             "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
             "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]")
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_builtin_spec_validates_without_torch() -> None:
+    """Reading a spec checks every rule's and block's arguments against the declarations alone: no torch, and a
+    bad block argument is still the located message."""
+    import subprocess
+    import sys
+
+    code = ("import sys, peftc\nfrom peftc.language import builtin_specs\n"
+            "from peftc.errors import SpecError\n"
+            "for name in builtin_specs():\n    peftc.load_spec(name)\n"
+            "doc = {'peftc': 1, 'name': 'x', 'rules': [{'parallel': {'to': {'role': 'qkv'}, 'block': 'lora',"
+            " 'args': {'rank': 0}}}]}\n"
+            "try:\n    peftc.load_spec(doc)\nexcept SpecError as exc:\n    assert 'rank' in str(exc), exc\n"
+            "else:\n    raise AssertionError('rank 0 accepted')\n"
+            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

@@ -1,5 +1,7 @@
 """MemVP: the memory branch against its formula, and two-stream graphs (a ``memory`` input) end to end on a tiny
-CLIP-style ViT: identity at init, counts, clear input errors, artifact, diff, ONNX with two inputs."""
+CLIP-style ViT: identity at init, counts, clear input errors, artifact, diff, ONNX with two inputs. On a single
+model every rule applies (``part:`` routes rules on a vision-language pair only: tests/test_memvp_pair.py, which
+also has the 7B-shaped counts)."""
 
 from __future__ import annotations
 
@@ -166,34 +168,6 @@ def test_the_recipe_is_the_official_scripts() -> None:
     assert (train.optimizer.name, tuple(train.optimizer.betas), train.weight_decay) == ("adamw", (0.9, 0.95), 0.02)
     assert (train.epochs, train.scheduler.name, train.scheduler.warmup_epochs) == (20, "cosine", 2)
     assert train.effective_lr() == pytest.approx(9e-3 * 32 / 256)
-
-
-def test_llama_7b_and_clip_l14_counts_on_the_meta_device() -> None:
-    """LLaMA-7B (d 4096, 32 layers, M' 320) + CLIP-L/14: E1+E2 2,621,440, projector 659,584, adapters 589,824.
-
-    The adapters come from compiling memvp_vision on a meta CLIP ViT-L/14. The language side is built by the
-    blocks' factories at each of 32 FFNs of width 4096 sharing one Site namespace, as the passes do: the compiler
-    does not rewrite an HF decoder yet (it traces whole graphs, and LLaMA's decoder layers do not trace)."""
-    import timm
-
-    from peftc.blocks import Site, get_block
-
-    width, layers = 4096, 32
-    with torch.device("meta"):
-        vit = timm.create_model("vit_large_patch14_clip_224", pretrained=False, num_classes=0)
-        adapters = peftc.compile("memvp_vision", vit).report.trainable_params
-        shared: dict = {}
-        sites = [Site(f"layers.{i}.ffn_norm", None, None, lambda _n: torch.Size([1, 2, width]),  # type: ignore[arg-type]
-                      shared=shared, extras={"features": 1024}) for i in range(layers)]
-        projector = get_block("memvp_projector").build(sites[0], {"hidden": 128, "tokens": 320})
-        memories = [get_block("memvp_memory").build(s, {"tokens": 320}) for s in sites]
-    tables = {id(m.table) for m in memories}
-    language = sum(p.numel() for p in {id(p): p for m in (projector, *memories) for p in m.parameters()}.values())
-    assert len(tables) == 1  # every layer reads the same E1/E2
-    assert sum(p.numel() for p in projector.parameters()) == 659_584
-    assert language == 2_621_440 + 659_584 == 3_281_024
-    assert adapters == 589_824
-    assert language + adapters == 3_870_848  # the official code's unused 8,192-parameter modality embedding: left out
 
 
 def test_reading_a_stream_no_rule_adds_points_into_the_spec() -> None:

@@ -15,6 +15,7 @@ standard closed form.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -171,27 +172,33 @@ class _Propagation(nn.Module):
         ShapeProp(self.gm).propagate(*inputs)
 
 
-def example_inputs(gm: fx.GraphModule, x: torch.Tensor) -> tuple[Any, ...]:
-    """``x``, then each further input's default — or, for an input a rule added (a second stream), a seeded
-    random example of the shape in its ``meta['peftc_example']`` (without the batch), in ``x``'s dtype."""
+def example_inputs(gm: fx.GraphModule, x: torch.Tensor, known: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+    """``x``, then each further input's example in ``known`` (by name), else its default — or, for an input a rule
+    added (a second stream), a seeded random example of the shape in its ``meta['peftc_example']`` (without the
+    batch), in ``x``'s dtype."""
     gen = torch.Generator().manual_seed(0)
+    known = known or {}
     rest = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
-    return (x, *(torch.randn(x.shape[0], *n.meta["peftc_example"], generator=gen).to(x.device, x.dtype)
+    return (x, *(known[n.target] if n.target in known else
+                 torch.randn(x.shape[0], *n.meta["peftc_example"], generator=gen).to(x.device, x.dtype)
                  if "peftc_example" in n.meta else (n.args[0] if n.args else None) for n in rest))
 
 
 def _to_meta(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
-def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> None:
-    """Record every node's output shape (``node.meta["tensor_meta"]``) for the example input ``x``.
+def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor, known: Mapping[str, Any] | None = None) -> None:
+    """Record every node's output shape (``node.meta["tensor_meta"]``) for the example input ``x`` (and the
+    examples of further inputs in ``known``, by name).
 
     On the meta device first (a ViT-B forward at 224² costs a third of a second of real compute on a small
     CPU, the meta run only the interpreter's bookkeeping); an op without a meta kernel makes it run for real.
     """
     meta = _meta_slots(gm)
-    inputs = example_inputs(gm, x)
+    inputs = example_inputs(gm, x, known)
     with torch.no_grad():
         try:
             torch.func.functional_call(_Propagation(gm), {f"gm.{k}": v for k, v in meta.items()},

@@ -17,6 +17,11 @@ output projections (``attn_proj``, ``mlp_fc2``). Nodes added by peftc's own rule
 (``node.meta['peftc_rule']``) never play a role, and a bypass added after a role node is looked through, so
 roles keep naming the backbone's layers while rules rewrite the graph.
 
+A normalisation module is any torch norm layer, a block standing in for one, or an RMS-style norm a library
+writes itself (HF's ``LlamaRMSNorm``: no children, one 1-D ``weight``, an epsilon), so an HF decoder layer traced
+with its attention kept whole (:mod:`peftc.analysis.stack`) has ``mlp_norm`` = ``post_attention_layernorm`` and
+``mlp_out`` = ``mlp.down_proj``; an attention kept whole computes no visible attention, so it plays no role.
+
 CNN residual blocks (ResNet, ConvNeXt) have no normalisation right at the start of their branch, so they play
 no transformer role: a spec can select transformer roles with ``optional: true`` and still run on a CNN.
 
@@ -56,7 +61,7 @@ from torch import fx, nn
 from peftc.analysis.index import Candidate, NodeIndex, operation_name
 from peftc.blocks.contract import acts_as
 
-__all__ = ["Sublayer", "TransformerLayout", "transformer_layout"]
+__all__ = ["Sublayer", "TransformerLayout", "is_scale_norm", "transformer_layout"]
 
 RoleFn = Callable[[NodeIndex], list[Candidate]]
 ExplainFn = Callable[[NodeIndex], str]
@@ -197,9 +202,22 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         return None
 
 
+def is_scale_norm(module: nn.Module | None) -> bool:
+    """An RMS-style norm a library writes itself (HF's ``…RMSNorm``, T5's layer norm): a module without children
+    whose only parameter is a 1-D ``weight`` (a per-channel scale) and that carries an epsilon."""
+    if module is None or next(module.children(), None) is not None:
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    has_eps = any(isinstance(getattr(module, a, None), float) for a in ("eps", "variance_epsilon"))
+    return len(params) == 1 and weight is not None and weight.dim() == 1 and has_eps
+
+
 def _is_norm(module: nn.Module | None) -> bool:
-    """Normalisation modules, and blocks that stand in for one (``stands_for``, or carrying ``normalized_shape``)."""
-    return module is not None and (acts_as(module, _NORMS) or hasattr(module, "normalized_shape"))
+    """Normalisation modules, and blocks that stand in for one (``stands_for``, or carrying ``normalized_shape``),
+    and RMS-style norms of other libraries (:func:`is_scale_norm`)."""
+    return module is not None and (acts_as(module, _NORMS) or hasattr(module, "normalized_shape")
+                                   or is_scale_norm(module))
 
 
 def _is_linear(module: nn.Module | None) -> bool:

@@ -7,23 +7,16 @@ conv) still fits.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.args import LinearHeadArgs
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
 
-__all__ = ["LinearHeadArgs", "head_widths", "make_head"]
+__all__ = ["head_widths", "make_head"]
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-class LinearHeadArgs(BlockArgs):
-    classes: int | None = None
-    bias: bool | None = None  # None: as the backbone's head (maxvit's classifier has none), True for a new one
-    init: Literal["backbone", "default", "zeros"] = "backbone"
 
 
 def head_widths(module: nn.Module | None) -> tuple[int, int] | None:
@@ -57,7 +50,7 @@ def make_head(in_features: int, classes: int, *, bias: bool | None, init: str, l
     return head
 
 
-@register_block("linear", args=LinearHeadArgs, suffix="head")
+@block_factory("linear")
 def linear(site: Site, args: LinearHeadArgs) -> nn.Module:
     """A linear classifier over the features the original head reads."""
     old = site.module

@@ -7,29 +7,27 @@ registered from Python: peftc's own in :mod:`peftc.blocks`, each method's in its
 
 Each block declares a pydantic ``args`` model (validated when the spec loads, so a typo in an argument is a spec
 error with a line number) and a factory ``(site, args) -> nn.Module`` that reads what it needs — channel counts,
-the original module — from the :class:`Site` it is built for.
+the original module — from the :class:`Site` it is built for. peftc's own blocks are declared without torch
+(:func:`declare_block`, in a room's ``__init__``) and get their factory when first built (:func:`block_factory`),
+so reading a spec never imports torch; a plugin registers both at once (:func:`register_block`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
-from pydantic import BaseModel, ConfigDict
-from torch import fx, nn
-
+from peftc.blocks.args import BlockArgs
 from peftc.errors import PeftcError
 from peftc.plugins import Registry
 
-__all__ = ["BLOCKS", "BlockArgs", "BlockType", "Site", "block_names", "get_block", "register_block"]
+if TYPE_CHECKING:
+    import torch
+    from torch import fx, nn
 
-
-class BlockArgs(BaseModel):
-    """Base for block argument models: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["BLOCKS", "BlockArgs", "BlockType", "Site", "block_factory", "block_names", "declare_block",
+           "declared_block", "get_block", "register_block"]
 
 
 @dataclass
@@ -79,39 +77,67 @@ class Site:
 @dataclass(frozen=True)
 class BlockType:
     name: str
-    factory: Callable[[Site, Any], nn.Module]
+    factory: Callable[[Site, Any], nn.Module] | None  # None while only declared
     args: type[BlockArgs]
     suffix: str
     summary: str
 
     def build(self, site: Site, args: dict[str, Any] | BlockArgs) -> nn.Module:
         parsed = args if isinstance(args, self.args) else self.args.model_validate(args)
-        return self.factory(site, parsed)
+        factory = self.factory or get_block(self.name).factory
+        assert factory is not None  # get_block imports the implementation or raises
+        return factory(site, parsed)
 
 
-BLOCKS: Registry[BlockType] = Registry("block", "blocks")
+BLOCKS: Registry[BlockType] = Registry("block", "blocks", declared=True)
+
+Factory = Callable[[Site, Any], "nn.Module"]
+
+
+def _summary(obj: Any) -> str:
+    doc = (obj.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def declare_block(name: str, *, args: type[BlockArgs] = BlockArgs, suffix: str | None = None, home: str) -> None:
+    """Declare block ``name`` and its argument model; importing ``home`` gives it its factory
+    (:func:`block_factory`). ``suffix`` names the module the block becomes in the rewritten graph: inserted
+    after ``layer1.0.conv2`` with suffix ``clr`` it is ``layer1.0.conv2.clr``."""
+    BLOCKS.declare(name, BlockType(name, None, args, suffix or name, _summary(args)), home)
+
+
+def block_factory(name: str) -> Callable[[Factory], Factory]:
+    """Attach ``factory(site, args) -> nn.Module`` to the declared block ``name`` (decorator)."""
+
+    def decorate(factory: Factory) -> Factory:
+        declared = BLOCKS.find(name, declared=True)
+        BLOCKS.implement(name, replace(declared, factory=factory, summary=_summary(factory) or declared.summary))
+        return factory
+
+    return decorate
 
 
 def register_block(
     name: str, *, args: type[BlockArgs] = BlockArgs, suffix: str | None = None
-) -> Callable[[Callable[[Site, Any], nn.Module]], Callable[[Site, Any], nn.Module]]:
-    """Register ``factory(site, args) -> nn.Module`` under ``name`` (decorator).
+) -> Callable[[Factory], Factory]:
+    """Declare and implement block ``name`` in one step (decorator on its factory; for plugins).
+    Registering a name twice replaces the earlier block."""
 
-    ``suffix`` names the module the block becomes in the rewritten graph: inserted after ``layer1.0.conv2`` with
-    suffix ``clr`` it is ``layer1.0.conv2.clr``. Registering a name twice replaces the earlier block.
-    """
-
-    def decorate(factory: Callable[[Site, Any], nn.Module]) -> Callable[[Site, Any], nn.Module]:
-        doc = (factory.__doc__ or "").strip().splitlines()
-        BLOCKS[name] = BlockType(name, factory, args, suffix or name, doc[0] if doc else "")
+    def decorate(factory: Factory) -> Factory:
+        BLOCKS.implement(name, BlockType(name, factory, args, suffix or name, _summary(factory)))
         return factory
 
     return decorate
 
 
 def get_block(name: str) -> BlockType:
-    """The registered block ``name``; raises KeyError when there is none."""
+    """The block ``name`` with its factory; raises KeyError when there is none."""
     return BLOCKS.find(name)
+
+
+def declared_block(name: str) -> BlockType:
+    """The block ``name`` as declared (its argument model; no factory imported, so no torch)."""
+    return BLOCKS.find(name, declared=True)
 
 
 def block_names() -> list[str]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peftc.errors import Location
 from peftc.language.recipe import Phase, TrainSection
-from peftc.language.schema import FORMAT_VERSION, ParamDecl
+from peftc.language.schema import FORMAT_VERSION, PairSection, ParamDecl
 
 __all__ = ["MethodSpec", "Path_", "Rule", "locate"]
 
@@ -23,10 +23,11 @@ class Rule:
     args: Any  # the primitive's args model (FreezeArgs, InsertArgs, ...)
     label: str
     path: Path_  # ("rules", i, op) in the merged spec; MethodSpec.locate turns it into a file position
+    part: str | None = None  # ``part:``: the part of a vision-language pair it rewrites (None: every part)
 
     def to_document(self) -> dict[str, Any]:
         body = self.args.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-        return {self.op: body, "label": self.label}
+        return {self.op: body, "label": self.label, **({"part": self.part} if self.part else {})}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class MethodSpec:
     positions: Mapping[Path_, Location] = field(default_factory=dict, repr=False, compare=False)
     train: TrainSection | None = None  # the training recipe (peftc.train); None = the trainer's defaults
     schedule: tuple[Phase, ...] = ()  # training phases (peftc.runtime.schedule applies them); empty = no schedule
+    pair: PairSection | None = None  # how a vision-language pair runs it (peftc.pair); None: single models only
+
+    def part(self, name: str) -> MethodSpec:
+        """The spec as one part of a vision-language pair sees it: its rules without ``part:`` or of that part."""
+        return replace(self, rules=tuple(r for r in self.rules if r.part in (None, name)))
 
     def locate(self, path: Path_) -> Location:
         """The source location of ``path`` inside this spec (longest known prefix)."""
@@ -65,6 +71,8 @@ class MethodSpec:
             "rules": [rule.to_document() for rule in self.rules],
             **({"train": self.train.model_dump(mode="json", exclude_defaults=True)} if self.train else {}),
         }
+        if self.pair is not None:
+            doc["pair"] = self.pair.model_dump(mode="json", exclude_defaults=True)
         if self.schedule:
             doc["schedule"] = [
                 p.model_dump(mode="json", by_alias=True, exclude_defaults=True) for p in self.schedule

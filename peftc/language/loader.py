@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import peftc.language.primitives as primitives
-from peftc.blocks.registry import BLOCKS, get_block
+from peftc.blocks.registry import BLOCKS, declared_block
 from peftc.errors import Location, SpecError, did_you_mean
 from peftc.language.catalog import builtin_specs
 from peftc.language.ir import MethodSpec, Path_, Rule, locate
@@ -29,7 +29,7 @@ from peftc.language.messages import from_validation, know_models
 from peftc.language.predicate import Predicate, PredicateError, UnknownName
 from peftc.language.reader import YamlDocument, read_yaml, read_yaml_file
 from peftc.language.recipe import OnlineArgs, OptimizerArgs, Phase, ReplayArgs, SchedulerArgs, StageDecl, TrainSection
-from peftc.language.schema import FORMAT_VERSION, ParamDecl, Selector, SpecDocument, TensorArgs
+from peftc.language.schema import FORMAT_VERSION, PARTS, PairSection, ParamDecl, Selector, SpecDocument, TensorArgs
 
 __all__ = ["load_spec", "parse_overrides"]
 
@@ -237,13 +237,15 @@ def _substitute(value: Any, values: Mapping[str, Any], path: Path_, doc: _Doc) -
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -> tuple[str, Any, str | None] | None:
-    """Validate one rule; returns (op, args, label), or None when its ``when:`` is false."""
+def _validate_rule(
+    raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]
+) -> tuple[str, Any, str | None, str | None] | None:
+    """Validate one rule; returns (op, args, label, part), or None when its ``when:`` is false."""
     path: Path_ = ("rules", index)
     where = locate(doc.positions, path, doc.file)
     if not isinstance(raw, dict):
         raise SpecError(f"a rule must be a mapping like '{{insert: {{...}}}}', got {raw!r}", where)
-    ops = [k for k in raw if k not in ("when", "label")]
+    ops = [k for k in raw if k not in ("when", "label", "part")]
     known = primitives.primitive_names()
     if len(ops) != 1 or ops[0] not in known:
         bad = next((k for k in ops if k not in known), None)
@@ -257,15 +259,19 @@ def _validate_rule(raw: Any, index: int, doc: _Doc, values: Mapping[str, Any]) -
     label = raw.get("label")
     if label is not None and not isinstance(label, str):
         raise SpecError("label must be a string", locate(doc.positions, (*path, "label"), doc.file))
+    part = raw.get("part")
+    if part is not None and part not in PARTS:
+        raise SpecError(f"part names a part of a vision-language pair ({', '.join(PARTS)}), got {part!r}",
+                        locate(doc.positions, (*path, "part"), doc.file))
     body = raw[op] if raw[op] is not None else {}
     try:
-        model = primitives.get_primitive(op).args
+        model = primitives.declared_primitive(op).args
         know_models((model,))
         args = model.model_validate(body)
     except ValidationError as exc:
         raise from_validation(exc, (*path, op), doc.positions, doc.file, body) from None
     _check_block(args, (*path, op), doc)
-    return op, args, label
+    return op, args, label, part
 
 
 def _validate_schedule(raw: list[Any], doc: _Doc) -> tuple[Phase, ...]:
@@ -299,6 +305,15 @@ def _validate_train(raw: dict[str, Any] | None, doc: _Doc) -> TrainSection | Non
         raise from_validation(exc, ("train",), doc.positions, doc.file, raw) from None
 
 
+def _validate_pair(raw: dict[str, Any] | None, doc: _Doc) -> PairSection | None:
+    if raw is None:
+        return None
+    try:
+        return PairSection.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation(exc, ("pair",), doc.positions, doc.file, raw) from None
+
+
 def _evaluate_when(expr: Any, values: Mapping[str, Any], where: Location) -> bool:
     if isinstance(expr, bool):
         return expr
@@ -317,7 +332,7 @@ def _check_block(args: Any, path: Path_, doc: _Doc) -> None:
     if block_name is None:
         return
     try:
-        block = get_block(block_name)
+        block = declared_block(block_name)
     except KeyError:
         raise BLOCKS.unknown(block_name, locate(doc.positions, (*path, "block"), doc.file)) from None
     try:
@@ -394,10 +409,10 @@ def load_spec(
         rule = _validate_rule(raw, i, doc, values)
         if rule is not None:
             validated.append((i, *rule))
-    labels = _labels([(op, args, label) for _, op, args, label in validated])
+    labels = _labels([(op, args, label) for _, op, args, label, _ in validated])
     rules = tuple(
-        Rule(op, args, label, ("rules", i, op))
-        for (i, op, args, _), label in zip(validated, labels)
+        Rule(op, args, label, ("rules", i, op), part)
+        for (i, op, args, _, part), label in zip(validated, labels)
     )
     return MethodSpec(
         name=top.name,
@@ -411,4 +426,5 @@ def load_spec(
         positions=doc.positions,
         train=_validate_train(_substitute(top.train, values, ("train",), doc), doc),
         schedule=_validate_schedule(_substitute(top.schedule, values, ("schedule",), doc), doc),
+        pair=_validate_pair(_substitute(top.pair, values, ("pair",), doc), doc),
     )

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from peftc.errors import did_you_mean
 from peftc.language.predicate import Predicate, PredicateSyntaxError
 
-__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "BlockRuleArgs", "ParamDecl", "RuleArgs", "Selector", "SpecDocument",
-           "TaskState", "TensorArgs"]
+__all__ = ["FORMAT_VERSION", "MAX_CLASSES", "PARTS", "BlockRuleArgs", "PairSection", "ParamDecl", "RuleArgs",
+           "Selector", "SpecDocument", "TaskState", "TensorArgs"]
 
 FORMAT_VERSION = 1
 MAX_CLASSES = 1_000_000  # a head's outputs, wherever a number of classes is read (spec, manifest, add_task)
+PARTS = ("vision", "language")  # what a rule's ``part:`` may name: the parts of a vision-language pair
 
 
 class RuleArgs(BaseModel):
@@ -136,6 +137,21 @@ class ParamDecl(RuleArgs):
         return value
 
 
+class PairSection(RuleArgs):
+    """``pair:``: how the spec runs on a vision-language pair (``peftc.pair(vision, language)``).
+
+    The visual encoder's tokens feed the language model's ``stream``: the output of its transformer block
+    ``block`` (``-1`` the last, ``-2`` the penultimate), through its final norm when ``norm``, without the tokens
+    prepended to the patches (CLS, registers) when ``prefix_tokens: drop``. Rules say which model they rewrite
+    with ``part: vision`` / ``part: language`` (a rule without ``part:`` rewrites both).
+    """
+
+    stream: str
+    block: int = -1
+    norm: bool = True
+    prefix_tokens: Literal["drop", "keep"] = "drop"
+
+
 class SpecDocument(RuleArgs):
     """The top level of a spec file."""
 
@@ -149,3 +165,4 @@ class SpecDocument(RuleArgs):
     rules: list[dict[str, Any]] = Field(default_factory=list)
     train: dict[str, Any] | None = None  # validated after params are bound (TrainSection)
     schedule: list[Any] = Field(default_factory=list)
+    pair: dict[str, Any] | None = None  # validated after params are bound (PairSection)

@@ -14,25 +14,15 @@ equals the backbone at init; quantised, ``up`` is ``trunc_normal(std=1e-3, ±2e-
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
+from peftc.methods.adaptformer.args import AdapterArgs
 from peftc.methods.adaptformer.quant import QuantLinear
 
 __all__ = ["Adapter", "AdapterArgs"]
-
-
-class AdapterArgs(BlockArgs):
-    dim: int = Field(default=32, ge=1, description="bottleneck width")
-    bits: Literal[1, 2, 4, 8, 32] = 32
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    up_init: Literal["auto", "zeros", "trunc_normal"] = "auto"  # auto: zeros at 32 bits, else trunc_normal
-    act: Literal["relu", "gelu"] = "relu"  # AdaptFormer: ReLU; MemVP's vision adapters: GELU
 
 
 class Adapter(Block):
@@ -63,7 +53,7 @@ class Adapter(Block):
         return f"{self.features} -> {self.dim} -> {self.features}, bits={self.bits}"
 
 
-@register_block("adapter", args=AdapterArgs, suffix="adapter")
+@block_factory("adapter")
 def adapter(site: Site, args: AdapterArgs) -> Adapter:
     """AdaptFormer bottleneck adapter (down, ReLU or GELU, dropout, up; bias-free), optionally 1/2-bit quantised.
 

@@ -1,3 +1,6 @@
 """CLR — channel-wise lightweight reprogramming: the ``channel_conv`` block."""
 
-from peftc.methods.clr import channel_conv  # noqa: F401  (registration)
+from peftc.blocks.registry import declare_block
+from peftc.methods.clr.args import ChannelConvArgs
+
+declare_block("channel_conv", args=ChannelConvArgs, suffix="clr", home=f"{__name__}.channel_conv")

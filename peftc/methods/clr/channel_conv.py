@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
-
-
-class ChannelConvArgs(BlockArgs):
-    kernel_size: int = 3
-    init: Literal["identity", "kaiming"] = "identity"
-    bias: bool = False
+from peftc.blocks.registry import Site, block_factory
+from peftc.methods.clr.args import ChannelConvArgs
 
 
 class ChannelConv(Block):
@@ -65,7 +58,7 @@ class ChannelConv(Block):
         return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
 
 
-@register_block("channel_conv", args=ChannelConvArgs, suffix="clr")
+@block_factory("channel_conv")
 def channel_conv(site: Site, args: ChannelConvArgs) -> ChannelConv:
     """Depthwise k×k reprogramming conv after a conv (CLR); identity init."""
     return ChannelConv(site.channels("output"), args.kernel_size, args.init, args.bias)

@@ -27,18 +27,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import fx, nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import BlockArgs, Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.confit.args import InputMeanArgs
 
 __all__ = ["CrossConvBN", "InputMean"]
-
-
-class InputMeanArgs(BlockArgs):
-    momentum: float = Field(default=0.1, gt=0.0, le=1.0)
 
 
 class InputMean(Block):
@@ -157,7 +153,7 @@ class CrossConvBN(nn.BatchNorm2d, Block):
         return super().extra_repr() + ", cross_conv=True"
 
 
-@register_block("input_mean", args=InputMeanArgs, suffix="input_mean")
+@block_factory("input_mean")
 def input_mean(site: Site, args: InputMeanArgs) -> InputMean:
     """Identity before a conv that tracks its input mean per stride phase (ConFiT's statistics tracker)."""
     conv = site.module
@@ -185,7 +181,7 @@ def _is_plain_batchnorm(bn: nn.BatchNorm2d) -> bool:
         bn.train(was)
 
 
-@register_block("cross_conv_bn", suffix="cross_conv_bn")
+@block_factory("cross_conv_bn")
 def cross_conv_bn(site: Site, args: BlockArgs) -> CrossConvBN:
     """A BatchNorm2d whose running mean is re-derived through its conv's current weights (ConFiT)."""
     bn = site.module

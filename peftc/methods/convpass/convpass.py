@@ -15,24 +15,17 @@ sequence of another length (another input resolution) is accepted when its patch
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.convpass.args import ConvpassArgs
 
 __all__ = ["Convpass", "ConvpassArgs", "QuickGELU", "patch_grid"]
-
-
-class ConvpassArgs(BlockArgs):
-    dim: int = Field(default=8, ge=1, description="bottleneck channels")
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    conv_init: Literal["identity", "xavier"] = "identity"
 
 
 class QuickGELU(nn.Module):
@@ -142,7 +135,7 @@ def _check_token_grid(site: Site, shape: torch.Size) -> None:
                      "stride (window partitions, as in MaxViT, not a spatial grid)")
 
 
-@register_block("convpass", args=ConvpassArgs, suffix="convpass")
+@block_factory("convpass")
 def convpass(site: Site, args: ConvpassArgs) -> Convpass:
     """Convpass: down, QuickGELU, 3x3 conv over the patch grid, QuickGELU, up (zero init)."""
     shape = site.shape("output")

@@ -1,3 +1,5 @@
 """ER-ACE (Caccia et al. 2022; Mammoth ``models/er_ace.py``): an online learner, the replay baseline nearest TaER."""
 
-from peftc.methods.er_ace import er_ace  # noqa: F401  (registration)
+from peftc.plugins import implemented_in
+
+implemented_in(f"{__name__}.er_ace")

@@ -27,30 +27,19 @@ as in evaluation.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import fx, nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.fact.args import FactArgs
 
 __all__ = ["Fact", "FactArgs", "FactFactors"]
 
-Part = Literal["qkv", "proj", "fc1", "fc2"]
 TK_SLOTS = {"qkv": (0, 3), "proj": (3, 4), "fc1": (4, 8), "fc2": (8, 12)}  # columns of P per block (m = 4)
 TK_PER_BLOCK = 12
-
-
-class FactArgs(BlockArgs):
-    part: Part
-    variant: Literal["tt", "tk"] = "tt"
-    rank: int = Field(default=8, ge=1)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    group: str = Field(default="fact", min_length=1, description="FacT blocks of one group share U, V (C, P)")
 
 
 class FactFactors(nn.Module):
@@ -188,7 +177,7 @@ def _split_slot(site: Site) -> int | None:
     return peers.index(site.node) if len(peers) == 3 and site.node in peers else None
 
 
-@register_block("fact", args=FactArgs, suffix="fact")
+@block_factory("fact")
 def fact(site: Site, args: FactArgs) -> Fact:
     """FacT bypass on one qkv/proj/fc1/fc2 Linear; U, V (and TK's C, P) shared by all blocks of a group."""
     d, m = _features(site, args.part)

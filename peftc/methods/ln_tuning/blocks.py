@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.ln_tuning.args import LNBankArgs, TaskKeyArgs
 
 __all__ = ["QueryReady", "TaskKeyArgs", "TaskKeyCore", "TaskLayerNorm"]
 
@@ -203,14 +204,6 @@ class TaskKeyCore(Block):
         return f"dim={self.dim}"
 
 
-class LNBankArgs(BlockArgs):
-    pass
-
-
-class TaskKeyArgs(BlockArgs):
-    seed: int = 0
-
-
 def _layout(norm: nn.Module, name: str) -> str:
     """Which normalisation ``norm`` computes, found by running it: over the trailing dims (``LayerNorm``), over
     the channels of ``B×C×H×W`` (``LayerNorm2d``), or GroupNorm's; anything else is refused."""
@@ -241,7 +234,7 @@ def _layout(norm: nn.Module, name: str) -> str:
                      f"GroupNorm; {name!r} ({type(norm).__name__}) normalises differently")
 
 
-@register_block("ln_bank", args=LNBankArgs, suffix="ln")
+@block_factory("ln_bank")
 def ln_bank(site: Site, args: LNBankArgs) -> nn.Module:
     """A norm with one scale/bias row per task, initialised from the pretrained γ/β (LN tuning)."""
     norm = site.module

@@ -14,8 +14,9 @@ from typing import Any
 from torch import nn
 
 from peftc.blocks.contract import Deployment, TaskPredictor
-from peftc.blocks.registry import Site, register_block
-from peftc.methods.ln_tuning.blocks import TaskKeyArgs, TaskKeyCore
+from peftc.blocks.registry import Site, block_factory
+from peftc.methods.ln_tuning.args import TaskKeyArgs
+from peftc.methods.ln_tuning.blocks import TaskKeyCore
 from peftc.methods.ln_tuning.deploy import select_task
 from peftc.methods.ln_tuning.select import task_selector
 
@@ -34,7 +35,7 @@ class TaskKey(TaskKeyCore):
         return {"select_task": select_task}
 
 
-@register_block("task_key", args=TaskKeyArgs, suffix="task_key")
+@block_factory("task_key")
 def task_key(site: Site, args: TaskKeyArgs) -> nn.Module:
     """A per-task key (orthogonal init) that reads the CLS query after the final norm; identity on the data."""
     dim = site.channels("output")

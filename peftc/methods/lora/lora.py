@@ -22,20 +22,14 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from peftc.blocks.contract import Block, acts_as
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.lora.args import LoraArgs
 
 __all__ = ["LoraArgs", "LoraConv", "LoraLinear", "lora"]
-
-
-class LoraArgs(BlockArgs):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(8.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class _Lora(Block):
@@ -118,7 +112,7 @@ def _plain_conv(base: nn.Module) -> type[nn.Module]:
     raise PeftcError(f"LoRA supports Conv1d/2d/3d, not {type(base).__name__}")
 
 
-@register_block("lora", args=LoraArgs, suffix="lora")
+@block_factory("lora")
 def lora(site: Site, args: LoraArgs) -> nn.Module:
     """Low-rank bypass (α/r)·B·A of a Linear or a convolution; B starts at zero."""
     base = site.module

@@ -1,3 +1,7 @@
 """MemVP — visual knowledge as FFN memory: the stream encoder (projector) and the memory branch blocks."""
 
-from peftc.methods.memvp import memory  # noqa: F401  (registration)
+from peftc.blocks.registry import declare_block
+from peftc.methods.memvp.args import ProjectorArgs, VisualMemoryArgs
+
+declare_block("memvp_projector", args=ProjectorArgs, suffix="projector", home=f"{__name__}.memory")
+declare_block("memvp_memory", args=VisualMemoryArgs, suffix="memvp", home=f"{__name__}.memory")

@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from peftc.blocks.contract import Block
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.memvp.args import ProjectorArgs, VisualMemoryArgs
 
 __all__ = ["MemoryProjector", "MemoryTable", "ProjectorArgs", "VisualMemory", "VisualMemoryArgs"]
-
-
-class ProjectorArgs(BlockArgs):
-    hidden: int = Field(default=128, ge=1, description="projector hidden width")
-    tokens: int = Field(default=320, ge=1, description="M': memory rows (visual tokens zero-padded to M')")
-    scale: float = 0.01
 
 
 class MemoryProjector(Block):
@@ -66,11 +60,6 @@ class MemoryTable(nn.Module):
         self.values = nn.Parameter(torch.zeros(1, tokens, width))
 
 
-class VisualMemoryArgs(BlockArgs):
-    tokens: int = Field(default=320, ge=1, description="M': memory rows")
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-
-
 class VisualMemory(Block):
     """``Dropout(SiLU(u (Z+E1)ᵀ)) (Z+E2)``: the FFN input ``u`` reads the memory ``Z`` plus learned offsets."""
 
@@ -94,7 +83,7 @@ def _width(site: Site) -> int:
     return int(shape[-1]) if shape is not None and len(shape) >= 2 else site.channels("output")
 
 
-@register_block("memvp_projector", args=ProjectorArgs, suffix="projector")
+@block_factory("memvp_projector")
 def memvp_projector(site: Site, args: ProjectorArgs) -> MemoryProjector:
     """MemVP's stream encoder: fc2(SiLU(fc1 x)) · 0.01, no-image rows zeroed, zero-padded to M' memory rows."""
     features = site.extras.get("features")
@@ -103,7 +92,7 @@ def memvp_projector(site: Site, args: ProjectorArgs) -> MemoryProjector:
     return MemoryProjector(features, args.hidden, _width(site), args.tokens, args.scale)
 
 
-@register_block("memvp_memory", args=VisualMemoryArgs, suffix="memvp")
+@block_factory("memvp_memory")
 def memvp_memory(site: Site, args: VisualMemoryArgs) -> VisualMemory:
     """MemVP's FFN memory branch: SiLU(u (Z+E1)ᵀ)(Z+E2), E1/E2 shared by every layer; reads a stream."""
     width = _width(site)

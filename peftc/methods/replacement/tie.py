@@ -20,36 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import Field
 from torch import fx, nn
 
 from peftc.analysis.paths import fresh_path
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import RuleArgs, Selector, TaskState
+from peftc.language.primitives import primitive_pass
 from peftc.methods.replacement.tied import TiedLayer, TieScalars, mix
 from peftc.passes.base import PassContext, Rewrite
 
 __all__ = ["tie", "tied_blocks"]
-
-
-class TieArgs(RuleArgs):
-    """Whole repeated blocks stop owning parameters: each layer computes with ``a·θ_prev + b·θ_next``.
-
-    ``target`` limits which blocks may be tied (a block is a candidate when a selected node lies in it;
-    default: every repeated block). Within each run of identical blocks (same parameter names and shapes)
-    positions ``offset, offset + every, …`` are tied. ``edge`` says what a chosen block with only one
-    same-shape neighbour does (``reflect``: both terms read it; ``skip``; ``error``); none is always an error.
-    """
-
-    target: Selector = Field(default_factory=Selector)
-    every: int = Field(default=2, ge=1)
-    offset: int = Field(default=1, ge=0)
-    edge: Literal["reflect", "skip", "error"] = "reflect"
-    init: tuple[float, float] = (0.5, 0.5)
-    task_state: TaskState = "shared"
-    trainable: bool = True
 
 
 Structure = tuple[tuple[str, tuple[int, ...]], ...]
@@ -296,7 +275,7 @@ def _tie_block(ctx: PassContext, plan: _Plan, read: _Reader) -> None:
                init=list(args.init), edge="reflect" if plan.prev == plan.next else "both", blocks_params=removed)
 
 
-@register_primitive("tie", args=TieArgs, adds_params=True)
+@primitive_pass("tie")
 def tie(ctx: PassContext) -> None:
     plans = _plan(ctx)
     read = _Reader(ctx)

@@ -27,23 +27,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 from torch import fx, nn
 
 from peftc.blocks.contract import Block, acts_as
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.tocom.args import ToComArgs
 from peftc.methods.tome.tome import TokenMerge, set_r, token_merges
 
 __all__ = ["ToCom", "ToComArgs", "compensators", "set_compression", "tocom"]
-
-
-class ToComArgs(BlockArgs):
-    dim: int = Field(32, ge=1, description="hidden units of each plugin (slices x rank)")
-    slices: int = Field(16, ge=1, description="compression steps the plugin models (r = 0 .. slices)")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    r_src: int = Field(0, ge=0, description="merge degree the downstream model was trained at")
-    r_tgt: int | None = Field(None, ge=0, description="merge degree at inference; None = the block's ToMe r")
 
 
 class ToCom(Block):
@@ -136,7 +128,7 @@ def _merge_of_block(site: Site) -> tuple[str, TokenMerge] | None:
     return None
 
 
-@register_block("tocom", args=ToComArgs, suffix="tocom")
+@block_factory("tocom")
 def tocom(site: Site, args: ToComArgs) -> ToCom:
     """Token compensator on q and v of a fused qkv Linear (attach with ``parallel``)."""
     base = site.module

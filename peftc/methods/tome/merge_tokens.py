@@ -20,18 +20,15 @@ graph: the learned tokens that the embedding ``cat`` puts in front of the patch 
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import fx
 
 from peftc.analysis.paths import fresh_path
 from peftc.analysis.roles import Sublayer, transformer_layout
 from peftc.errors import PeftcError
-from peftc.language.primitives import register_primitive
-from peftc.language.schema import RuleArgs, Selector
+from peftc.language.primitives import primitive_pass
 from peftc.methods.tome.tome import (
     TokenMerge,
     add_attention_bias,
@@ -42,33 +39,6 @@ from peftc.methods.tome.tome import (
 from peftc.passes.base import PassContext
 
 __all__ = ["merge_tokens"]
-
-
-class MergeTokensArgs(RuleArgs):
-    """Token merging (ToMe): merge ``r`` tokens in each selected block, between its attention and its MLP.
-
-    ``r`` is one int (``inflection`` makes it a linear schedule from ``int(r(1 - inflection))`` to ``2r`` minus
-    that) or a list with one value per selected block. ``protect`` counts the leading tokens that are never
-    merged (default: the learned tokens the embedding puts first, e.g. cls and DeiT's distillation token).
-    """
-
-    target: Selector = Field(default_factory=lambda: Selector(role="attn_residual"))
-    r: int | list[int] = 0
-    inflection: float = 0.0
-    prop_attn: bool = True
-    protect: int | None = Field(default=None, ge=0)
-    name: str = "tome"
-
-    @model_validator(mode="after")
-    def _check(self) -> MergeTokensArgs:
-        values = self.r if isinstance(self.r, list) else [self.r]
-        if any(v < 0 for v in values):
-            raise ValueError(f"r must be >= 0, got {self.r!r}")
-        if isinstance(self.r, list) and self.inflection:
-            raise ValueError("inflection applies to a single r, not to a per-layer list")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
-            raise ValueError(f"name must be an identifier (it becomes a module name), got {self.name!r}")
-        return self
 
 
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
@@ -283,7 +253,7 @@ def _feed_bias(graph: fx.Graph, site: _Attention, bias: fx.Node, rule: str, name
         node.replace_input_with(logits, biased)
 
 
-@register_primitive("merge_tokens", args=MergeTokensArgs, reads_shapes=True, once=True)
+@primitive_pass("merge_tokens")
 def merge_tokens(ctx: PassContext) -> None:
     args = ctx.args
     gm, graph, rule = ctx.gm, ctx.gm.graph, ctx.rule.label

@@ -1,3 +1,6 @@
 """VeRA — vector-based random matrix adaptation: the ``vera`` block (the block contract's worked example)."""
 
-from peftc.methods.vera import vera  # noqa: F401  (registration)
+from peftc.blocks.registry import declare_block
+from peftc.methods.vera.args import VeraArgs
+
+declare_block("vera", args=VeraArgs, suffix="vera", home=f"{__name__}.vera")

@@ -21,21 +21,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from peftc.blocks.contract import Block, acts_as
-from peftc.blocks.registry import BlockArgs, Site, register_block
+from peftc.blocks.registry import Site, block_factory
 from peftc.errors import PeftcError
+from peftc.methods.vera.args import VeraArgs
 
 __all__ = ["Vera", "VeraArgs", "VeraProjections", "vera"]
-
-
-class VeraArgs(BlockArgs):
-    rank: int = Field(256, ge=1)
-    d_initial: float = 0.1
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    seed: int = 0
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -104,7 +97,7 @@ class Vera(Block):
         return f"{self.in_features} -> r={self.projections.rank} -> {self.out_features}"
 
 
-@register_block("vera", args=VeraArgs, suffix="vera")
+@block_factory("vera")
 def vera(site: Site, args: VeraArgs) -> Vera:
     """Trainable vectors d, b around frozen random projections shared by every adapted Linear (VeRA)."""
     base = site.module
