@@ -83,8 +83,8 @@ def build_report(
     head_task = 0
     for slot in ledger.tensor_slots.values():
         tensor = params.get(slot.name) if slot.is_param else buffers.get(slot.name)
-        if tensor is None:
-            continue
+        if tensor is None or not tensor.is_floating_point():
+            continue  # a counter (num_batches_tracked) is kept per task but is bookkeeping, not state to count
         entry = per_rule.setdefault(slot.rule, {"task_params": 0, "task_buffers": 0})
         entry["task_params" if slot.is_param else "task_buffers"] += tensor.numel()
     for mslot in ledger.module_slots.values():
