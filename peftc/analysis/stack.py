@@ -66,7 +66,7 @@ def record_calls(model: nn.Module, paths: list[str], run: Callable[[], Any], hin
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(allow_non_fake_inputs=True):
-            fake = _record(model, paths, run)
+            fake = _record(model, paths, run, hint)
         memo: dict[int, Any] = {}
         return {p: [Call(_to_meta(c.args, memo), _to_meta(c.kwargs, memo), _to_meta(c.output, memo)) for c in cs]
                 for p, cs in fake.items()}
