@@ -14,8 +14,8 @@ from torch import nn
 from peftc.analysis.backbones import Backbone, WeightsDigest, build_backbone, from_module, shared_copy
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
-from peftc.analysis.roles import head
 from peftc.analysis.regions import glue_message, stack_of, trace_model
+from peftc.analysis.roles import head
 from peftc.analysis.stack import Stack, cut, decoder_layers, first_calls, install, record_calls, trace_stack
 from peftc.analysis.trace import trace_info
 from peftc.errors import ArtifactError, PeftcError

@@ -19,8 +19,8 @@ from timm.models.vision_transformer import Block
 from torch import fx, nn
 
 import peftc
-from peftc.export.fold import fold
 from peftc.errors import PeftcError
+from peftc.export.fold import fold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
