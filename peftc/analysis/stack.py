@@ -284,63 +284,41 @@ class Cut:
 _INPUT = -2  # the region of the glue's inputs (the placeholders that are not streams)
 
 
-def _regions(graph: fx.Graph, streams: set[str]) -> dict[fx.Node, int]:
+def _regions(graph: fx.Graph, streams: set[str], paths: list[str]) -> dict[fx.Node, int]:
     """Each node's layer (``-1``: the prelude, which depends on stream inputs only).
 
-    What a rule added goes with its group of added nodes: into the layer that reads the group when the group reads
-    only what that layer reads anyway (a bypass from a layer's input, computed by the layer before), else into the
-    layer of its latest input (an adapter after a layer's output)."""
+    A node a rule added goes to the layer its name places it in (``layer2.0.conv1.lora`` is ``layer2``'s, even
+    though it reads ``layer1``'s output), unless it reads a later layer; else to the layer of its latest input."""
+    index = {path: i for i, path in enumerate(paths)}
     region: dict[fx.Node, int] = {}
     for node in graph.nodes:
         if node.op == "placeholder":
             region[node] = -1 if node.target in streams else _INPUT
         elif node.op != "output":
             found = node.meta.get("peftc_region")
-            ups = [region[a] for a in node.all_input_nodes]
-            region[node] = found if found is not None else max(ups, default=-1)
-    marked = {n for n in region if n.meta.get("peftc_region") is not None}
-    reads: dict[int, set[fx.Node]] = {}
-    for n in marked:
-        reads.setdefault(region[n], set()).update(a for a in n.all_input_nodes if region[a] != region[n])
-    for group in _added_groups(graph, marked):
-        ins = {a for n in group for a in n.all_input_nodes if a not in group}
-        readers = {region[u] for n in group for u in n.users if u not in group and u.op != "output"}
-        pull = min(readers, default=None)
-        if pull is not None and ins and all(region[a] != -1 for a in ins) and all(
-                a in reads.get(pull, ()) or (a in marked and region[a] == pull) for a in ins):
-            region.update(dict.fromkeys(group, pull))
-        latest = max(region[n] for n in group)  # a node reading only the glue's inputs goes with its group
-        for n in group:
-            if region[n] == _INPUT:
-                region[n] = latest if latest >= 0 else pull if pull is not None else 0
+            latest = max((region[a] for a in node.all_input_nodes), default=-1)
+            named = _named_region(str(node.meta.get("peftc_name", "")), index)
+            if found is None and latest != -1 and named is not None and named >= latest:
+                found = named
+            region[node] = found if found is not None else latest if latest == -1 else max(latest, 0)
     return region
 
 
-def _added_groups(graph: fx.Graph, marked: set[fx.Node]) -> list[list[fx.Node]]:
-    """The nodes rules added (no layer mark), in groups connected through one another."""
-    added = [n for n in graph.nodes if n.op not in ("placeholder", "output") and n not in marked]
-    group_of: dict[fx.Node, int] = {}
-    groups: list[list[fx.Node]] = []
-    for start in added:
-        if start in group_of:
-            continue
-        groups.append([])
-        frontier = [start]
-        while frontier:
-            n = frontier.pop()
-            if n in group_of or n in marked or n.op in ("placeholder", "output"):
-                continue
-            group_of[n] = len(groups) - 1
-            groups[-1].append(n)
-            frontier.extend([*n.all_input_nodes, *n.users])
-    return groups
+def _named_region(name: str, index: Mapping[str, int]) -> int | None:
+    """The layer whose path prefixes ``name`` (``layer2.0.conv1.lora`` → ``layer2``'s index)."""
+    parts = name.split(".")
+    for cut_at in range(len(parts), 0, -1):
+        found = index.get(".".join(parts[:cut_at]))
+        if found is not None:
+            return found
+    return None
 
 
 def cut(gm: fx.GraphModule, stack: Stack, streams: set[str], reader: Callable[[str], nn.Module]) -> Cut:
     """Split the rewritten stack: layer ``i``'s nodes become a GraphModule of its own, rooted at that layer (its
     parameters keep their paths), taking the one value it reads from the glue or an earlier layer; values of the
     prelude reach it through ``reader(name)`` modules."""
-    region = _regions(gm.graph, streams)
+    region = _regions(gm.graph, streams, stack.paths)
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     prelude_nodes = [n for n in nodes if region[n] == -1]
     reads: list[str] = []
