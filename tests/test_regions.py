@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import Block
 from torch import fx, nn
+from torchvision.models.resnet import BasicBlock, ResNet
 
 import peftc
 from peftc.errors import PeftcError
@@ -123,3 +124,27 @@ def test_a_rule_reaching_into_the_glue_says_so() -> None:
         peftc.compile(spec, _net())
     message = str(err.value)
     assert "lies in the eager glue of Guarded" in message and "x.amin()" in message
+
+
+class Halving(ResNet):
+    """A torchvision ResNet whose forward loops a number of times that depends on the input's values."""
+
+    image_size = 32
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        while x.abs().amax() > 100:
+            x = x / 2
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@pytest.mark.parametrize("spec", ["lora", "confit"])
+def test_resnet_stages_are_regions_and_rules_cross_their_boundaries(spec: str) -> None:
+    torch.manual_seed(0)
+    net = Halving(BasicBlock, [1, 1, 1, 1], num_classes=7).eval()
+    model = peftc.compile(spec, net)  # confit inserts before layer2.0.conv1, which reads layer1's output
+    assert model.regions == ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - net(x)).abs().max() < 1e-5 and (model(x * 1e3) - net(x * 1e3)).abs().max() < 1e-5
