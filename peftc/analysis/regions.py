@@ -119,8 +119,7 @@ def glue_message(info: TraceInfo, model: str) -> str:
     """What region mode leaves out of the rules' reach, for an error about a rule that selected nothing."""
     if info.tracer != "regions":
         return ""
-    outside = [p for p in info.eager if p != model]
-    return (f"; {model} is traced per region ({', '.join(info.regions)}), because the whole model does not trace: "
-            f"{info.why_not_plain}; what lies in the eager glue of {model}"
-            + (f" ({', '.join(outside)})" if outside else "") + " is out of the rules' reach")
-
+    inside = [p for p in info.eager if p != model]
+    return (f"; what is outside its regions ({', '.join(info.regions)}) lies in the eager glue of {model}"
+            + (f" (with {', '.join(inside)})" if inside else "")
+            + f", which is not traced because {info.why_not_plain}")
