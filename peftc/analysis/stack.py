@@ -172,7 +172,7 @@ class Stack:
     gm: fx.GraphModule  # rooted at the model: module targets are the model's own paths
     paths: list[str]  # the layers, in order
     side: list[str]  # side-input placeholders, after the hidden state
-    examples: dict[str, Any]  # the recorded example of each further input (shape propagation)
+    examples: dict[str, Any]  # the recorded example of each side input (shape propagation)
     hidden: torch.Tensor  # the recorded value of the first placeholder
 
 
@@ -188,7 +188,7 @@ def trace_layer(layer: nn.Module, side: list[str], constants: dict[str, Any],
 def trace_stack(model: nn.Module, paths: list[str], calls: list[Call], *, source: torch.Tensor | None = None,
                 traced: Mapping[str, fx.GraphModule | None] | None = None) -> Stack:
     """One graph of every layer in ``paths``, rooted at ``model``: a layer that reads an earlier layer's output
-    reads its node; one fed by the glue reads an input of its own (its recorded value is the example). The first
+    reads its node; one fed by the glue reads an input of its own (of the recorded value's shape). The first
     placeholder stands for ``source`` (the model's own input) when given, else for the first layer's input.
 
     ``traced`` holds graphs already traced by path (``None``: a leaf layer, one node). The graph returns the
@@ -197,7 +197,6 @@ def trace_stack(model: nn.Module, paths: list[str], calls: list[Call], *, source
     graph = fx.Graph()
     first = graph.placeholder(HIDDEN)
     inputs = {k: graph.placeholder(k) for k in side}
-    examples: dict[str, Any] = {k: calls[0].kwargs[k] for k in side}
     made: dict[int, fx.Node] = {id(source if source is not None else calls[0].args[0]): first}
     produced: set[int] = set()
     for path, call in zip(paths, calls):
@@ -205,8 +204,7 @@ def trace_stack(model: nn.Module, paths: list[str], calls: list[Call], *, source
         if id(x) not in made and id(x) not in produced:
             name = f"{path.replace('.', '_')}_input"
             made[id(x)] = graph.placeholder(name)
-            made[id(x)].meta["peftc_example"] = tuple(x.shape[1:])
-            examples[name] = x
+            made[id(x)].meta["peftc_example"] = tuple(x.shape[1:])  # its examples: random, at the batch's size
         produced.add(id(call.output))
     traced = dict(traced or {})
     leaves = _leaves(model.get_submodule(paths[0])) if paths[0] not in traced else []  # the layers are one class
@@ -223,7 +221,8 @@ def trace_stack(model: nn.Module, paths: list[str], calls: list[Call], *, source
     graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     gm = fx.GraphModule(model, graph, type(model).__name__)
     assign_names(gm)
-    return Stack(gm, paths, side, examples, source if source is not None else calls[0].args[0])
+    return Stack(gm, paths, side, {k: calls[0].kwargs[k] for k in side},
+                 source if source is not None else calls[0].args[0])
 
 
 def _leaf(graph: fx.Graph, path: str, index: int, x: fx.Node) -> fx.Node:
