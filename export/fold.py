@@ -153,9 +153,11 @@ def _fold_regions(model: Any, task: str | None) -> FoldReport:
     report = FoldReport(task, params_before, 0, buffers_before, 0)
     for path in model.regions:
         region = root.get_submodule(path)
-        if not isinstance(region, fx.GraphModule):
-            continue  # a leaf layer still alone: nothing was added to it
         inner = [p.removeprefix(f"{path}.") for p in model.ledger.inserted if p.startswith(f"{path}.")]
+        if not isinstance(region, fx.GraphModule):  # a leaf layer, alone or running what rules added around it
+            report.remaining.update({f"{path}.{p}": f"{path!r} is a region of one layer, which is not a graph "
+                                     "to fold in" for p in inner})
+            continue
         part = fold_graph(region, inner)
         report.actions += [FoldAction(a.kind, f"{path}.{a.source}", f"{path}.{a.target}") for a in part.actions]
         report.remaining.update({f"{path}.{p}": why for p, why in part.remaining.items()})

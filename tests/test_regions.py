@@ -59,7 +59,7 @@ def _x(batch: int = 2) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spec, params", [("lora", {}), ("adaptformer", {"num_classes": 5}),
-                                          ("bitfit", {"num_classes": 5}), ("ln_tuning", {"keys": False})])
+                                          ("bitfit", {"num_classes": 5}), ("ln_tuning", {})])
 def test_specs_compile_per_region_and_equal_the_model_at_init(spec: str, params: dict) -> None:
     net = _net()
     model = peftc.compile(spec, net, **params)

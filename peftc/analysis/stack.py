@@ -16,6 +16,7 @@ an input of its own.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from peftc.analysis.roles import is_scale_norm
 from peftc.analysis.trace import assign_names, trace
 from peftc.errors import PeftcError, TraceError
 
-__all__ = ["Call", "Cut", "Stack", "cut", "decoder_layers", "first_calls", "install", "record_calls",
+__all__ = ["Call", "Cut", "Stack", "cut", "decoder_layers", "first_calls", "install", "own_forward", "record_calls",
            "trace_layer", "trace_stack"]
 
 HIDDEN = "hidden_states"
@@ -329,6 +330,8 @@ def cut(gm: fx.GraphModule, stack: Stack, streams: set[str], reader: Callable[[s
             layers.append(gm.get_submodule(path))  # a leaf layer still called alone (a head, maybe replaced)
             continue
         graph = fx.Graph()
+        around = any(n.op == "call_module" and n.target == path for n in own)  # a leaf layer, and what rules added
+        layer = graph.placeholder(_SELF) if around else None
         hidden = graph.placeholder(HIDDEN)
         env: dict[fx.Node, fx.Node] = {_placeholder(gm, k): graph.placeholder(k, default_value=None)
                                        for k in stack.side}
@@ -351,8 +354,8 @@ def cut(gm: fx.GraphModule, stack: Stack, streams: set[str], reader: Callable[[s
                                      f"{a.meta.get('peftc_name', a.name)!r} besides the layer's input; rules that "
                                      "connect layers cannot be cut back into them")
                 entry, env[a] = a, hidden
-            if n.op == "call_module" and n.target == path:  # the layer is itself a leaf (a Linear head)
-                env[n] = _call_inline(graph, gm.get_submodule(path), [env[a] for a in n.args], modules)
+            if n.op == "call_module" and n.target == path:
+                env[n] = graph.call_function(own_forward, (layer, *(env[a] for a in n.args)))
                 continue
             copy = graph.node_copy(n, env.__getitem__)
             if copy.op in ("call_module", "get_attr"):
@@ -366,32 +369,28 @@ def cut(gm: fx.GraphModule, stack: Stack, streams: set[str], reader: Callable[[s
             raise PeftcError(f"{path!r} passes {len(leaving)} values on after the rewrite; a cut layer must hand "
                              "on exactly its output")
         graph.output(env[leaving[0]])
-        layers.append(fx.GraphModule(modules, graph, type(gm.get_submodule(path)).__name__))
+        region_gm = fx.GraphModule(modules, graph, type(gm.get_submodule(path)).__name__)
+        layers.append(_around(gm.get_submodule(path), region_gm) if around else region_gm)
     if any(region.get(n, -1) < 0 for n in output.all_input_nodes):
         raise PeftcError("the rewritten stack's output is not computed by its layers")
     prelude = _prelude(gm, prelude_nodes, streams, reads) if reads else None
     return Cut(prelude, layers, reads)
 
 
-def _call_inline(graph: fx.Graph, layer: nn.Module, args: list[fx.Node], modules: dict[str, Any]) -> fx.Node:
-    """``layer(*args)`` as the operations of its own forward, reading its parameters by their own names: cut
-    back in place of the layer, the GraphModule's tensors keep the layer's paths (``head.weight``). For a leaf
-    layer that a rule gave company (a bypass around a head)."""
-    try:
-        inner = fx.symbolic_trace(layer)
-    except Exception as exc:
-        raise PeftcError(f"a rule added to the call of {type(layer).__name__}, a region of its own, and that layer "
-                         f"does not trace ({str(exc).splitlines()[0]}), so the region cannot be cut back") from None
-    env: dict[fx.Node, Any] = {}
-    given = iter(args)
-    for node in inner.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = next(given, node.args[0] if node.args else None)  # what the call left out: its default
-        elif node.op != "output":
-            env[node] = graph.node_copy(node, env.__getitem__)
-            if node.op in ("call_module", "get_attr"):
-                modules[str(node.target)] = _resolve(inner, str(node.target))
-    return env[inner.graph.output_node().args[0]]
+_SELF = "layer"  # the first input of the graph of a region that is one leaf layer and what rules added to it
+
+
+def own_forward(layer: nn.Module, *args: Any) -> Any:
+    """The layer's class forward: what the layer computed before its region's graph took its place."""
+    return type(layer).forward(layer, *args)
+
+
+def _around(layer: nn.Module, region: fx.GraphModule) -> nn.Module:
+    """A leaf layer that rules added to stays in place, so its tensors keep their paths (``head.weight``); what
+    the rules added are its children already, and its instance ``forward`` becomes the region's graph called
+    with the layer (held outside the module tree, so nothing is registered twice; a deep copy rebinds both)."""
+    layer.__dict__["forward"] = functools.partial(region, layer)
+    return layer
 
 
 def _placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
