@@ -148,3 +148,26 @@ def test_resnet_stages_are_regions_and_rules_cross_their_boundaries(spec: str) -
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x) - net(x)).abs().max() < 1e-5 and (model(x * 1e3) - net(x * 1e3)).abs().max() < 1e-5
+
+
+class Scaled(nn.Module):
+    """Its only parameter is read by its own forward, which branches on tensor values: nothing to trace."""
+
+    image_size = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return x.flatten(1) * self.scale
+
+
+def test_a_model_with_no_region_is_one_message_naming_the_line() -> None:
+    line = inspect.getsourcelines(Scaled.forward)[1] + 1
+    with pytest.raises(PeftcError) as err:
+        peftc.compile("bitfit", Scaled())
+    message = str(err.value)
+    assert f"test_regions.py:{line}" in message and "nor does any submodule trace as a region" in message

@@ -50,8 +50,8 @@ def trace_regions(module: nn.Module, input_size: tuple[int, int, int], why: str,
     glue: dict[str, str] = {}
     _search(module, "", calls, leaves, traced, glue)
     if not traced:
-        raise TraceError(f"{why}; nor does any submodule trace as a region: "
-                         + "; ".join(f"{p}: {w}" for p, w in glue.items()))
+        found = "; ".join(f"{p}: {w}" for p, w in glue.items()) or "it has no submodule with parameters"
+        raise TraceError(f"{why}; nor does any submodule trace as a region: {found}")
     order = list(calls)  # the order the calls returned: regions do not nest, so the order they ran
     paths = sorted(traced, key=order.index)
     stack = trace_stack(module, paths, [calls[p][0] for p in paths], source=x, traced=traced)
