@@ -76,10 +76,10 @@ def _first_line(exc: BaseException) -> str:
 def headless(bb: Any) -> bool:
     """True when the backbone has no classifier (its output is its pooled features): specs need num_classes."""
     from peftc.analysis.index import NodeIndex, block_positions
+    from peftc.analysis.regions import trace_model
     from peftc.analysis.roles import head
-    from peftc.analysis.trace import trace
 
-    return not head(NodeIndex(trace(bb.module, input_size=bb.input_size), block_positions(bb.module)))
+    return not head(NodeIndex(trace_model(bb.module, input_size=bb.input_size), block_positions(bb.module)))
 
 
 def _output(model: Any, x: Any) -> Any:

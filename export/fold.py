@@ -90,9 +90,10 @@ class FoldReport:
 
 @dataclass
 class FoldResult:
-    """The folded graph (a plain ``fx.GraphModule`` in eval mode) and its report."""
+    """The folded graph (a plain ``fx.GraphModule`` in eval mode; in region mode the model running its folded
+    regions) and its report."""
 
-    module: fx.GraphModule
+    module: nn.Module
     report: FoldReport
 
 
@@ -109,6 +110,8 @@ def fold(model: Any, task: str | None = None) -> FoldResult:
         if task is not None:
             work.set_task(task)  # raises TaskError naming the known tasks
         active = work.active_task
+        if work.regions:
+            return FoldResult(work.net.eval(), _fold_regions(work, active))
         gm = work.net
         inserted: Iterable[str] = work.ledger.inserted
     elif isinstance(model, fx.GraphModule):
@@ -140,6 +143,28 @@ def fold_graph(gm: fx.GraphModule, inserted: Iterable[str] = ()) -> FoldReport:
         actions=folder.actions,
         remaining=_remaining(gm, inserted, folder),
     )
+
+
+def _fold_regions(model: Any, task: str | None) -> FoldReport:
+    """Region mode: fold each rewritten region in place (the eager glue has nothing to fold); one report, with
+    the regions' paths put back in front of the names."""
+    root = model.net
+    params_before, buffers_before = _count(root)
+    report = FoldReport(task, params_before, 0, buffers_before, 0)
+    for path in model.regions:
+        region = root.get_submodule(path)
+        inner = [p.removeprefix(f"{path}.") for p in model.ledger.inserted if p.startswith(f"{path}.")]
+        if not isinstance(region, fx.GraphModule):  # a leaf layer, alone or running what rules added around it
+            report.remaining.update({f"{path}.{p}": f"{path!r} is a region of one layer, which is not a graph "
+                                     "to fold in" for p in inner})
+            continue
+        part = fold_graph(region, inner)
+        report.actions += [FoldAction(a.kind, f"{path}.{a.source}", f"{path}.{a.target}") for a in part.actions]
+        report.remaining.update({f"{path}.{p}": why for p, why in part.remaining.items()})
+    for p in root.parameters():
+        p.requires_grad_(False)
+    report.params_after, report.buffers_after = _count(root)
+    return report
 
 
 # -- the folder --------------------------------------------------------------------------------------------

@@ -112,11 +112,26 @@ def export_onnx(
     say("folding" if fold and not all_tasks else "preparing the graph")
     deployable = prepare(model, task=task, fold_weights=fold and not all_tasks, all_tasks=all_tasks,
                          select_task=select_task, image_size=image_size)
-    result = write_onnx(deployable, target, opset=opset, provider=provider, check=check, progress=say)
+    try:
+        result = write_onnx(deployable, target, opset=opset, provider=provider, check=check, progress=say)
+    except ExportError as exc:
+        if getattr(model, "regions", ()) and not isinstance(exc, ParityError):
+            exc.message += _region_note(model)
+        raise
     result.seconds = round(time.perf_counter() - start, 3)
     if all_tasks and fold:
         result.notes.append("all-tasks graphs are not folded: folding would copy shared frozen weights per task")
     return result
+
+
+def _region_note(model: Any) -> str:
+    """Why a region-mode model may not export: the exporter captures the whole forward, glue included."""
+    from peftc.analysis.trace import trace_info
+
+    why = trace_info(model.graph).why_not_plain
+    return (f"; {type(model.net).__name__} is compiled per region ({', '.join(model.regions)}) and its own forward "
+            f"runs eagerly between them, which the exporter must capture whole and could not. It was not traced "
+            f"because: {why}")
 
 
 def _target(path: str | os.PathLike[str]) -> Path:

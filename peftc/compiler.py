@@ -14,9 +14,10 @@ from torch import nn
 from peftc.analysis.backbones import Backbone, WeightsDigest, build_backbone, from_module, shared_copy
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
+from peftc.analysis.regions import glue_message, stack_of, trace_model
 from peftc.analysis.roles import head
-from peftc.analysis.stack import Stack, cut, decoder_layers, record_calls, trace_stack
-from peftc.analysis.trace import trace
+from peftc.analysis.stack import Stack, cut, decoder_layers, first_calls, install, record_calls, trace_stack
+from peftc.analysis.trace import trace_info
 from peftc.errors import ArtifactError, PeftcError
 from peftc.language import MethodSpec, get_primitive, load_spec
 from peftc.passes import CompileState, PassContext, StreamInput
@@ -49,12 +50,20 @@ def resolve_backbone(
 
 
 def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module]] = ()) -> CompileState:
-    """The compiler proper: trace ``bb`` and run one pass per rule, in order. Returns the finished state."""
+    """The compiler proper: trace ``bb`` (whole, else per region) and run one pass per rule, in order. Returns the
+    finished state."""
     positions = block_positions(bb.module)
-    state = CompileState(trace(bb.module, leaves=leaves, input_size=bb.input_size), method, positions, bb.input_size)
+    gm = trace_model(bb.module, leaves=leaves, input_size=bb.input_size)
+    stack = stack_of(gm)
+    state = CompileState(gm, method, positions, bb.input_size, examples=stack.examples if stack else {})
     state.head_params = sum(sum(p.numel() for p in c.module.parameters()) for c in head(state.index))
     for rule in method.rules:
-        get_primitive(rule.op).run(PassContext(state, rule))
+        try:
+            get_primitive(rule.op).run(PassContext(state, rule))
+        except PeftcError as exc:
+            if stack is not None:  # say what lies outside the regions, where no rule reaches
+                exc.message += glue_message(trace_info(gm), type(bb.module).__name__)
+            raise
     state.finish()
     if bb.borrowed or bb.digest.pending:
         _own_writable(state)
@@ -157,7 +166,30 @@ def _compile_backbone(method: MethodSpec, bb: Backbone, backbone_kwargs: Mapping
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.digest,
                         tuple(sorted((backbone_kwargs or {}).items())))
-    return Compiled(state.gm, method, info, state.ledger, report, schedule=build_schedule(state))
+    net = state.gm if stack_of(state.gm) is None else _install_regions(bb.module, state)
+    return Compiled(net, method, info, state.ledger, report, schedule=build_schedule(state), graph=state.gm)
+
+
+def _install_regions(model: nn.Module, state: CompileState) -> nn.Module:
+    """Region mode: the rewritten graph cut back into its regions, installed in ``model``, whose own forward is
+    the glue that runs them. The glue's own parameters are frozen: no rule reaches them."""
+    stack = stack_of(state.gm)
+    pieces = cut(state.gm, stack, set(), _no_stream)
+    install(model, stack.paths, pieces.layers)
+    _freeze_glue(model, state)
+    return model
+
+
+def _no_stream(name: str) -> nn.Module:
+    raise PeftcError(f"a rule computes {name!r} outside every region; in region mode each rule's nodes must lie in "
+                     "one traced region")
+
+
+def _freeze_glue(model: nn.Module, state: CompileState) -> None:
+    in_graph = {id(p) for p in state.gm.parameters()}
+    for p in model.parameters():
+        if id(p) not in in_graph:
+            p.requires_grad_(False)
 
 
 def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPair:
@@ -180,13 +212,8 @@ def _compile_pair(method: MethodSpec, both: Pair, **backbone: Any) -> CompiledPa
                                backbone.get("backbone_kwargs"), feeds=stream)
     values = StreamValues()
     pieces = cut(state.gm, stack, set(state.ledger.streams), lambda name: StreamValue(values, name))
-    for path, layer in zip(stack.paths, pieces.layers):
-        parent, _, name = path.rpartition(".")
-        setattr(lm.get_submodule(parent), name, layer)
-    in_stack = {id(p) for p in state.gm.parameters()}
-    for p in lm.parameters():  # the glue's own layers (embeddings, final norm, LM head): no rule reaches them
-        if id(p) not in in_stack:
-            p.requires_grad_(False)
+    install(lm, stack.paths, pieces.layers)
+    _freeze_glue(lm, state)  # the glue's own layers (embeddings, final norm, LM head)
     report = build_report(part.name, type(lm).__name__, backbone_params, 0, original_ids, state.gm, state.ledger)
     return CompiledPair(vision, lm, pieces.prelude, values, method, stream,
                         {"vision": vision.report, "language": report}, digest)
@@ -197,8 +224,10 @@ def _rewrite_stack(part: MethodSpec, lm: nn.Module) -> tuple[CompileState, Stack
     paths = decoder_layers(lm)
     device = next(lm.parameters()).device
     calls = record_calls(lm, paths, lambda: lm(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device),
-                                               use_cache=False))
-    stack = trace_stack(lm, paths, calls)
+                                               use_cache=False),
+                         hint="a pair's language model is called as lm(input_ids=..., attention_mask=..., "
+                              "labels=..., use_cache=False)")
+    stack = trace_stack(lm, paths, first_calls(lm, paths, calls))
     state = CompileState(stack.gm, part, block_positions(lm), tuple(stack.hidden.shape[1:]), examples=stack.examples)
     for rule in part.rules:
         get_primitive(rule.op).run(PassContext(state, rule))

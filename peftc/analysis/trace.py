@@ -176,11 +176,16 @@ class TraceInfo:
     why_not_plain: str = ""
     eager: Mapping[str, str] = field(default_factory=dict)
     input_size: tuple[int, ...] | None = None  # the (C, H, W) the shape-aware graph is specialised to
+    regions: tuple[str, ...] = ()  # tracer "regions": the submodules traced, in call order (the rest runs eager)
 
     def describe(self) -> list[str]:
         """One line per fact, for the report and the diff ([] for a plain trace of the whole model)."""
         if self.tracer == "plain":
             return []
+        if self.tracer == "regions":
+            return [f"traced per region, because the whole model does not trace: {self.why_not_plain}",
+                    f"regions (rules apply inside): {', '.join(self.regions)}",
+                    *(f"eager glue (no rule reaches inside): {path}: {why}" for path, why in self.eager.items())]
         size = "x".join(map(str, self.input_size or ()))
         lines = [f"traced shape-aware for {size} inputs, because plain fx could not: {self.why_not_plain}"]
         lines += [f"kept eager (one node, no rule reaches inside): {path}: {why}" for path, why in self.eager.items()]
@@ -188,7 +193,7 @@ class TraceInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tracer": self.tracer, "why_not_plain": self.why_not_plain, "eager": dict(self.eager),
-                "input_size": list(self.input_size) if self.input_size else None}
+                "input_size": list(self.input_size) if self.input_size else None, "regions": list(self.regions)}
 
 
 def trace_info(gm: nn.Module) -> TraceInfo:

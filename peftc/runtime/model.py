@@ -50,12 +50,17 @@ class Compiled(nn.Module):
     ``parameters()`` holds the active task's tensors plus shared ones; ``trainable_parameters()`` is exactly what
     the spec trains. In ``train()`` mode, normalisation layers whose running statistics the spec froze stay in
     eval mode, so frozen buffers never drift.
+
+    ``net`` is the rewritten graph, or in region mode (a model whose forward does not trace whole) the model
+    itself running its rewritten regions; ``graph`` is then the rewritten regions chained, for views and diffs.
     """
 
-    def __init__(self, net: fx.GraphModule, spec: MethodSpec, backbone: BackboneInfo, ledger: Ledger, report: Report,
-                 schedule: Schedule | None = None):
+    def __init__(self, net: nn.Module, spec: MethodSpec, backbone: BackboneInfo, ledger: Ledger, report: Report,
+                 schedule: Schedule | None = None, graph: fx.GraphModule | None = None):
         super().__init__()
         self.net = net
+        self._graph = [graph if graph is not None else net]  # in a list: its modules are net's, registered once
+        self.regions = trace_info(self.graph).regions  # the traced regions in region mode, else ()
         self.spec = spec
         self.backbone = backbone
         self.ledger = ledger
@@ -65,6 +70,11 @@ class Compiled(nn.Module):
             frozenset(n for n, p in net.named_parameters() if p.requires_grad))
         self.input_size = trace_info(net).input_size  # set when the graph only runs at this (C, H, W)
         self.train(False)
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The rewritten graph (in region mode its regions chained; ``net`` runs them)."""
+        return self._graph[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.ledger.streams:

@@ -61,6 +61,7 @@ def manifest_for(model: Any, delta_sha256: str, n_tensors: int) -> dict[str, Any
         "active_task": model.active_task,
         "delta": {"file": DELTA, "sha256": delta_sha256, "tensors": n_tensors},
         "report": model.report.to_dict(),
+        **({"regions": list(model.regions)} if model.regions else {}),  # region mode: how load must compile it
     }
 
 
@@ -161,7 +162,15 @@ def load_into(model: Any, directory: str | Path) -> Any:
     return model
 
 
+def _traced(regions: Any) -> str:
+    return f"per region ({', '.join(regions)})" if regions else "whole"
+
+
 def apply_delta(model: Any, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    if list(manifest.get("regions", [])) != list(model.regions):
+        raise ArtifactError(f"{directory}: this delta was made on the backbone traced "
+                            f"{_traced(manifest.get('regions', []))}, but it now traces {_traced(model.regions)}; "
+                            "its tensors would not fit")
     tensors = decode_delta(model.net, tensors, manifest["delta"].get("quantized") or {})
     for task in manifest["tasks"]:
         if task["name"] not in model.bank:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from torch import fx, nn
 
 from peftc.analysis.index import NodeIndex, block_positions
+from peftc.analysis.regions import trace_model
 from peftc.analysis.select import select
-from peftc.analysis.trace import trace
 from peftc.errors import Location
 from peftc.language import Selector, load_spec
 from peftc.tools.view import (
@@ -114,9 +114,9 @@ def inspect_nodes(
     if spec is not None:
         model = compile_model(load_spec(spec, params), copy.deepcopy(bb))
         view = view_model(model, shape, positions)
-        gm = model.net
+        gm = model.graph
     else:
-        gm = trace(bb.module, input_size=bb.input_size)
+        gm = trace_model(bb.module, input_size=bb.input_size)
         view = build_view(gm, shape=shape, positions=positions, baseline=True, label=bb.id)
     index = NodeIndex(gm, positions)
     if isinstance(selector, str):
@@ -199,7 +199,7 @@ def dry_run(
 
     method = load_spec(spec, params)
     bb = resolve_backbone(backbone, seed=seed)
-    gm = trace(bb.module, input_size=bb.input_size)
+    gm = trace_model(bb.module, input_size=bb.input_size)
     index = NodeIndex(gm, block_positions(bb.module))
     out = []
     for rule in method.rules:

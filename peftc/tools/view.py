@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from peftc.analysis.index import block_positions, enclosing_block, operation_name
 from peftc.analysis.propagation import NodeStats, Shape, input_shape, propagate
-from peftc.analysis.trace import node_name, trace, trace_info
+from peftc.analysis.regions import trace_model
+from peftc.analysis.trace import node_name, trace_info
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -397,7 +398,7 @@ def view_backbone(
     bb: Backbone, shape: tuple[int, ...], *, leaves: Iterable[type[nn.Module]] = ()
 ) -> GraphView:
     """The reference view of a built backbone (all tensors ``frozen``); ``bb`` is not modified."""
-    gm = trace(bb.module, leaves=leaves, input_size=bb.input_size)
+    gm = trace_model(bb.module, leaves=leaves, input_size=bb.input_size)
     return build_view(
         gm,
         shape=shape,
@@ -419,7 +420,7 @@ def view_model(
     """The view of a compiled model's rewritten graph (its active task)."""
     src = dict(source or {"kind": "model", "backbone": model.backbone.id, "spec": model.spec.name})
     return build_view(
-        model.net,
+        model.graph,
         shape=shape,
         positions=positions,
         ledger=model.ledger,
