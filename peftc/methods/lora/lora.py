@@ -22,11 +22,12 @@ weight. Grouped convolutions get a dense ``A`` (as in PEFT) and decline to fold.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn.utils import skip_init
 
 from peftc.blocks.contract import Block, acts_as
 from peftc.blocks.registry import BlockArgs, Site, register_block
@@ -39,6 +40,14 @@ class LoraArgs(BlockArgs):
     rank: int = Field(8, ge=1)
     alpha: float = Field(8.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's global generator seeded with ``seed`` inside, as it was outside."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class _Lora(Block):
@@ -55,13 +64,9 @@ class _Lora(Block):
         self.seed = int(torch.randint(0, 2**62, ()).item())
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def reset_parameters(self) -> None:
-        """PEFT's default init: A kaiming-uniform (a=√5, like nn.Linear), B zero — the block starts at 0."""
-        self.init_task("", {"A.weight": self.A.weight, "B.weight": self.B.weight})
-
     def init_task(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """A new task's ``A, B`` as at compile time: ``A`` from this block's seed (on the CPU, so the values do
-        not depend on the device), ``B`` zero."""
+        """A new task's ``A, B`` as at compile time: ``A`` kaiming-uniform (a=√5, PEFT's init) from this block's
+        seed (on the CPU, so the values do not depend on the device), ``B`` zero."""
         with torch.no_grad():
             a = tensors.get("A.weight")
             if a is not None:
@@ -83,9 +88,10 @@ class LoraLinear(_Lora):
                  dropout: float = 0.0):
         super().__init__(rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
-        self.A = skip_init(nn.Linear, in_features, rank, bias=False)  # filled once, by reset_parameters
-        self.B = skip_init(nn.Linear, rank, out_features, bias=False)
-        self.reset_parameters()
+        with _seeded(self.seed):  # nn's own init of A is LoRA's; init_task repeats it for a new task
+            self.A = nn.Linear(in_features, rank, bias=False)
+        self.B = nn.Linear(rank, out_features, bias=False)
+        nn.init.zeros_(self.B.weight)
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
         """``(α/r)·B·A`` — the change of ``base.weight`` this block computes (no bias change)."""
@@ -106,10 +112,11 @@ class LoraConv(_Lora):
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.groups = base.groups
         self.kernel_size = tuple(base.kernel_size)
-        self.A = skip_init(conv, base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
-                           dilation=base.dilation, bias=False, padding_mode=base.padding_mode)
-        self.B = skip_init(conv, rank, base.out_channels, 1, bias=False)
-        self.reset_parameters()
+        with _seeded(self.seed):  # nn's own init of A is LoRA's; init_task repeats it for a new task
+            self.A = conv(base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
+                          dilation=base.dilation, bias=False, padding_mode=base.padding_mode)
+        self.B = conv(rank, base.out_channels, 1, bias=False)
+        nn.init.zeros_(self.B.weight)
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
         """``(α/r)·B·A`` as a kernel of the base conv's shape; grouped convs decline (a dense A cannot fold)."""
