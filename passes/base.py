@@ -152,11 +152,15 @@ class CompileState:
         self._stale_code = True
 
     def finish(self) -> fx.GraphModule:
-        """Check the final graph and regenerate its Python code once, after all passes."""
+        """Check the final graph and generate its Python code, once, after all passes (the traced module is
+        lazy: nothing was generated before)."""
         if self._stale_code:
             self.gm.graph.lint()
             self.gm.recompile()
             self._stale_code = False
+        real = getattr(self.gm, "real_recompile", None)
+        if real is not None:
+            real()
         return self.gm
 
     def modules_changed(self) -> None:
@@ -175,7 +179,7 @@ class CompileState:
     def shape_of(self, node: fx.Node) -> torch.Size | None:
         """Example output shape of ``node`` (shape propagation runs lazily, once per graph version)."""
         if not self._shapes_valid or "tensor_meta" not in node.meta:
-            self.finish()
+            self.gm.graph.lint()  # propagation interprets the graph: its code need not be written yet
             param = next(self.gm.parameters(), None)
             x = example_input(self.input_size, device=param.device if param is not None else "cpu")
             if param is not None and param.is_floating_point():

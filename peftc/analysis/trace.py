@@ -23,6 +23,11 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError, TraceError
 
+try:  # a GraphModule that writes its Python code when first run, not on every recompile (torch's own, for dynamo)
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover - older or newer torch without it: code is written at once
+    _LazyGraphModule = fx.GraphModule
+
 __all__ = ["LEAF_TYPES", "node_name", "register_leaf", "trace"]
 
 LEAF_TYPES: list[type[nn.Module]] = [
@@ -155,7 +160,10 @@ def node_name(node: fx.Node) -> str:
 
 
 def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
-    """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced."""
+    """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced.
+
+    The GraphModule writes its code lazily (on its first call, or ``.code``): the passes change the graph
+    anyway, so the code is generated once, by :meth:`~peftc.passes.CompileState.finish`, not twice."""
     timm_leaves, timm_functions = _timm_notrace(module)
     tracer = _Tracer((*LEAF_TYPES, *leaves, *timm_leaves), timm_functions)
     concrete = _concrete_args(module)
@@ -171,7 +179,7 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
         ) from None
     _drop_concrete_placeholders(graph, concrete)
     _call_linears(graph, tracer.root)
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm = _LazyGraphModule(tracer.root, graph, type(module).__name__)
     assign_names(gm)
     return gm
 
