@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.analysis import trace_cache
 from peftc.errors import PeftcError, TraceError
 
 try:  # a GraphModule that writes its Python code when first run, not on every recompile (torch's own, for dynamo)
@@ -163,9 +164,15 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
     """Symbolically trace ``module`` with peftc's leaf policy; a clear TraceError names what cannot be traced.
 
     The GraphModule writes its code lazily (on its first call, or ``.code``): the passes change the graph
-    anyway, so the code is generated once, by :meth:`~peftc.passes.CompileState.finish`, not twice."""
+    anyway, so the code is generated once, by :meth:`~peftc.passes.CompileState.finish`, not twice. A module of
+    an architecture traced before in this process gets a copy of that graph (:mod:`.trace_cache`)."""
     timm_leaves, timm_functions = _timm_notrace(module)
-    tracer = _Tracer((*LEAF_TYPES, *leaves, *timm_leaves), timm_functions)
+    policy = (*LEAF_TYPES, *leaves, *timm_leaves)
+    key = trace_cache.architecture_key(module, policy, timm_functions)
+    kept = trace_cache.lookup(key)
+    if kept is not None:
+        return _graph_module(module, kept)
+    tracer = _Tracer(policy, timm_functions)
     concrete = _concrete_args(module)
     try:
         graph = tracer.trace(module, concrete_args=concrete or None)
@@ -179,7 +186,13 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
         ) from None
     _drop_concrete_placeholders(graph, concrete)
     _call_linears(graph, tracer.root)
-    gm = _LazyGraphModule(tracer.root, graph, type(module).__name__)
+    gm = _graph_module(module, graph)
+    trace_cache.store(key, gm.graph)
+    return gm
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    gm = _LazyGraphModule(module, graph, type(module).__name__)
     assign_names(gm)
     return gm
 
