@@ -20,7 +20,8 @@ from peftc.analysis.index import Candidate, NodeIndex
 from peftc.analysis.paths import fresh_path
 from peftc.analysis.propagation import propagate_shapes
 from peftc.analysis.select import select
-from peftc.analysis.trace import assign_names, example_input
+from peftc.analysis import trace_cache
+from peftc.analysis.trace import ARCHITECTURE, assign_names, example_input, write_code
 from peftc.blocks import Site, get_block
 from peftc.blocks.contract import is_shared_state, task_tensors
 from peftc.errors import Location, SpecError
@@ -132,6 +133,10 @@ class CompileState:
     _shapes_valid: bool = field(default=False, repr=False)
     _stale_code: bool = field(default=False, repr=False)
     _tensors: dict[int, torch.Tensor] | None = field(default=None, repr=False)
+    _architecture: Any = field(default=None, repr=False)  # the trace cache's key while no pass changed anything
+
+    def __post_init__(self) -> None:
+        self._architecture = self.gm.meta.pop(ARCHITECTURE, None)
 
     @property
     def index(self) -> NodeIndex:
@@ -147,6 +152,7 @@ class CompileState:
         a ViT-B that is a full forward at 224², a third of a second.
         """
         assign_names(self.gm)
+        self._architecture = None
         self._index = None
         self._shapes_valid = self._shapes_valid and shapes_kept
         self._stale_code = True
@@ -156,14 +162,12 @@ class CompileState:
         lazy: nothing was generated before)."""
         if self._stale_code:
             self.gm.graph.lint()
-            self.gm.recompile()
-            self._stale_code = False
-        real = getattr(self.gm, "real_recompile", None)
-        if real is not None:
-            real()
+        write_code(self.gm, changed=self._stale_code)
+        self._stale_code = False
         return self.gm
 
     def modules_changed(self) -> None:
+        self._architecture = None
         self._index = None
         self._tensors = None
 
@@ -184,7 +188,10 @@ class CompileState:
             x = example_input(self.input_size, device=param.device if param is not None else "cpu")
             if param is not None and param.is_floating_point():
                 x = x.to(param.dtype)
-            propagate_shapes(self.gm, x)
+            example = (tuple(x.shape), x.dtype, str(x.device))
+            if not trace_cache.recall_shapes(self._architecture, example, self.gm.graph):
+                propagate_shapes(self.gm, x)
+                trace_cache.remember_shapes(self._architecture, example, self.gm.graph)
             self._shapes_valid = True
         meta = node.meta.get("tensor_meta")
         return getattr(meta, "shape", None)
@@ -218,6 +225,7 @@ class PassContext:
 
     state: CompileState
     rule: Rule
+    _block_args: Any = field(default=None, repr=False)  # the rule's block args, validated once for all its sites
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -253,7 +261,9 @@ class PassContext:
         """The rule's block, built for ``cand``; a build failure is reported at the rule's ``args``."""
         block = get_block(self.args.block)
         try:
-            return block.build(self.site(cand, **extras), self.args.args)
+            if self._block_args is None:
+                self._block_args = block.args.model_validate(self.args.args)
+            return block.build(self.site(cand, **extras), self._block_args)
         except SpecError:
             raise
         except Exception as exc:

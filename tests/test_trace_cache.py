@@ -53,3 +53,23 @@ def test_what_can_change_the_graph_changes_the_key() -> None:
     assert _key(odd) is None
     trace_cache.clear()
     assert "sigmoid" in trace(Net(gate=True)).code and "sigmoid" not in trace(Net()).code
+
+
+def test_shapes_of_the_untouched_graph_are_kept_with_it(monkeypatch) -> None:
+    """A compile that reads shapes before editing the graph (Convpass sizes its blocks by the patch grid)
+    propagates once per architecture; the next compile recalls the shapes and builds the same model."""
+    import peftc
+    import peftc.passes.base as base
+
+    from .cached import module as cached
+
+    runs = []
+    real = base.propagate_shapes
+    monkeypatch.setattr(base, "propagate_shapes", lambda gm, x: (runs.append(1), real(gm, x))[1])
+    trace_cache.clear()
+    vit = cached("timm:vit_tiny_patch16_224", 32)
+    first, second = peftc.compile("convpass", vit), peftc.compile("convpass", vit)
+    assert len(runs) == 1
+    assert first.net.code == second.net.code and first.report == second.report
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(first(x), second(x))

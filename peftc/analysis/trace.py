@@ -29,7 +29,7 @@ try:  # a GraphModule that writes its Python code when first run, not on every r
 except ImportError:  # pragma: no cover - older or newer torch without it: code is written at once
     _LazyGraphModule = fx.GraphModule
 
-__all__ = ["LEAF_TYPES", "node_name", "register_leaf", "trace"]
+__all__ = ["LEAF_TYPES", "node_name", "register_leaf", "trace", "write_code"]
 
 LEAF_TYPES: list[type[nn.Module]] = [
     nn.modules.conv._ConvNd,
@@ -171,7 +171,7 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
     key = trace_cache.architecture_key(module, policy, timm_functions)
     kept = trace_cache.lookup(key)
     if kept is not None:
-        return _graph_module(module, kept)
+        return _graph_module(module, kept, key)
     tracer = _Tracer(policy, timm_functions)
     concrete = _concrete_args(module)
     try:
@@ -186,14 +186,32 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = ()) -> fx.GraphModule:
         ) from None
     _drop_concrete_placeholders(graph, concrete)
     _call_linears(graph, tracer.root)
-    gm = _graph_module(module, graph)
+    gm = _graph_module(module, graph, key)
     trace_cache.store(key, gm.graph)
     return gm
 
 
-def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+def write_code(gm: fx.GraphModule, *, changed: bool) -> fx.GraphModule:
+    """Generate ``gm``'s Python code if it has none yet (a traced module) or its graph ``changed``; a traced
+    module becomes a plain GraphModule here (torch.export and copies then see its real ``forward``)."""
+    if isinstance(gm, _LazyGraphModule) and _LazyGraphModule is not fx.GraphModule:
+        # the per-instance class GraphModule.__new__ makes, named as torch names it (copies look for that name)
+        plain = type("GraphModuleImpl", (fx.GraphModule,), {"__module__": fx.GraphModule.__module__})
+        plain.__name__ = type(gm).__name__
+        gm.__class__ = plain
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+ARCHITECTURE = "peftc_architecture"  # gm.meta key: the trace cache's key, for the shapes kept with the graph
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph, key: Any) -> fx.GraphModule:
     gm = _LazyGraphModule(module, graph, type(module).__name__)
     assign_names(gm)
+    gm.meta[ARCHITECTURE] = key
     return gm
 
 

@@ -4,7 +4,9 @@ A graph depends on the code that runs (each module's class), on what that code r
 configuration: strides, eps, flags, the shapes and dtypes of its tensors — never their values) and on the leaf
 policy. :func:`architecture_key` is exactly that; a module it cannot describe with certainty (forward hooks, an
 instance-level ``forward``, a closure or an object of unknown kind among its attributes) gets no key and is
-traced every time. A hit hands out a private copy of the kept graph: passes edit their copy freely.
+traced every time. A hit hands out a private copy of the kept graph: passes edit their copy freely. The shapes
+a compile propagated through the untouched graph are kept with it, per example input, so a later compile of
+the architecture that reads shapes before editing the graph (blocks sized by the feature map) skips that run.
 """
 
 from __future__ import annotations
@@ -15,14 +17,24 @@ import functools
 import types
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["architecture_key", "clear", "lookup", "store"]
+__all__ = ["architecture_key", "clear", "lookup", "recall_shapes", "remember_shapes", "store"]
 
-_KEPT: OrderedDict[Hashable, fx.Graph] = OrderedDict()
+_SHAPE_KEYS = ("tensor_meta", "type")  # what shape propagation writes into node.meta
+
+
+@dataclass
+class _Kept:
+    graph: fx.Graph
+    shapes: dict[Hashable, list[dict[str, Any]]] = field(default_factory=dict)  # example -> per node, in order
+
+
+_KEPT: OrderedDict[Hashable, _Kept] = OrderedDict()
 _LIMIT = 8  # architectures kept per process
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size, enum.Enum)
 _IGNORED = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
@@ -85,11 +97,11 @@ def architecture_key(module: nn.Module, leaves: tuple[Any, ...], autowrap: tuple
 
 def lookup(key: Hashable | None) -> fx.Graph | None:
     """A private copy of the graph kept for ``key``, or None."""
-    graph = _KEPT.get(key) if key is not None else None
-    if graph is None:
+    kept = _KEPT.get(key) if key is not None else None
+    if kept is None:
         return None
     _KEPT.move_to_end(key)
-    return copy.deepcopy(graph)
+    return copy.deepcopy(kept.graph)
 
 
 def store(key: Hashable | None, graph: fx.Graph) -> None:
@@ -98,9 +110,27 @@ def store(key: Hashable | None, graph: fx.Graph) -> None:
     if key is None or any(n.op == "get_attr" and str(n.target).startswith(("_tensor_constant", "_param_constant"))
                           for n in graph.nodes):
         return
-    _KEPT[key] = copy.deepcopy(graph)
+    _KEPT[key] = _Kept(copy.deepcopy(graph))
     while len(_KEPT) > _LIMIT:
         _KEPT.popitem(last=False)
+
+
+def remember_shapes(key: Hashable | None, example: Hashable, graph: fx.Graph) -> None:
+    """Keep the shapes just propagated through ``graph``, a copy of the kept graph no pass has edited yet."""
+    kept = _KEPT.get(key) if key is not None else None
+    if kept is not None:
+        kept.shapes[example] = [{k: n.meta[k] for k in _SHAPE_KEYS if k in n.meta} for n in graph.nodes]
+
+
+def recall_shapes(key: Hashable | None, example: Hashable, graph: fx.Graph) -> bool:
+    """Put the kept shapes for ``example`` into ``graph`` (an unedited copy of the kept graph); False if none."""
+    kept = _KEPT.get(key) if key is not None else None
+    shapes = kept.shapes.get(example) if kept is not None else None
+    if shapes is None or len(shapes) != len(graph.nodes):
+        return False
+    for node, meta in zip(graph.nodes, shapes):
+        node.meta.update(meta)
+    return True
 
 
 def clear() -> None:
