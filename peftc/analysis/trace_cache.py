@@ -37,8 +37,12 @@ class _Kept:
 _KEPT: OrderedDict[Hashable, _Kept] = OrderedDict()
 _LIMIT = 8  # architectures kept per process
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size, enum.Enum)
-_IGNORED = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-            "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_is_full_backward_hook")
+_FAST = frozenset({int, float, bool, str, type(None), torch.dtype})  # most attributes: no isinstance chain
+_CODE_HOOKS = frozenset({"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                         "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                         "_forward_hooks_always_called"})  # non-empty: code runs that is not the class's own
+_IGNORED = frozenset({"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                      "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_is_full_backward_hook"})
 
 
 class _Unknown(Exception):
@@ -66,19 +70,26 @@ def _describe(value: Any) -> Hashable:
 
 
 def _tensors(slots: dict[str, Any]) -> Hashable:
-    return tuple((n, None if t is None else (tuple(t.shape), t.dtype, t.device)) for n, t in slots.items())
+    return tuple((n, None if t is None else (t.shape, t.dtype, t.device)) for n, t in slots.items())
 
 
 def _module_key(module: nn.Module) -> Hashable:
     attrs = []
     for name, value in module.__dict__.items():
-        if name in ("_parameters", "_buffers"):
+        if type(value) in _FAST:
+            attrs.append((name, value))
+        elif name in _IGNORED:
+            continue
+        elif name in _CODE_HOOKS:
+            if value:
+                raise _Unknown
+        elif name == "_parameters" or name == "_buffers":
             attrs.append((name, _tensors(value)))
         elif name == "_modules":
             attrs.append((name, tuple((n, m is None) for n, m in value.items())))
-        elif name == "forward" or (name.endswith("hooks") and name not in _IGNORED and value):
-            raise _Unknown  # code that is not the class's own
-        elif name not in _IGNORED and not name.endswith("hooks"):
+        elif name == "forward":
+            raise _Unknown  # an instance's own forward, not the class's
+        else:
             attrs.append((name, _describe(value)))
     return type(module), tuple(attrs)
 
