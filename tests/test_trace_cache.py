@@ -27,11 +27,14 @@ def _key(module: nn.Module) -> object:
 
 def test_same_architecture_gets_a_private_copy_of_the_graph() -> None:
     trace_cache.clear()
-    first, second = trace(Net()), trace(Net())
-    assert second.graph is not first.graph and second.code == first.code
-    doomed = next(n for n in second.graph.nodes if n.op == "call_method")
+    first = trace(Net())
+    assert not trace_cache._KEPT  # one compile of an architecture keeps nothing
+    second = trace(Net())  # the second trace is kept
+    third = trace(Net())
+    assert third.graph is not second.graph and third.code == second.code == first.code
+    doomed = next(n for n in third.graph.nodes if n.op == "call_method")
     doomed.replace_all_uses_with(doomed.args[0])
-    second.graph.erase_node(doomed)
+    third.graph.erase_node(doomed)
     assert trace(Net()).code == first.code  # the kept graph is not the one a pass edited
     net, x = Net(), torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(trace(net)(x), net(x))  # a hit computes with its own module's tensors
@@ -68,8 +71,8 @@ def test_shapes_of_the_untouched_graph_are_kept_with_it(monkeypatch) -> None:
     monkeypatch.setattr(base, "propagate_shapes", lambda gm, x: (runs.append(1), real(gm, x))[1])
     trace_cache.clear()
     vit = cached("timm:vit_tiny_patch16_224", 32)
-    first, second = peftc.compile("convpass", vit), peftc.compile("convpass", vit)
-    assert len(runs) == 1
-    assert first.net.code == second.net.code and first.report == second.report
+    first, second, third = (peftc.compile("convpass", vit) for _ in range(3))
+    assert len(runs) == 2  # the graph is kept from the second trace on, its shapes with it
+    assert first.net.code == third.net.code and first.report == third.report
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(first(x), second(x))
+    torch.testing.assert_close(first(x), third(x))

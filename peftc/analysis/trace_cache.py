@@ -4,7 +4,8 @@ A graph depends on the code that runs (each module's class), on what that code r
 configuration: strides, eps, flags, the shapes and dtypes of its tensors — never their values) and on the leaf
 policy. :func:`architecture_key` is exactly that; a module it cannot describe with certainty (forward hooks, an
 instance-level ``forward``, a closure or an object of unknown kind among its attributes) gets no key and is
-traced every time. A hit hands out a private copy of the kept graph: passes edit their copy freely. The shapes
+traced every time. A graph is kept from an architecture's second trace on (a process that compiles it once
+keeps nothing); a hit hands out a private copy of the kept graph: passes edit their copy freely. The shapes
 a compile propagated through the untouched graph are kept with it, per example input, so a later compile of
 the architecture that reads shapes before editing the graph (blocks sized by the feature map) skips that run.
 """
@@ -35,6 +36,7 @@ class _Kept:
 
 
 _KEPT: OrderedDict[Hashable, _Kept] = OrderedDict()
+_SEEN: OrderedDict[Hashable, None] = OrderedDict()  # traced once: kept when traced again (one compile keeps nothing)
 _LIMIT = 8  # architectures kept per process
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size, enum.Enum)
 _FAST = frozenset({int, float, bool, str, type(None), torch.dtype})  # most attributes: no isinstance chain
@@ -121,6 +123,11 @@ def store(key: Hashable | None, graph: fx.Graph) -> None:
     if key is None or any(n.op == "get_attr" and str(n.target).startswith(("_tensor_constant", "_param_constant"))
                           for n in graph.nodes):
         return
+    if key not in _SEEN:  # a process that compiles an architecture once pays neither the copy nor its memory
+        _SEEN[key] = None
+        while len(_SEEN) > 4 * _LIMIT:
+            _SEEN.popitem(last=False)
+        return
     _KEPT[key] = _Kept(copy.deepcopy(graph))
     while len(_KEPT) > _LIMIT:
         _KEPT.popitem(last=False)
@@ -145,5 +152,6 @@ def recall_shapes(key: Hashable | None, example: Hashable, graph: fx.Graph) -> b
 
 
 def clear() -> None:
-    """Forget every kept graph (benchmarks time a cold compile this way)."""
+    """Forget every kept graph (benchmarks time a cold trace this way; the architectures seen stay seen, so the
+    next trace of one pays for keeping its graph again)."""
     _KEPT.clear()
