@@ -106,10 +106,13 @@ def measure(specs: list[str], backbone_id: str, runs: int) -> dict[str, dict[str
         def cold(make: Callable[[], Any] = lambda: None) -> Callable[[], Any]:
             return lambda: (trace_cache.clear(), make())[1]
 
+        def fresh() -> Any:
+            return _hashed(from_module(shared_copy(module)))
+
         samples = _round_robin({
             "bare": (lambda: None, lambda _: fx.GraphModule(module, fx.Tracer().trace(module))),
-            "passes": (cold(lambda: _hashed(from_module(shared_copy(module)))), lambda bb: rewrite(spec, bb)),  # noqa: B023
-            "passes_warm": (lambda: _hashed(from_module(shared_copy(module))), lambda bb: rewrite(spec, bb)),  # noqa: B023
+            "passes": (cold(fresh), lambda bb: rewrite(spec, bb)),  # noqa: B023
+            "passes_warm": (fresh, lambda bb: rewrite(spec, bb)),  # noqa: B023
             "public": (cold(), lambda _: peftc.compile(name, module)),  # noqa: B023
             "public_warm": (lambda: None, lambda _: peftc.compile(name, module)),  # noqa: B023
         }, runs)

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.analysis import trace_cache
 from peftc.analysis.index import Candidate, NodeIndex
 from peftc.analysis.paths import fresh_path
 from peftc.analysis.propagation import propagate_shapes
 from peftc.analysis.select import select
-from peftc.analysis import trace_cache
 from peftc.analysis.trace import ARCHITECTURE, assign_names, example_input, write_code
 from peftc.blocks import Site, get_block
 from peftc.blocks.contract import is_shared_state, task_tensors

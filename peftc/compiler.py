@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.analysis.backbones import Backbone, build_backbone, from_module, shared_copy
+from peftc.analysis.backbones import Backbone, build_backbone, from_module, seed_generators, shared_copy
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.roles import head
@@ -118,7 +118,7 @@ def compile(
     original_ids = {id(p) for p in bb.module.parameters()}
     backbone_params = sum(p.numel() for p in bb.module.parameters())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seed_generators(seed)
         state = rewrite(method, bb, leaves=leaves)
     report = build_report(method.name, bb.id, backbone_params, state.head_params, original_ids, state.gm, state.ledger)
     info = BackboneInfo(bb.id, bb.source, bb.seed, bb.weights_file, tuple(bb.input_size), bb.digest,

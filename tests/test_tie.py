@@ -214,7 +214,7 @@ def test_mix_is_one_autograd_node_with_exact_gradients(reflect: bool) -> None:
     prev = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     nxt = prev if reflect else torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     out = mix(a, b, prev, nxt)
-    assert type(out.grad_fn).__name__ == "_MixBackward" and not out.grad_fn.next_functions[0][0] is None
+    assert type(out.grad_fn).__name__ == "_MixBackward" and out.grad_fn.next_functions[0][0] is not None
     torch.testing.assert_close(out, a * prev + b * nxt)
     assert torch.autograd.gradcheck(mix, (a, b, prev, nxt))
     with torch.no_grad():

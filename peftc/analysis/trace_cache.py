@@ -36,7 +36,7 @@ class _Kept:
 
 
 _KEPT: OrderedDict[Hashable, _Kept] = OrderedDict()
-_SEEN: OrderedDict[Hashable, None] = OrderedDict()  # traced once: kept when traced again (one compile keeps nothing)
+_SEEN: OrderedDict[int, None] = OrderedDict()  # hashes of keys traced once: kept when traced again
 _LIMIT = 8  # architectures kept per process
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size, enum.Enum)
 _FAST = frozenset({int, float, bool, str, type(None), torch.dtype})  # most attributes: no isinstance chain
@@ -123,8 +123,8 @@ def store(key: Hashable | None, graph: fx.Graph) -> None:
     if key is None or any(n.op == "get_attr" and str(n.target).startswith(("_tensor_constant", "_param_constant"))
                           for n in graph.nodes):
         return
-    if key not in _SEEN:  # a process that compiles an architecture once pays neither the copy nor its memory
-        _SEEN[key] = None
+    if hash(key) not in _SEEN:  # a process that compiles an architecture once pays neither the copy nor its memory
+        _SEEN[hash(key)] = None
         while len(_SEEN) > 4 * _LIMIT:
             _SEEN.popitem(last=False)
         return
