@@ -25,29 +25,45 @@ SUMMARY = "summary"
 
 # Why a target misses, by check id (first prefix match), written after profiling; shown only while it misses.
 _TIED_STEP = (
-    "the method's own extra work, measured in interleaved pairs. A tied block still runs its forward and backward "
-    "(activations are kept as before); on top, each step forms θ̃ = a·θ_prev + b·θ_next for every tied layer in "
-    "the forward and, in the backward, dθ_prev = a·dθ̃, dθ_next = b·dθ̃ and the two scalar gradients — a few "
-    "passes over the tied weights, cheap in FLOPs but memory-bound. What shrinks is what belongs to parameters "
-    "(0.72× / 0.52× parameters and SGD state); the paper's step-time saving is not reproduced by this reading of "
-    "the method (docs/methods.md, Replacement Learning).")
+    "the method's own extra work on the tied weights, memory-bound, measured in interleaved pairs. A tied block "
+    "still runs its forward and backward; on top, each step forms θ̃ = a·θ_prev + b·θ_next for every tied "
+    "tensor and, in the backward, a·dθ̃ and b·dθ̃ (added into the neighbours' gradients) and ⟨dθ̃, θ_prev⟩, "
+    "⟨dθ̃, θ_next⟩ for the scalars: about 19 passes over each tied tensor against the 5 of the SGD-with-momentum "
+    "update end-to-end spends on it (which Replacement Learning saves). The mix is now one autograd node "
+    "(forward mul + fused addcmul; backward two products and two dot products, instead of autograd's four "
+    "weight-sized products and two sums) and tied BatchNorms skip functional_call: torch.profiler on resnet50 "
+    "at 112 px, one thread, CPU time per step, replacement / end-to-end 1.07 → 1.03 (aten::mul 540 → 117 calls "
+    "per two steps). What is left is the mix's own traffic (aten::add 20 ms, dot 17 ms, mul 14 ms, addcmul 5 "
+    "ms per step against 48 ms less aten::add_ in SGD) plus, with two threads on a loaded machine, one OpenMP "
+    "fork/join per extra op, which is why the wall-clock ratio of a loaded run is above the CPU-time one. The "
+    "paper's step-time saving is not reproduced by this reading of the method (docs/methods.md); parameters, "
+    "SGD state and peak memory do shrink.")
 
 EXPLANATIONS: dict[str, str] = {
+    "compile passes warm": (
+        "what a warm trace cache leaves: the passes themselves. Blocks are Python modules: LoRA's 53 conv "
+        "bypasses on resnet50 build 106 nn.Conv2d (~0.18 ms a block with A's kaiming init, plus ~0.08 ms to "
+        "register it: ~14 ms, about the bare trace on its own); the linear probe draws a new 2048×1000 head "
+        "(5.7 ms of uniform_); CLR and Replacement add 17 / 15 blocks and their index rebuilds. On ViT-B the code "
+        "generation of the rewritten graph (one, ~20 ms) is the largest fixed part."),
     "compile passes": (
-        "the shared path, not the method, where the floor is small: a bare fx trace of resnet50 is ~17 ms, so "
-        "fixed costs weigh (building the node index ~8 ms, regenerating the code once the passes are done, one "
-        "shape propagation on the meta device for a rule that reads shapes — the linear probe's head, ~10 ms), "
-        "and each inserted block costs ~0.5 ms (LoRA's 53 conv bypasses build 106 convs, initialised twice: "
-        "by nn.Conv2d, then by LoRA's own init — cProfile of rewrite('lora', resnet50)). On ViT-B (floor ~65 "
-        "ms) the simple specs pass; AdaptFormer, Convpass and MemVP pay a propagation per rule that reads shapes "
-        "plus one block per site. Not fixed this session: a graph cached per architecture (the index and the "
-        "propagated shapes with it) is the next step."),
+        "cold: the trace itself. peftc's trace is fx's with the leaf policy plus the architecture key (~1.3 ms), "
+        "and now writes no code until the passes are done (one code generation per compile instead of two; "
+        "torch's lazy GraphModule, made plain again when the code is written), interprets the graph for shapes "
+        "without regenerating code, walks the modules once per node index, validates a rule's block args once "
+        "and runs its tiny tensor work (norm probes, block inits) on one thread (a 2×3×768 layer_norm took 17 "
+        "ms on two threads under load, 4 µs on one). What remains on top of the floor is the method's blocks "
+        "(see the warm figure: LoRA's 106 convs on resnet50, a new 2M-parameter head for the linear probe) and, "
+        "for specs whose blocks read shapes (AdaptFormer, Convpass, MemVP, FacT), one shape propagation on the "
+        "meta device — a ViT-B forward through PyTorch's Python meta kernels (layer_norm, addmm decompositions), "
+        "about one bare trace. A warm cache keeps those shapes with the graph, per example input."),
     "compile public": (
-        "the public call adds, on top of trace + passes, a structural copy of the user's module (~25 ms resnet50, "
-        "~50 ms ViT-B: its tensors are shared, not copied) and its own storage for every tensor the spec trains, "
-        "so the user's module never changes — for specs that train every weight (ConFiT, Replacement Learning, "
-        "the generative classifier) that is a copy of the weights, page faults included (was: a deep copy of "
-        "everything plus a blake2b hash of every weight, now deferred until an artifact is saved)."),
+        "the public call adds, on top of trace + passes, a structural copy of the user's module (~9 ms of CPU on "
+        "resnet50, ~13 ms on ViT-B: its tensors are shared, not copied; a hand-written tree copy saved only 8% and "
+        "was not kept), reading the spec, the report and the task bank, and its own storage for every tensor "
+        "the spec trains, so the user's module never changes: for specs that train every weight (ConFiT, "
+        "Replacement Learning, the generative classifier) that is a clone of ~100 MB of weights, page faults "
+        "included — 10–20× the bare trace on a loaded machine (cProfile: `clone` is 65% of the call)."),
     "cli peftc compile": (
         "imports: `import torch` and `import torchvision` (which imports torch._dynamo through torchvision.ops, "
         "~2 s on a quiet machine) before any peftc code runs (`python -X importtime -m peftc compile clr -b "
@@ -80,16 +96,16 @@ EXPLANATIONS: dict[str, str] = {
         "inserted block (CLR on resnet50: 55 → 44 ms on a quiet machine). What remains is fx's own tracing and "
         "per-block bookkeeping; a loaded machine adds 10–30 % to every figure here."),
     "lora_memory": (
-        "a fixed overhead of the compiled model at rest, not training memory. Each measurement process reports "
-        "the model's resident size before training (model MiB) and the peak while training: on vit_tiny, "
-        "peftc's model is ~4.6 MiB larger than PEFT's, while peak minus model — activations, gradients and "
-        "AdamW state — agrees within the round-to-round spread of the allocator (a few MiB). The extra: the "
-        "task bank's snapshot of the initial trainable state (head and LoRA tensors, 1.0 MiB on vit_tiny, kept "
-        "so that `add_task` can start a task from the initialisation; 8 MiB on resnet50, whose head is 2M "
-        "parameters), the fx graph and its generated code (~0.7 MiB of Python objects by tracemalloc) and "
-        "allocator residue from compilation. The ratio shrinks as the model and batch grow; snapshotting only "
-        "what a new task needs (the LoRA blocks are shared in the lora spec) would remove part of it "
-        "(peftc/runtime/tasks.py, reported to its owner)."),
+        "a fixed overhead of the compiled model at rest, not training memory: tensors are now equal (the task "
+        "bank no longer snapshots LoRA's A, B — a new task remakes them from the block's seed — so peftc holds "
+        "86.15 MiB of tensors on deit_small exactly as PEFT, whose head copy matches the bank's head snapshot), "
+        "but the resident size at rest is ~2.7 MiB (deit_small) / ~1.4 MiB (resnet50) above PEFT's (isolated "
+        "processes, after malloc_trim; was ~4–6 MiB): the Python side of an fx model — torch.overrides' tables "
+        "that fx tracing builds once per process (0.5 MiB by tracemalloc), the graph's 455 nodes and their "
+        "metadata (~0.6 MiB), the generated code and the Compiled wrapper — against PEFT's ~1.4 MiB of wrapper "
+        "objects; freeing node metadata after compilation did not lower RSS (arena fragmentation). Peak minus "
+        "model — activations, gradients, AdamW state — agrees within the allocator's spread: the same PEFT "
+        "LoRA on resnet50 peaked at 1211 MiB in one run and 1119 MiB in the next (peftc 1244 / 1251)."),
     "clr_forward": (
         "not a measurable difference. peftc's graph runs the same kernels as the wrappers (conv, depthwise conv, "
         "BatchNorm, in the same order). Timed in one process, 8 interleaved rounds of eval forwards of "

@@ -14,7 +14,7 @@ def swap(ctx: PassContext, path: str, new: nn.Module) -> int:
     old = ctx.gm.get_submodule(path)
     ctx.gm.set_submodule(path, new)
     kept = {id(p) for p in new.parameters()}
-    ctx.state.modules_changed()
+    ctx.state.modules_changed(added=new)
     return sum(p.numel() for p in old.parameters() if id(p) not in kept)
 
 
@@ -35,7 +35,6 @@ def replace(ctx: PassContext) -> None:
             if id(p) not in reused:
                 p.requires_grad_(ctx.args.trainable)
         ctx.own(path, block, skip=borrowed)
-        ctx.state.modules_changed()
         added = sum(p.numel() for p in block.parameters() if id(p) not in reused)
         ctx.record("replace", cand.name, block=ctx.args.block, module=path, params=added, removed=removed)
 

@@ -3,7 +3,8 @@ back from an artifact (rebuild the backbone, check its hash, compile the stored 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.analysis.backbones import Backbone, WeightsDigest, build_backbone, from_module, shared_copy
+from peftc.analysis.backbones import (
+    Backbone,
+    WeightsDigest,
+    build_backbone,
+    from_module,
+    seed_generators,
+    shared_copy,
+)
 from peftc.analysis.canonical import canonicalize
 from peftc.analysis.index import block_positions
 from peftc.analysis.regions import glue_message, stack_of, trace_model
@@ -52,22 +60,36 @@ def resolve_backbone(
 def rewrite(method: MethodSpec, bb: Backbone, *, leaves: Iterable[type[nn.Module]] = ()) -> CompileState:
     """The compiler proper: trace ``bb`` (whole, else per region) and run one pass per rule, in order. Returns the
     finished state."""
-    positions = block_positions(bb.module)
-    gm = trace_model(bb.module, leaves=leaves, input_size=bb.input_size)
-    stack = stack_of(gm)
-    state = CompileState(gm, method, positions, bb.input_size, examples=stack.examples if stack else {})
-    state.head_params = sum(sum(p.numel() for p in c.module.parameters()) for c in head(state.index))
-    for rule in method.rules:
-        try:
-            get_primitive(rule.op).run(PassContext(state, rule))
-        except PeftcError as exc:
-            if stack is not None:  # say what lies outside the regions, where no rule reaches
-                exc.message += glue_message(trace_info(gm), type(bb.module).__name__)
-            raise
-    state.finish()
+    with _one_thread():
+        positions = block_positions(bb.module)
+        gm = trace_model(bb.module, leaves=leaves, input_size=bb.input_size)
+        stack = stack_of(gm)
+        state = CompileState(gm, method, positions, bb.input_size, examples=stack.examples if stack else {})
+        state.head_params = sum(sum(p.numel() for p in c.module.parameters()) for c in head(state.index))
+        for rule in method.rules:
+            try:
+                get_primitive(rule.op).run(PassContext(state, rule))
+            except PeftcError as exc:
+                if stack is not None:  # say what lies outside the regions, where no rule reaches
+                    exc.message += glue_message(trace_info(gm), type(bb.module).__name__)
+                raise
+        state.finish()
     if bb.borrowed or bb.digest.pending:
         _own_writable(state)
     return state
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The passes' tensor work is tiny (probes of a few elements, block inits): on one thread each op skips
+    OpenMP's fork and join, tens of microseconds on an idle machine and milliseconds on a loaded one (a 2×3×768
+    layer_norm probe: 4 µs on one thread, 17 ms on two under a load of 5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _own_writable(state: CompileState) -> None:
@@ -137,7 +159,7 @@ def compile(
     overrides = {**dict(params or {}), **param_overrides}
     method = load_spec(spec, overrides)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seed_generators(seed)
         if isinstance(backbone, Pair):
             return _compile_pair(method, backbone, pretrained=pretrained, weights=weights, seed=seed,
                                  backbone_kwargs=backbone_kwargs)

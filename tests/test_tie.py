@@ -15,7 +15,7 @@ import peftc
 from peftc.analysis.backbones import build_backbone
 from peftc.errors import SpecError
 from peftc.methods.replacement.tie import tied_blocks
-from peftc.methods.replacement.tied import TiedLayer, TieScalars
+from peftc.methods.replacement.tied import TiedLayer, TieScalars, mix
 
 from .conftest import synthetic_task, train_steps
 
@@ -203,6 +203,22 @@ def test_tied_layer_against_a_manual_forward(make) -> None:
     torch.testing.assert_close(pp["weight"].grad, 0.7 * gw)
     torch.testing.assert_close(nn_["weight"].grad, 0.2 * gw)
     assert a.grad is not None and b.grad is not None and a.grad.abs() > 0 and b.grad.abs() > 0
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_mix_is_one_autograd_node_with_exact_gradients(reflect: bool) -> None:
+    """The mix is one node (no per-term products kept for backward) and its gradients are autograd's: double
+    precision gradcheck, including a neighbour read for both terms (``edge: reflect``)."""
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    prev = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    nxt = prev if reflect else torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = mix(a, b, prev, nxt)
+    assert type(out.grad_fn).__name__ == "_MixBackward" and out.grad_fn.next_functions[0][0] is not None
+    torch.testing.assert_close(out, a * prev + b * nxt)
+    assert torch.autograd.gradcheck(mix, (a, b, prev, nxt))
+    with torch.no_grad():
+        assert mix(a, b, prev, nxt).grad_fn is None
 
 
 def test_gradients_reach_neighbours_and_scalars_in_the_model() -> None:

@@ -110,10 +110,11 @@ class NodeIndex:
         self.gm = gm
         self.positions = positions
         self.candidates: list[Candidate] = []
+        modules = dict(gm.named_modules(remove_duplicate=False))  # one walk, not one get_submodule per node
         for node in gm.graph.nodes:
             if node.op not in _SELECTABLE_OPS:
                 continue
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            module = modules[node.target] if node.op == "call_module" else None
             tensor = None
             if node.op == "get_attr":
                 value = resolve(gm, str(node.target))

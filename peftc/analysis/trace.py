@@ -23,10 +23,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.analysis import trace_cache
 from peftc.analysis.shaped import BATCHES, ShapedTracing
 from peftc.errors import PeftcError, TraceError
 
-__all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "primary_output", "register_leaf", "trace", "trace_info"]
+try:  # a GraphModule that writes its Python code when first run, not on every recompile (torch's own, for dynamo)
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover - older or newer torch without it: code is written at once
+    _LazyGraphModule = fx.GraphModule
+
+__all__ = ["LEAF_TYPES", "TraceInfo", "node_name", "primary_output", "register_leaf", "trace", "trace_info",
+           "write_code"]
 
 LEAF_TYPES: list[type[nn.Module]] = [
     nn.modules.conv._ConvNd,
@@ -208,9 +215,17 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = (),
     Plain fx first. When it fails and the model's ``input_size`` is known, the shape-aware tracer
     (:mod:`peftc.analysis.shaped`) tries again for an example of that size, keeping each module that still does
     not trace eager, as one node — rules apply everywhere else. How it went is ``trace_info(gm)``.
+
+    The GraphModule writes its code lazily (on its first call, or ``.code``): the passes change the graph
+    anyway, so the code is generated once, by :meth:`~peftc.passes.CompileState.finish`, not twice. A module of
+    an architecture traced (plainly) before in this process gets a copy of that graph (:mod:`.trace_cache`).
     """
     timm_leaves, timm_functions = _timm_notrace(module)
     all_leaves = (*LEAF_TYPES, *leaves, *timm_leaves)
+    key = trace_cache.architecture_key(module, all_leaves, timm_functions)
+    kept = trace_cache.lookup(key)
+    if kept is not None:
+        return _graph_module(module, kept, TraceInfo(), key)
     tracer = _Tracer(all_leaves, timm_functions)
     concrete = _concrete_args(module)
     try:
@@ -221,16 +236,42 @@ def trace(module: nn.Module, *, leaves: Iterable[type] = (),
             raise TraceError(failure + _hint(module, tracer.failed_in)) from None
         return _trace_shaped(module, all_leaves, timm_functions, input_size, failure)
     _drop_concrete_placeholders(graph, concrete)
-    return _finish(tracer.root, graph, module, TraceInfo())
+    gm = _finish(tracer.root, graph, module, TraceInfo(), key)
+    trace_cache.store(key, gm.graph)
+    return gm
 
 
-def _finish(root: nn.Module, graph: fx.Graph, module: nn.Module, info: TraceInfo) -> fx.GraphModule:
+def write_code(gm: fx.GraphModule, *, changed: bool) -> fx.GraphModule:
+    """Generate ``gm``'s Python code if it has none yet (a traced module) or its graph ``changed``; a traced
+    module becomes a plain GraphModule here (torch.export and copies then see its real ``forward``)."""
+    if isinstance(gm, _LazyGraphModule) and _LazyGraphModule is not fx.GraphModule:
+        # the per-instance class GraphModule.__new__ makes, named as torch names it (copies look for that name)
+        plain = type("GraphModuleImpl", (fx.GraphModule,), {"__module__": fx.GraphModule.__module__})
+        plain.__name__ = type(gm).__name__
+        gm.__class__ = plain
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+ARCHITECTURE = "peftc_architecture"  # gm.meta key: the trace cache's key, for the shapes kept with the graph
+
+
+def _finish(root: nn.Module, graph: fx.Graph, module: nn.Module, info: TraceInfo, key: Any = None) -> fx.GraphModule:
     _call_linears(graph, root)
-    gm = fx.GraphModule(root, graph, type(module).__name__)
+    gm = _graph_module(root, graph, info, key, name=type(module).__name__)
     if info.tracer != "plain" and gm.graph.eliminate_dead_code():  # what only the dropped outputs read
         gm.recompile()
+    return gm
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, info: TraceInfo, key: Any, *, name: str | None = None
+                  ) -> fx.GraphModule:
+    gm = _LazyGraphModule(root, graph, name or type(root).__name__)
     gm.meta["peftc_trace"] = info
     assign_names(gm)
+    gm.meta[ARCHITECTURE] = key
     return gm
 
 

@@ -18,7 +18,8 @@ role              ``stands_for`` — the layer type a stand-in computes as (a Do
 folding           ``delta_weight(base)`` — a bypass's change of the bypassed layer's weight; ``folded()`` —
                   the plain module this block equals at inference; ``fold_graph(gm)`` — a graph-level fold
                   run once per block class before the per-node merges (tied layers materialise their mix).
-task hooks        ``init_task(name, tensors)`` — fill a new task's own tensors (orthogonal keys);
+task hooks        ``init_task(name, tensors)`` — make a new task's own tensors (orthogonal keys, LoRA from its
+                  seed; the bank then keeps no snapshot of them);
                   ``add_task(name, source)`` / ``set_task(name)`` — blocks that see every task at once.
 packed storage    ``packed_bits()`` — tensors stored below 32 bits; ``pack``/``unpack`` (the codec is
                   :mod:`peftc.storage.codec`).
@@ -99,7 +100,9 @@ class Block(nn.Module):
 
     # -- tasks --------------------------------------------------------------------------------------------
     def init_task(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Fill task ``name``'s new tensors of this block (by attribute name) in place; default: keep the copy."""
+        """Fill task ``name``'s tensors under this block (by relative name, ``A.weight``) in place. Overriding it
+        means the block makes its ``new`` tensors itself: they arrive unfilled, and the bank keeps no compile-time
+        copy of them. Default: a new task gets a copy of the compile-time values."""
 
     def add_task(self, name: str, source: str) -> None:
         """A task was added (its state copied from ``source``); only for blocks that route tasks themselves."""

@@ -10,8 +10,11 @@ Blocks that must see every task at once (per-sample task routing) override the c
 ``add_task(name, source)`` and ``set_task(name)`` (:mod:`peftc.blocks.contract`); the bank calls them alongside
 its own bookkeeping.
 A block whose per-task tensors must start from something else than a copy (orthogonal task keys: each new
-task's key is the next orthogonal direction) overrides ``init_task(name, tensors)``: it receives the new
-task's own tensors of that module, by attribute name, and fills them in place.
+task's key is the next orthogonal direction), or that can make its initial values again (LoRA from its seed),
+overrides ``init_task(name, tensors)``: it receives the new task's own tensors under that module, by relative
+name, and fills them in place; its ``new`` tensors arrive unfilled. The bank snapshots at compile time only the
+``new`` state that no block makes again (heads, BitFit biases), so the model at rest holds no second copy of
+what can be regenerated.
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ def _clone(tensor: torch.Tensor, is_param: bool) -> torch.Tensor:
     return nn.Parameter(data, requires_grad=tensor.requires_grad) if is_param else data
 
 
+def _unfilled(tensor: torch.Tensor, is_param: bool) -> torch.Tensor:
+    """Storage like ``tensor``'s for a block's ``init_task`` to fill."""
+    data = torch.empty_like(tensor.detach())
+    return nn.Parameter(data, requires_grad=tensor.requires_grad) if is_param else data
+
+
+def _under(name: str, path: str) -> bool:
+    return not path or name.startswith(f"{path}.")
+
+
 class TaskBank:
     """Per-task state for one compiled model (``root`` is the rewritten GraphModule)."""
 
@@ -68,9 +81,12 @@ class TaskBank:
             modules={path: root.get_submodule(path) for path in self.module_slots},
         )
         live.classes = self._classes_of(live)
-        self._initial = _Task(
-            tensors={n: _clone(t, s.is_param) for (n, t), s in zip(live.tensors.items(), self.tensor_slots.values())},
-            modules={p: copy.deepcopy(m) for p, m in live.modules.items()},
+        makers = [p for p, m in root.named_modules() if offers(m, "init_task")]
+        snapshot = {n: s for n, s in self.tensor_slots.items()
+                    if s.policy != "inherit" and not any(_under(n, p) for p in makers)}
+        self._initial = _Task(  # what a ``new`` task starts from and nothing else can make again
+            tensors={n: _clone(live.tensors[n], s.is_param) for n, s in snapshot.items()},
+            modules={p: copy.deepcopy(m) for p, m in live.modules.items() if self.module_slots[p].policy != "inherit"},
             classes=live.classes,
         )
         self._tasks: dict[str, _Task] = {default: live}
@@ -118,8 +134,12 @@ class TaskBank:
         previous = self._tasks[previous_name]
         task = _Task()
         for slot_name, slot in self.tensor_slots.items():
-            source = previous if slot.policy == "inherit" else self._initial
-            task.tensors[slot_name] = _clone(source.tensors[slot_name], slot.is_param)
+            if slot.policy == "inherit":
+                task.tensors[slot_name] = _clone(previous.tensors[slot_name], slot.is_param)
+            elif slot_name in self._initial.tensors:
+                task.tensors[slot_name] = _clone(self._initial.tensors[slot_name], slot.is_param)
+            else:  # a block's init_task makes it again
+                task.tensors[slot_name] = _unfilled(previous.tensors[slot_name], slot.is_param)
         for path, mslot in self.module_slots.items():
             source = previous if mslot.policy == "inherit" else self._initial
             template = source.modules[path]
@@ -137,8 +157,7 @@ class TaskBank:
             if not offers(module, "init_task"):
                 continue
             prefix = f"{path}." if path else ""
-            own = {key[len(prefix):]: tensor for key, tensor in task.tensors.items()
-                   if key.startswith(prefix) and "." not in key[len(prefix):]}
+            own = {key[len(prefix):]: tensor for key, tensor in task.tensors.items() if _under(key, path)}
             module.init_task(name, own)
 
     def activate(self, name: str) -> None:
@@ -162,10 +181,11 @@ class TaskBank:
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a device move or dtype cast, as ``nn.Module._apply`` gets it) to every task's state.
 
-        Parameters change in place (optimizers keep pointing at them); buffers are replaced in the bank. The
-        active task is then put back into the model, so the live graph and the bank hold the same objects.
+        Parameters change in place (optimizers keep pointing at them); buffers are replaced in the bank; the
+        compile-time snapshot moves too, so a later ``new`` task lands where the model is. The active task is then
+        put back into the model, so the live graph and the bank hold the same objects.
         """
-        for task in self._tasks.values():
+        for task in (*self._tasks.values(), self._initial):
             for name, tensor in task.tensors.items():
                 if isinstance(tensor, nn.Parameter):
                     tensor.data = fn(tensor.data)

@@ -2,7 +2,9 @@
 
 A LoRA block is attached with the ``parallel`` primitive: it reads the input of the layer it bypasses and its
 output is added to that layer's output, ``y = W x + s·(α/r)·B A x``. ``A`` starts kaiming-uniform, ``B`` at
-zero, so the model equals the backbone until trained. Conventions follow HF PEFT's ``LoraLayer``:
+zero, so the model equals the backbone until trained. ``A`` is drawn from the block's own seed (taken from
+torch's global generator), so a new task's ``A, B`` are made again by :meth:`_Lora.init_task` rather than
+copied from a snapshot the model would carry. Conventions follow HF PEFT's ``LoraLayer``:
 
 * **Linear**: ``A: Linear(in, r)``, ``B: Linear(r, out)``, both without bias; dropout on the input of ``A``.
   Trainable parameters ``r·(in + out)``.
@@ -20,6 +22,8 @@ weight. Grouped convolutions get a dense ``A`` (as in PEFT) and decline to fold.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -30,6 +34,15 @@ from peftc.errors import PeftcError
 from peftc.methods.lora.args import LoraArgs
 
 __all__ = ["LoraArgs", "LoraConv", "LoraLinear", "lora"]
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded with ``seed`` inside, as it was outside (``torch.manual_seed`` would
+    also queue seeds for every accelerator backend, formatting a stack trace each: ~1 ms a block)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class _Lora(Block):
@@ -43,12 +56,21 @@ class _Lora(Block):
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
+        self.seed = int(torch.randint(0, 2**62, ()).item())
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def reset_parameters(self) -> None:
-        """PEFT's default init: A kaiming-uniform (a=√5, like nn.Linear), B zero — the block starts at 0."""
-        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.B.weight)
+    def init_task(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A new task's ``A, B`` as at compile time: ``A`` kaiming-uniform (a=√5, PEFT's init) from this block's
+        seed (on the CPU, so the values do not depend on the device), ``B`` zero."""
+        with torch.no_grad():
+            a = tensors.get("A.weight")
+            if a is not None:
+                fresh = torch.empty(a.shape)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=torch.Generator().manual_seed(self.seed))
+                a.copy_(fresh)
+            b = tensors.get("B.weight")
+            if b is not None:
+                b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(self.dropout(x))) * self.scaling
@@ -61,9 +83,10 @@ class LoraLinear(_Lora):
                  dropout: float = 0.0):
         super().__init__(rank, alpha, dropout)
         self.in_features, self.out_features = in_features, out_features
-        self.A = nn.Linear(in_features, rank, bias=False)
+        with _seeded(self.seed):  # nn's own init of A is LoRA's; init_task repeats it for a new task
+            self.A = nn.Linear(in_features, rank, bias=False)
         self.B = nn.Linear(rank, out_features, bias=False)
-        self.reset_parameters()
+        nn.init.zeros_(self.B.weight)
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
         """``(α/r)·B·A`` — the change of ``base.weight`` this block computes (no bias change)."""
@@ -84,10 +107,11 @@ class LoraConv(_Lora):
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.groups = base.groups
         self.kernel_size = tuple(base.kernel_size)
-        self.A = conv(base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
-                      dilation=base.dilation, bias=False, padding_mode=base.padding_mode)
+        with _seeded(self.seed):  # nn's own init of A is LoRA's; init_task repeats it for a new task
+            self.A = conv(base.in_channels, rank, base.kernel_size, stride=base.stride, padding=base.padding,
+                          dilation=base.dilation, bias=False, padding_mode=base.padding_mode)
         self.B = conv(rank, base.out_channels, 1, bias=False)
-        self.reset_parameters()
+        nn.init.zeros_(self.B.weight)
 
     def delta_weight(self, base: nn.Module) -> tuple[torch.Tensor, None]:
         """``(α/r)·B·A`` as a kernel of the base conv's shape; grouped convs decline (a dense A cannot fold)."""
