@@ -19,9 +19,9 @@ before the call: a process's first compile of that architecture; the targets app
 same architecture compiled before in the process: the trace is a copy of the kept graph).
 
 Targets: trace + passes ≤ 1.5× the bare trace for every built-in spec, ≤ 1.2× for specs that only freeze,
-train or swap a head; the public call ≤ 2× the bare trace; ``peftc --help`` and ``peftc specs`` ≤ 0.5 s and
-``peftc compile clr -b resnet50`` ≤ 3.0 s end to end (subprocesses, imports included). --quick: CLR and the
-linear probe on resnet50, LoRA on ViT-B/16, fewer runs.
+train or swap a head; the public call ≤ 2× the bare trace; ``peftc --help``, ``peftc specs`` and
+``peftc validate SPEC`` ≤ 0.5 s and ``peftc compile clr -b resnet50`` ≤ 3.0 s end to end (subprocesses, imports
+included). --quick: CLR and the linear probe on resnet50, LoRA on ViT-B/16, fewer runs.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ def main() -> None:
     cli_runs = 3 if args.quick else 5
     cli = {"peftc --help": (cli_wall(["--help"], cli_runs), TARGET_INSTANT_S),
            "peftc specs": (cli_wall(["specs"], cli_runs), TARGET_INSTANT_S),
+           "peftc validate memvp": (cli_wall(["validate", "memvp"], cli_runs), TARGET_INSTANT_S),
            "peftc compile clr -b resnet50": (cli_wall(["compile", "clr", "-b", "resnet50", "--json"], cli_runs),
                                              TARGET_CLI_S)}
 

@@ -210,19 +210,29 @@ def _docstring(suite: Suite) -> str:
 
 # -- per-suite renderers ----------------------------------------------------------------------------------------
 def _compile(data: dict[str, Any]) -> str:
-    targets = data.get("targets", {}).get("trace_and_passes_s", {})
+    """Per case: the bare fx trace, then trace + passes and the public call, cold and warm, as ratios to it."""
+    verdicts = {c["id"]: c["verdict"] for c in data.get("checks", [])}
     rows = []
-    for name, s in data["trace_and_passes_s"].items():
-        target = targets.get(name.split(" on ", 1)[-1]) if isinstance(targets, dict) else None
-        verdict = "" if target is None else ("PASS" if s["median"] <= target else "MISS")
-        rows.append([name, _ms(s), f"{s['min'] * 1e3:.1f}", f"{s['max'] * 1e3:.1f}", s.get("runs", ""),
-                     f"{target * 1e3:.0f}" if target else "", verdict])
-    cli = data.get("cli_end_to_end_s")
-    if cli:
-        rows.append(["`peftc compile clr -b resnet50` (CLI, end to end)", f"{cli['median'] * 1e3:.0f}",
-                     f"{cli['min'] * 1e3:.0f}", f"{cli['max'] * 1e3:.0f}", cli.get("runs", ""),
-                     f"{data.get('targets', {}).get('cli_s', 0) * 1e3:.0f}", data.get("verdicts", {}).get("cli", "")])
-    text = _table(["trace + passes", "median ms", "min", "max", "runs", "target ms", ""], rows)
+    for name, c in data["cases"].items():
+        rows.append([name, f"{c['bare_s'] * 1e3:.0f}",
+                     f"{c['passes_s'] * 1e3:.0f} / {c['passes_warm_s'] * 1e3:.0f}",
+                     f"{c['passes_ratio']:.2f}× / {c['passes_warm_ratio']:.2f}×",
+                     f"≤ {c['passes_target']}×", verdicts.get(f"compile passes {name}", ""),
+                     f"{c['public_s'] * 1e3:.0f} / {c['public_warm_s'] * 1e3:.0f}",
+                     f"{c['public_ratio']:.2f}× / {c['public_warm_ratio']:.2f}×",
+                     verdicts.get(f"compile public {name}", "")])
+    text = _table(["case", "bare trace ms", "trace + passes ms (cold / warm)", "÷ bare", "target", "",
+                   "peftc.compile ms (cold / warm)", "÷ bare (≤ 2×)", ""], rows)
+    targets = data.get("targets", {})
+    cli_rows = []
+    for command, t in data.get("cli_s", {}).items():
+        target = targets.get("compile_cli_s") if command.startswith("peftc compile") else targets.get("instant_cli_s")
+        verdict = "" if target is None else ("PASS" if t["median"] <= target else "MISS")
+        cli_rows.append([f"`{command}`", f"{t['median']:.2f}", f"{t['min']:.2f}–{t['max']:.2f}", t.get("runs", ""),
+                         f"≤ {target}" if target else "", verdict])
+    if cli_rows:
+        text += "\n\n" + _table(["command (a new process, imports included)", "median s", "range", "runs",
+                                   "target s", ""], cli_rows)
     if data.get("not_applicable"):
         text += "\n\nNot applicable (the spec's selectors match nothing there): " + ", ".join(
             data["not_applicable"]) + "."

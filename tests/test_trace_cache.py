@@ -70,6 +70,7 @@ def test_shapes_of_the_untouched_graph_are_kept_with_it(monkeypatch) -> None:
     real = base.propagate_shapes
     monkeypatch.setattr(base, "propagate_shapes", lambda gm, x, known=None: (runs.append(1), real(gm, x, known))[1])
     trace_cache.clear()
+    monkeypatch.setattr(trace_cache, "_SEEN", type(trace_cache._SEEN)())  # as in a fresh process, whatever ran before
     vit = cached("timm:vit_tiny_patch16_224", 32)
     first, _, third = (peftc.compile("convpass", vit) for _ in range(3))
     assert len(runs) == 2  # the graph is kept from the second trace on, its shapes with it
