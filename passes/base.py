@@ -212,16 +212,19 @@ def own_tensors(cand: Candidate, ledger: Ledger, pattern: str | list[str] = "*")
     import fnmatch
 
     patterns = [pattern] if isinstance(pattern, str) else pattern
+    everything = "*" in patterns  # ``freeze: {}`` visits every node: no glob matching per tensor then
 
     def wanted(local: str) -> bool:
-        return any(fnmatch.fnmatchcase(local, p) or fnmatch.fnmatchcase(local.rsplit(".", 1)[-1], p) for p in patterns)
+        return everything or any(fnmatch.fnmatchcase(local, p) or fnmatch.fnmatchcase(local.rsplit(".", 1)[-1], p)
+                                 for p in patterns)
 
     if cand.module is not None:
         base = str(cand.node.target)
         for kind, items in (("param", cand.module.named_parameters()), ("buffer", cand.module.named_buffers())):
             for local, tensor in items:
                 owner = local.split(".")[:-1]
-                if any(f"{base}.{'.'.join(owner[:i])}" in ledger.inserted for i in range(1, len(owner) + 1)):
+                if owner and ledger.inserted and any(f"{base}.{'.'.join(owner[:i])}" in ledger.inserted
+                                                     for i in range(1, len(owner) + 1)):
                     continue  # a block inserted into this module: not the module's own tensor
                 if wanted(local):
                     yield f"{base}.{local}", kind, tensor
