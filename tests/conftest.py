@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # A suite started as a background job (`pytest &`) inherits an ignored SIGINT, and so would every command it
+    # runs: the Ctrl-C tests need it delivered as from a terminal (a handled signal is default again after exec).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
