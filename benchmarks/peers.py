@@ -3,6 +3,9 @@
 * HF PEFT (``pip install peftc[bench]``): ``LoraConfig`` / ``LNTuningConfig`` on the timm or torchvision module
   itself, targeting exactly the modules peftc adapted (a full-match regex of their paths) with the same rank,
   alpha and dropout, and ``modules_to_save`` for what peftc trains outside its blocks (the head).
+* HF PEFT with frozen BatchNorms in eval mode ("peft-eval-bn", CNNs only): PEFT's ``train()`` puts every
+  BatchNorm in train mode, normalising with batch statistics and updating the running ones of a frozen backbone;
+  peftc keeps the norms whose statistics a spec froze in eval mode. This variant computes peftc's function.
 * A module-level CLR implementation, the design of the official CLR code and most PEFT libraries: every
   reprogrammed conv is replaced by a wrapper module that holds the conv and its depthwise reprogramming conv,
   and calls one after the other in Python.
@@ -18,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PEERS", "ClrWrapper", "build_peer", "check_same_function", "plan"]
+__all__ = ["PEERS", "ClrWrapper", "FrozenNormsInEval", "build_peer", "check_same_function", "plan"]
 
 # method -> peer kind(s) it is compared with
-PEERS: dict[str, tuple[str, ...]] = {"lora": ("peft",), "ln_tuning": ("peft",), "clr": ("wrapper",)}
+PEERS: dict[str, tuple[str, ...]] = {"lora": ("peft", "peft-eval-bn"), "ln_tuning": ("peft",), "clr": ("wrapper",)}
 
 
 def plan(model: Any, method: str) -> dict[str, Any]:
@@ -43,7 +46,15 @@ def plan(model: Any, method: str) -> dict[str, Any]:
         raise ValueError(f"no peer is defined for {method!r}")
     owned = tuple(f"{b}." for b in blocks)
     others = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_trainable_parameters() if not n.startswith(owned)})
-    return {"sites": sites, "modules_to_save": others, "values": dict(model.spec.values)}
+    return {"sites": sites, "modules_to_save": others, "values": dict(model.spec.values),
+            "frozen_norms": _frozen_norms(model)}
+
+
+def _frozen_norms(model: Any) -> bool:
+    """Whether the compiled model keeps norms with running statistics in eval mode while training."""
+    updating = model.ledger.updating_buffers
+    return any(isinstance(getattr(m, "running_mean", None), torch.Tensor) and f"{n}.running_mean" not in updating
+               for n, m in model.net.named_modules())
 
 
 def _full_match(paths: list[str]) -> str:
@@ -54,6 +65,8 @@ def build_peer(kind: str, method: str, module: nn.Module, peer_plan: dict[str, A
     """The peer implementation of ``method`` on ``module`` (modified in place / wrapped), trainables set."""
     if kind == "peft":
         return _peft(method, module, peer_plan)
+    if kind == "peft-eval-bn":
+        return FrozenNormsInEval(_peft(method, module, peer_plan))
     if kind == "wrapper" and method == "clr":
         return _clr_wrappers(module, peer_plan)
     raise ValueError(f"no peer {kind!r} for {method!r}")
@@ -73,6 +86,25 @@ def _peft(method: str, module: nn.Module, peer_plan: dict[str, Any]) -> nn.Modul
     else:
         raise ValueError(f"no HF PEFT config for {method!r}")
     return peft.get_peft_model(module, config)
+
+
+class FrozenNormsInEval(nn.Module):
+    """``model`` whose norms with running statistics and no trainable affine stay in eval mode in ``train()``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> FrozenNormsInEval:
+        super().train(mode)
+        for m in self.model.modules():
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor) and not any(
+                    p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+        return self
 
 
 class ClrWrapper(nn.Module):

@@ -245,14 +245,17 @@ def _train_step(data: dict[str, Any]) -> str:
     for key, v in data["variants"].items():
         rows.append([f"`{key}`", f"{v['backbone']} @ {v['image']}", f"{v['trainable_params']:,}", _ms(v["step_s"]),
                      f"{v['step_s']['min'] * 1e3:.0f}–{v['step_s']['max'] * 1e3:.0f}", _ms(v["forward_s"]),
-                     f"{v.get('model_mb', 0):.0f}", f"{v['peak_mb']['median']:.0f}"])
+                     f"{v.get('model_mb', 0):.1f}", f"{v['peak_mb']['median']:.1f}",
+                     f"{v['model_rss_mb']:.0f}" if "model_rss_mb" in v else "",
+                     f"{v['rss_peak_mb']:.0f}" if "rss_peak_mb" in v else ""])
     per_round = (f" of {cfg['steps']} timed steps" if "steps" in cfg else
                  " (one training step and one eval forward per variant each)")
+    method = next((v.get("memory_method") for v in data["variants"].values()), None)
     text = (f"Batch {cfg.get('batch', '?')}, {cfg.get('rounds', '?')} interleaved rounds{per_round}, "
             f"{cfg.get('threads', '?')} thread{'' if cfg.get('threads') == 1 else 's'}, one process per variant."
-            "\n\n")
+            + (f" Memory: {method}." if method else "") + "\n\n")
     text += _table(["variant", "backbone", "trainable", "step ms", "range", "eval fwd ms", "model MiB",
-                    "peak MiB"], rows)
+                    "peak MiB", "resident model MiB", "resident peak MiB"], rows)
     checks = {c["id"]: c for c in data.get("checks", [])}
     ratio_rows = []
     for name, r in data.get("ratios", {}).items():
@@ -263,7 +266,7 @@ def _train_step(data: dict[str, Any]) -> str:
         text += "\n\nRatios (median of the per-round ratios; below 1 means peftc is cheaper):\n\n"
         text += _table(["ratio", "median", "range", "rounds", "target", ""], ratio_rows)
         above = {r.get("method") for r in data.get("ratios", {}).values()
-                 if r.get("peer") in ("peft", "wrapper") and not r.get("check") and r["median"] > 1.0}
+                 if r.get("peer") != "full" and not r.get("check") and r["median"] > 1.0}
         notes = [f"*{m} above 1:* {RATIO_NOTES[m]}" for m in sorted(above - {None}) if m in RATIO_NOTES]
         if notes:
             text += "\n\n" + "\n\n".join(notes)

@@ -10,14 +10,24 @@ code). Full fine-tuning of each backbone is the baseline; without --quick every 
 the backbone and trains something is measured too.
 
 Every variant lives in its own process (forked, so imports are paid once), which builds the model and takes
-warm-up steps; its peak memory is read over the timed region (CPU: resident-set high-water mark above the
-process's size before the model was built, i.e. weights + gradients + optimiser state + activations; GPU:
-``torch.cuda.max_memory_allocated``), and "model" is its size at rest before training. The variants compared
+warm-up steps. Memory is tensor memory, the same quantity on both devices: on the GPU
+``torch.cuda.max_memory_allocated`` over the timed region, on the CPU the exact bytes of live tensor storage
+counted through one more (untimed) training step by :mod:`benchmarks.tensor_memory` — weights, gradients,
+optimiser state, saved activations and temporaries at their highest point — and "model" is the model's tensors
+at rest before training. The CPU's resident-set high-water mark over the timed region (and the resident size at
+rest) above the process's size before the model was built is reported beside it as "resident": it adds what
+glibc keeps after frees and the Python objects, and varies by ~8% between runs of identical code. The variants compared
 with each other (full fine-tuning, peftc, the peers of one method) are then timed step by step in turn: each
 round gives every process one training step (zero_grad, forward, cross-entropy, backward, AdamW) and one no-grad
 eval forward, in alternating order, so load that drifts on a shared machine hits all of them alike; a ratio is
-the median over rounds of that round's ratio. Targets: peftc LoRA step time and peak memory ≤ 1.0× HF PEFT's;
-peftc CLR eager forward ≤ 1.0× the wrapper implementation.
+the median over rounds of that round's ratio. Targets: peftc step time and peak memory ≤ 1.0× HF PEFT's for
+LoRA (ViT and CNN) and LN tuning; peftc CLR eager forward ≤ 1.0× the wrapper implementation.
+
+On a CNN, peftc keeps the BatchNorms of a frozen backbone in eval mode while training (their statistics are
+frozen too), while a PEFT model's ``train()`` puts them in train mode, where they normalise with batch
+statistics and update the running ones: different arithmetic. So the CNN LoRA step is compared both with PEFT as
+it comes ("peft") and with PEFT whose frozen BatchNorms stay in eval mode ("peft-eval-bn", the same function as
+peftc's); the target is checked against the latter.
 """
 
 from __future__ import annotations
@@ -40,10 +50,16 @@ from benchmarks.common import check, summary, write_result
 from benchmarks.isolate import IsolatedError, Peak, Worker, rss_bytes, run_isolated
 
 BATCH = 8
-TARGETS = {"lora_step": 1.0, "lora_memory": 1.0, "clr_forward": 1.0}
+TARGETS = {"lora_step": 1.0, "lora_memory": 1.0, "cnn_lora_step": 1.0, "cnn_lora_memory": 1.0,
+           "ln_tuning_step": 1.0, "ln_tuning_memory": 1.0, "clr_forward": 1.0}
 CHECKS = {  # ratio name -> (check id, label)
-    "vit lora step peftc/peft": ("lora_step", "LoRA train step, peftc / HF PEFT"),
-    "vit lora memory peftc/peft": ("lora_memory", "LoRA peak training memory, peftc / HF PEFT"),
+    "vit lora step peftc/peft": ("lora_step", "LoRA train step (ViT), peftc / HF PEFT"),
+    "vit lora memory peftc/peft": ("lora_memory", "LoRA peak training memory (ViT), peftc / HF PEFT"),
+    "cnn lora step peftc/peft-eval-bn": ("cnn_lora_step",
+                                         "LoRA train step (CNN), peftc / HF PEFT with frozen BatchNorms in eval"),
+    "cnn lora memory peftc/peft": ("cnn_lora_memory", "LoRA peak training memory (CNN), peftc / HF PEFT"),
+    "vit ln_tuning step peftc/peft": ("ln_tuning_step", "LN tuning train step, peftc / HF PEFT"),
+    "vit ln_tuning memory peftc/peft": ("ln_tuning_memory", "LN tuning peak training memory, peftc / HF PEFT"),
     "cnn clr forward peftc/wrapper": ("clr_forward", "CLR eager forward, peftc / module-level wrappers"),
 }
 # method -> spec params used here (ln_tuning without per-task keys: the same trainables as PEFT's LN tuning)
@@ -69,7 +85,7 @@ class Job:
     """One measured configuration (what a child process builds and times)."""
 
     group: str
-    kind: str  # full | peftc | peft | wrapper
+    kind: str  # full | peftc | a peer kind of benchmarks.peers.PEERS
     backbone: str
     image: int
     method: str | None = None
@@ -112,7 +128,9 @@ def _plan_group(group: Group, extra_specs: bool, peft_ok: bool) -> dict[str, Any
             continue
         peers = {}
         for kind in PEERS.get(method, ()):
-            if kind == "peft" and not peft_ok:
+            if kind == "peft-eval-bn" and not peers.get("peft", {}).get("frozen_norms"):
+                continue  # no BatchNorm frozen in eval mode: the same model as "peft"
+            if kind.startswith("peft") and not peft_ok:
                 out["skipped"][f"peft:{method}"] = "HF PEFT is not installed (pip install 'peftc[bench]')"
                 continue
             peers[kind] = plan(model, method)
@@ -150,6 +168,8 @@ class StepSession:
     def __init__(self, job: Job, warmup: int, batch: int, threads: int):
         import torch
 
+        from benchmarks import tensor_memory
+
         # The allocator keeps its default behaviour: fixing glibc's mmap threshold (so every freed tensor goes
         # back to the OS) would make each forward page-fault its activations afresh, slowing graphs that free
         # intermediates early (fx code does) by 10-15% and distorting the timings. malloc_trim before the
@@ -159,9 +179,13 @@ class StepSession:
         torch.manual_seed(0)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._base = (rss_bytes() or 0) if self.device == "cpu" else 0
+        self._base_tensors = tensor_memory.live_bytes() if self.device == "cpu" else 0
         self.model = _build(job).to(self.device)
         self._settle()
-        model_bytes = (rss_bytes() or 0) - self._base if self.device == "cpu" else torch.cuda.memory_allocated()
+        if self.device == "cpu":
+            model_bytes, model_rss = tensor_memory.live_bytes() - self._base_tensors, (rss_bytes() or 0) - self._base
+        else:
+            model_bytes, model_rss = torch.cuda.memory_allocated(), None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.x = torch.randn(batch, 3, job.image, job.image, device=self.device)
@@ -173,8 +197,10 @@ class StepSession:
         self._settle()
         self._peak = Peak(self.device)
         self._peak.reset()
-        self.ready = {"model_bytes": model_bytes, "trainable": sum(p.numel() for p in params),
-                      "device": self.device, "memory_method": self._peak.method}
+        self.ready = {"model_bytes": model_bytes, "model_rss_bytes": model_rss,
+                      "trainable": sum(p.numel() for p in params), "device": self.device,
+                      "memory_method": "cuda.max_memory_allocated" if self.device == "cuda" else
+                      f"tensor storage (benchmarks.tensor_memory); resident: {self._peak.method}"}
 
     def _settle(self) -> None:
         gc.collect()
@@ -214,8 +240,17 @@ class StepSession:
         self.model.train()
         return elapsed
 
-    def peak(self) -> int:
-        return self._peak.bytes() - self._base
+    def peak(self) -> dict[str, int | None]:
+        """Peak memory: ``tensors`` (GPU: over the timed region; CPU: through one more training step, counted
+        exactly) and on the CPU ``resident``, the resident-set high-water mark of the timed region."""
+        if self.device == "cuda":
+            return {"tensors": self._peak.bytes(), "resident": None}
+        from benchmarks import tensor_memory
+
+        resident = self._peak.bytes() - self._base
+        with tensor_memory.TensorBytes() as counted:
+            self._step()
+        return {"tensors": counted.peak - self._base_tensors, "resident": resident}
 
 
 # -- parent side ------------------------------------------------------------------------------------------------
@@ -236,8 +271,10 @@ def _ratio(rounds: list[dict[str, dict[str, Any]]], a: str, b: str, metric: str)
     values = []
     for r in rounds:
         if a in r and b in r:
-            num, den = r[a][metric], r[b][metric]
-            if metric != "peak_bytes":
+            num, den = r[a].get(metric), r[b].get(metric)
+            if num is None or den is None:  # not measured on this device (resident memory on a GPU)
+                continue
+            if metric not in ("peak_bytes", "rss_peak_bytes"):
                 num, den = statistics.median(num), statistics.median(den)
             if den:
                 values.append(num / den)
@@ -279,7 +316,7 @@ def measure_block(block: list[Job], *, rounds: int, warmup: int, batch: int, thr
             peak = worker.call("peak")
             for record in records:
                 if key in record:
-                    record[key].update(worker.ready, peak_bytes=peak)
+                    record[key].update(worker.ready, peak_bytes=peak["tensors"], rss_peak_bytes=peak["resident"])
         return records
     finally:
         for worker in workers.values():
@@ -334,14 +371,18 @@ def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skip
             "peak_mb": {"median": statistics.median(peaks) / 2**20, "min": min(peaks) / 2**20,
                         "max": max(peaks) / 2**20},
             "model_mb": statistics.median(s["model_bytes"] for s in samples) / 2**20,
+            **({"rss_peak_mb": statistics.median(s["rss_peak_bytes"] for s in samples) / 2**20,
+                "model_rss_mb": statistics.median(s["model_rss_bytes"] for s in samples) / 2**20}
+               if samples[0].get("rss_peak_bytes") is not None else {}),
             "memory_method": samples[0]["memory_method"],
             "device": samples[0]["device"],
         }
     ratios: dict[str, Any] = {}
     for job in jobs:
-        if job.kind in ("peft", "wrapper"):  # peftc vs the peer implementation of the same method
+        if job.kind not in ("full", "peftc"):  # peftc vs a peer implementation of the same method
             pairs = [(f"{job.group}/peftc:{job.method}", job.key, f"peftc/{job.kind}", job.kind)]
-            metrics = (("step_s", "step"), ("forward_s", "forward"), ("peak_bytes", "memory"))
+            metrics = (("step_s", "step"), ("forward_s", "forward"), ("peak_bytes", "memory"),
+                       ("rss_peak_bytes", "resident memory"))
         elif job.kind == "peftc":  # the method vs full fine-tuning
             pairs = [(job.key, f"{job.group}/full", "vs full", "full")]
             metrics = (("step_s", "step"), ("peak_bytes", "memory"))
@@ -369,12 +410,15 @@ def _aggregate(jobs: list[Job], per_round: list[dict[str, dict[str, Any]]], skip
 def print_table(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"train step, batch {result['config']['batch']} (medians; "
                         f"{result['config']['rounds']} interleaved rounds)", header_style="bold")
-    for col in ("variant", "backbone", "trainable", "step", "eval fwd", "model mem", "peak mem"):
+    for col in ("variant", "backbone", "trainable", "step", "eval fwd", "model", "peak", "resident model",
+                "resident peak"):
         table.add_column(col, justify="left" if col in ("variant", "backbone") else "right")
     for key, v in result["variants"].items():
         table.add_row(key, f"{v['backbone']}@{v['image']}", f"{v['trainable_params']:,}",
                       f"{v['step_s']['median'] * 1e3:.0f} ms", f"{v['forward_s']['median'] * 1e3:.0f} ms",
-                      f"{v['model_mb']:.0f} MiB", f"{v['peak_mb']['median']:.0f} MiB")
+                      f"{v['model_mb']:.1f} MiB", f"{v['peak_mb']['median']:.1f} MiB",
+                      f"{v['model_rss_mb']:.0f} MiB" if "model_rss_mb" in v else "",
+                      f"{v['rss_peak_mb']:.0f} MiB" if "rss_peak_mb" in v else "")
     console.print(table)
     ratios = Table(title="ratios (median of per-round ratios; < 1 means peftc is cheaper)", header_style="bold")
     for col in ("ratio", "median", "min", "max", "target", ""):

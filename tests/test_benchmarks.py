@@ -196,6 +196,45 @@ def test_peft_lora_adapts_the_same_layers() -> None:
         p.numel() for p in model.trainable_parameters())
 
 
+def test_peft_with_frozen_norms_in_eval_computes_peftcs_training_function() -> None:
+    """peftc keeps a frozen backbone's BatchNorms in eval mode while training; PEFT's ``train()`` does not. The
+    "peft-eval-bn" peer is PEFT made to do the same, so the CNN step is compared on the same arithmetic."""
+    from benchmarks.peers import FrozenNormsInEval, build_peer, plan
+
+    model = peftc.compile("lora", _small_cnn(), rank=2)
+    peer_plan = plan(model, "lora")
+    assert peer_plan["frozen_norms"] and peer_plan["sites"] == ["0", "3", "6"]
+    same = build_peer("peft-eval-bn", "lora", _small_cnn(), peer_plan)
+    plain = build_peer("peft", "lora", _small_cnn(), peer_plan)
+    assert isinstance(same, FrozenNormsInEval)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours = model.train()(x)
+    assert (ours - same.train()(x)).abs().max() < 1e-5
+    assert (ours - plain.train()(x)).abs().max() > 1e-3  # batch statistics: another function
+    bns = [m for m in same.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and same.training
+
+
+def test_tensor_bytes_counts_storages_exactly() -> None:
+    from benchmarks.tensor_memory import TensorBytes, live_bytes
+
+    mib = 2**20
+    base = live_bytes()
+    x = torch.randn(1024, 256, requires_grad=True)  # 1 MiB
+    assert live_bytes() - base == mib
+    with TensorBytes() as counted:
+        assert counted.live - base == mib
+        view = x.detach().view(-1)  # a view shares its base's storage: counted once
+        y = (x * 2).relu()  # x*2 lives until relu has run; relu keeps its output for the backward
+        assert counted.live - base == 2 * mib
+        y.sum().backward()  # + the gradient of x, the temporaries of the backward
+        del y, view
+        assert counted.live - base == 2 * mib  # x and x.grad
+        x.grad = None
+        assert counted.live - base == mib
+    assert counted.peak - base >= 3 * mib
+
+
 def _fixture_results(folder: Path) -> None:
     folder.mkdir(parents=True)
     machine = {"cpus": 2, "torch": "2.x", "cuda": None}

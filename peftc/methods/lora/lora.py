@@ -12,7 +12,10 @@ copied from a snapshot the model would carry. Conventions follow HF PEFT's ``Lor
   padding, dilation and padding mode; ``B`` a 1×1 convolution ``r → out``. Trainable ``r·in·∏k + out·r``.
 
 **Scale.** ``α/r`` is applied *inside* the block (``scaling``), as PEFT does, because a spec cannot compute a
-ratio of two params; the rule's ``scale`` (default 1) multiplies on top as a separate graph node.
+ratio of two params; the rule's ``scale`` (default 1) multiplies on top as a separate graph node. It multiplies
+the r-wide bottleneck ``A x``, not the output: the same function (``B`` is linear), but one element-wise pass over
+``r`` channels instead of ``out`` in the forward and again in the backward (PEFT scales the output: on resnet50
+that is 53 feature-map-sized multiplications a forward); a scaling of exactly 1 is skipped.
 
 **Folding.** LoRA is linear in its input: :meth:`delta_weight` returns ``(α/r)·B·A`` in the base layer's weight
 shape (without the rule's scale, which the graph's ``mul`` carries), so export can merge it into the frozen
@@ -46,7 +49,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class _Lora(Block):
-    """Shared part: ``forward = (α/r) · B(A(dropout(x)))``."""
+    """Shared part: ``forward = B((α/r) · A(dropout(x)))``."""
 
     A: nn.Module
     B: nn.Module
@@ -73,7 +76,10 @@ class _Lora(Block):
                 b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.B(self.A(self.dropout(x))) * self.scaling
+        low = self.A(self.dropout(x))
+        if self.scaling != 1.0:
+            low = low * self.scaling
+        return self.B(low)
 
 
 class LoraLinear(_Lora):
