@@ -39,6 +39,20 @@ _TIED_STEP = (
     "paper's step-time saving is not reproduced by this reading of the method (docs/methods.md); parameters, "
     "SGD state and peak memory do shrink.")
 
+_SAME_OPS_STEP = (
+    "not a measurable difference: both sides run the same kernels, so the ratio sits at 1 and the machine's load "
+    "decides its side (see the range). torch.profiler, one step each (deit_small, batch 8): peftc's LN tuning "
+    "and PEFT's issue the same ops with the same call counts (49 addmm, 50 mm, 25 native_layer_norm and its "
+    "backward, 12 flash-attention forwards and backwards, 322 copy_) and the same self times within 2–3%; "
+    "peftc's LoRA does one element-wise multiplication less per adapted layer and pass (the α/r scale on the "
+    "r-wide bottleneck, skipped at α/r = 1, where PEFT scales the whole output) and keeps frozen BatchNorms "
+    "in eval mode (compared with PEFT doing the same: the `peft-eval-bn` peer).")
+_SAME_TENSORS = (
+    "tensor memory is counted exactly (benchmarks/tensor_memory.py: every live storage at rest, then every "
+    "storage an op of one training step creates, minus those freed). peftc and PEFT hold the same tensors at "
+    "rest (deit_small 86.15 MiB, resnet50 107.94 MiB) and peak at the same byte count for LoRA (the same saved "
+    "activations); a ratio above 1 here would be a real difference to look for in the per-variant table.")
+
 EXPLANATIONS: dict[str, str] = {
     "compile passes warm": (
         "what a warm trace cache leaves: the passes themselves. Blocks are Python modules: LoRA's 53 conv "
@@ -95,17 +109,9 @@ EXPLANATIONS: dict[str, str] = {
         "and AdaptFormer from 0.49 s to 0.28 s, same graphs. `add_block` stopped walking the whole model per "
         "inserted block (CLR on resnet50: 55 → 44 ms on a quiet machine). What remains is fx's own tracing and "
         "per-block bookkeeping; a loaded machine adds 10–30 % to every figure here."),
-    "lora_memory": (
-        "a fixed overhead of the compiled model at rest, not training memory: tensors are now equal (the task "
-        "bank no longer snapshots LoRA's A, B — a new task remakes them from the block's seed — so peftc holds "
-        "86.15 MiB of tensors on deit_small exactly as PEFT, whose head copy matches the bank's head snapshot), "
-        "but the resident size at rest is ~2.7 MiB (deit_small) / ~1.4 MiB (resnet50) above PEFT's (isolated "
-        "processes, after malloc_trim; was ~4–6 MiB): the Python side of an fx model — torch.overrides' tables "
-        "that fx tracing builds once per process (0.5 MiB by tracemalloc), the graph's 455 nodes and their "
-        "metadata (~0.6 MiB), the generated code and the Compiled wrapper — against PEFT's ~1.4 MiB of wrapper "
-        "objects; freeing node metadata after compilation did not lower RSS (arena fragmentation). Peak minus "
-        "model — activations, gradients, AdamW state — agrees within the allocator's spread: the same PEFT "
-        "LoRA on resnet50 peaked at 1211 MiB in one run and 1119 MiB in the next (peftc 1244 / 1251)."),
+    "lora_memory": _SAME_TENSORS,
+    "cnn_lora_memory": _SAME_TENSORS,
+    "ln_tuning_memory": _SAME_TENSORS,
     "clr_forward": (
         "not a measurable difference. peftc's graph runs the same kernels as the wrappers (conv, depthwise conv, "
         "BatchNorm, in the same order). Timed in one process, 8 interleaved rounds of eval forwards of "
@@ -113,25 +119,27 @@ EXPLANATIONS: dict[str, str] = {
         "module). An earlier version of this suite fixed glibc's mmap threshold for exact memory numbers, "
         "which made every forward page-fault its activations afresh and penalised the fx code, which frees "
         "intermediates early, by 12–14%; the suite now keeps the default allocator."),
-    "lora_step": (
-        "not a measurable difference. The compiled graph runs the same operations as PEFT's LoRA layer (base "
-        "Linear, A, B, scaling, add; see `model.net.code`). Timed in one process instead, 12 interleaved rounds "
-        "of vit_tiny training steps at one thread on this machine gave peftc / PEFT = 1.002 (0.87–1.18 across "
-        "rounds); with the quick configuration's 2 rounds of 3 steps per process, load on the shared machine "
-        "decides which side of 1.0 the median lands on — see the ratio's range above."),
+    "lora_step": _SAME_OPS_STEP,
+    "cnn_lora_step": _SAME_OPS_STEP,
+    "ln_tuning_step": _SAME_OPS_STEP,
 }
 
 
 # Why a peftc/peer ratio without a target is above 1 (by ratio name prefix); shown only while it is.
 RATIO_NOTES: dict[str, str] = {
-    "ln_tuning": (
-        "in the stored run, peftc's `ln_bank` normalised without an affine and then applied the task's row as "
-        "`y * w + b`: two extra element-wise passes and one extra saved activation per LayerNorm (25 in a ViT), "
-        "where PEFT's LN tuning runs a LayerNorm copy with its fused affine. Fixed since: when one row serves "
-        "the whole batch (training, a forced task) the row now goes to `F.layer_norm` as its affine; only the "
-        "per-sample routed path keeps the explicit form. Saved activations of a deit_small training forward at "
-        "batch 8 (autograd's saved-tensor hooks): 418 → 363 MiB. Rerun `python -m benchmarks train-step` to "
-        "refresh this ratio."),
+    "lora": (
+        "`cnn lora … peftc/peft` compares two functions: PEFT's `train()` puts the frozen backbone's BatchNorms "
+        "in train mode (batch statistics, running statistics updated: 53 more `native_batch_norm` reductions "
+        "and their saved mean and inverse std), peftc keeps them in eval mode as their statistics are frozen; "
+        "the `peft-eval-bn` peer computes peftc's function and carries the target. The `resident memory` ratios "
+        "are the resident-set high-water marks: the same tensors (see `memory`) plus what glibc keeps after "
+        "frees and the Python objects — peftc's model at rest is 4–6 MiB above PEFT's there, all of it outside "
+        "tensors: tracemalloc over one compile of deit_small shows +2.4 MiB of Python allocations against PEFT's "
+        "+1.4 (fx's graph and nodes 0.6 MiB, torch.overrides' tables that fx builds once per process 0.5 MiB, "
+        "abc caches 0.2 MiB) and the rest is arena fragmentation; fx's out-of-place residual adds (torchvision "
+        "writes `out += identity`, a traced graph `add`) fragment more: making the adds in place cut resnet50's "
+        "resident peak by 69 MiB in a one-off experiment without changing the tensor peak. The resident peak "
+        "also varies by ~8% between runs of identical code."),
 }
 
 
