@@ -351,11 +351,15 @@ def _replacement(data: dict[str, Any]) -> str:
             m = res[label]
             rows.append([f"{name} ({res['backbone']} @ {res['image']})", label.replace("_", "-"),
                          f"{m['params']:,}", f"{m['trainable']:,}", f"{m['peak_bytes'] / 2**20:.0f}",
+                         f"{m['resident_peak_bytes'] / 2**20:.0f}" if "resident_peak_bytes" in m else "",
                          f"{m['step_s'] * 1e3:.0f}"])
         r = res["ratios"]
         rows.append(["", "ratio", f"{r['params']:.3f}×", f"{r['trainable']:.3f}×", f"{r['peak_memory']:.3f}×",
+                     f"{r['resident_peak_memory']:.3f}×" if "resident_peak_memory" in r else "",
                      f"{r['step_time']:.3f}×"])
-    return _table(["backbone", "variant", "params", "trainable", "peak MiB", "step ms"], rows)
+    method = next((res["end_to_end"].get("memory_method") for res in data["results"].values()), None)
+    return (f"Memory: {method}.\n\n" if method else "") + _table(
+        ["backbone", "variant", "params", "trainable", "peak MiB", "resident peak MiB", "step ms"], rows)
 
 
 def _trainer(data: dict[str, Any]) -> str:
