@@ -10,10 +10,12 @@ End-to-end is the plain backbone, every parameter trained; Replacement Learning 
 momentum buffer per trained parameter) on random images and labels.
 
 Memory: every measurement runs in its own fresh process (``python -m benchmarks.replacement --child …``), which
-builds one variant, takes warm-up steps, resets the resident-set high-water mark (Linux ``/proc/self/clear_refs``)
-and trains ``steps`` steps; its peak memory is the high-water mark over those steps (weights, gradients,
-optimizer state and activations; on CUDA ``torch.cuda.max_memory_allocated``). Variants alternate over
-``rounds``; the ratio is the median over rounds.
+builds one variant, takes warm-up steps and trains ``steps`` steps. Its peak memory is tensor memory over those
+steps — weights, gradients, optimizer state, saved activations and temporaries: on CUDA
+``torch.cuda.max_memory_allocated``, on the CPU every live storage counted exactly through the last step
+(:mod:`benchmarks.tensor_memory`). The CPU's resident-set high-water mark over the steps (Linux
+``/proc/self/clear_refs``) is reported beside it; it includes the process itself (torch, timm), so its ratio is
+diluted. Variants alternate over ``rounds``; the ratio is the median over rounds.
 
 Step time: one more process builds both variants and alternates single steps (A B, B A, …) for ``pairs`` pairs,
 so load that drifts on a shared machine hits both alike; the ratio is the median of the per-pair ratios (the
@@ -141,9 +143,17 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     for _ in range(job["warmup"]):
         trainer.step()
     method = _reset_peak(job["device"])
-    for _ in range(job["steps"]):
+    for _ in range(job["steps"] - 1):
         trainer.step()
-    return {**trainer.sizes(), "peak_bytes": _peak(job["device"], method), "memory_method": method}
+    if job["device"].startswith("cuda"):
+        trainer.step()
+        return {**trainer.sizes(), "peak_bytes": _peak(job["device"], method), "memory_method": method}
+    from benchmarks.tensor_memory import TensorBytes
+
+    with TensorBytes() as counted:
+        trainer.step()
+    return {**trainer.sizes(), "peak_bytes": counted.peak, "resident_peak_bytes": _peak(job["device"], method),
+            "memory_method": f"tensor storage (benchmarks.tensor_memory); resident: {method}"}
 
 
 def measure_time(job: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             "step_time": statistics.median(b / a for a, b in zip(times["end_to_end"], times["replacement"])),
             "step_time_fastest": min(times["replacement"]) / min(times["end_to_end"]),
         }
+        if "resident_peak_bytes" in e2e[0]:
+            ratios["resident_peak_memory"] = statistics.median(
+                b["resident_peak_bytes"] / a["resident_peak_bytes"] for a, b in zip(e2e, rl))
         results[name] = {
             "backbone": backbone, "batch": BATCH, "image": image,
             "end_to_end": _merge(e2e, times["end_to_end"]), "replacement": _merge(rl, times["replacement"]),
@@ -232,14 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             checks.append(check(f"replacement_{name}_{key}", f"Replacement Learning / end-to-end, {name}: {label}",
                                 round(ratios[key], 4), 1.0, "x", suite="replacement"))
         table = Table(title=f"{name} ({backbone}), batch {BATCH}, {image}x{image}, {args.device}")
-        for col in ("", "parameters", "trainable", "SGD state", "peak memory", "step time"):
+        for col in ("", "parameters", "trainable", "SGD state", "peak memory", "resident peak", "step time"):
             table.add_column(col, justify="right")
         for label, variant in (("end-to-end", "end_to_end"), ("replacement", "replacement")):
             m = results[name][variant]
             table.add_row(label, f"{m['params']:,}", f"{m['trainable']:,}", f"{m['optimizer_state']:,}",
-                          _mib(m["peak_bytes"]), f"{m['step_s'] * 1000:,.0f} ms")
+                          _mib(m["peak_bytes"]), _mib(m["resident_peak_bytes"]) if "resident_peak_bytes" in m else "",
+                          f"{m['step_s'] * 1000:,.0f} ms")
         table.add_row("ratio", f"{ratios['params']:.3f}x", f"{ratios['trainable']:.3f}x",
                       f"{ratios['optimizer_state']:.3f}x", f"{ratios['peak_memory']:.3f}x",
+                      f"{ratios['resident_peak_memory']:.3f}x" if "resident_peak_memory" in ratios else "",
                       f"{ratios['step_time']:.3f}x (fastest {ratios['step_time_fastest']:.3f}x)")
         console.print(table)
         results[name]["settings"] = {"rounds": args.rounds, "steps": args.steps, "pairs": args.pairs,
@@ -273,6 +288,8 @@ def _merge(rows: list[dict[str, Any]], times: list[float]) -> dict[str, Any]:
         "step_samples": times,
         "peak_bytes": statistics.median(r["peak_bytes"] for r in rows),
         "peak_bytes_per_round": [r["peak_bytes"] for r in rows],
+        **({"resident_peak_bytes": statistics.median(r["resident_peak_bytes"] for r in rows)}
+           if "resident_peak_bytes" in first else {}),
     }
 
 

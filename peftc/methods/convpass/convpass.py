@@ -95,12 +95,16 @@ class Convpass(Block):
 
 def patch_grid(site: Site) -> tuple[int, int]:
     """The ``H × W`` patch grid: output size of the last ``Conv2d`` before ``site`` in the graph."""
-    gm = site.node.graph.owning_module
+    convs = site.shared.get("convs")
+    if convs is None:  # the backbone's own Conv2d nodes, looked up once per compilation (blocks add none)
+        gm = site.node.graph.owning_module
+        convs = site.shared["convs"] = {n for n in site.node.graph.nodes if n.op == "call_module" and isinstance(
+            gm.get_submodule(str(n.target)), nn.Conv2d)}
     grid = None
     for node in site.node.graph.nodes:
         if node is site.node:
             break
-        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Conv2d):
+        if node in convs:
             shape = site.shapes(node)
             if shape is not None and len(shape) == 4:
                 grid = (int(shape[2]), int(shape[3]))
