@@ -48,6 +48,16 @@ class Twins(nn.Module):
         return self.crop1(a), self.crop2(a), self.drop(b), counted(x), counted(x)
 
 
+class InPlace(nn.Module):
+    """The same in-place reshape twice on equal inputs: each must run, as later nodes read its input."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a, b = x.clone(), x.clone()
+        a.unsqueeze_(0)
+        b.unsqueeze_(0)
+        return a + 1, b + 1
+
+
 class Leaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, Crop) or super().is_leaf_module(m, qualname)
@@ -102,3 +112,14 @@ def test_shapes_equal_a_real_run_and_repeated_blocks_are_computed_once(backbone:
     with torch.no_grad():
         ShapeProp(gm).propagate(x)
     assert ours == _shapes(gm)
+
+
+def test_in_place_ops_are_never_served_from_the_memo() -> None:
+    gm = fx.symbolic_trace(InPlace())
+    x = torch.randn(2, 3)
+    propagate_shapes(gm, x)
+    ours = _shapes(gm)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x)
+    assert ours == _shapes(gm)
+    assert ours["add"] == ours["add_1"] == (1, 2, 3)

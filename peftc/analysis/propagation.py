@@ -206,9 +206,20 @@ def _fill(blank: Any) -> Any:
     return blank[0](_fill(b) for b in blank[1])
 
 
-def _pure(target: Any) -> bool:
-    """Ops whose output metadata is a function of their inputs' metadata: torch's own functions and Python's
-    operators (``operator.getitem``, ``getattr``); not user functions a trace kept whole (they may hold state)."""
+_MUTATING_OPERATORS = frozenset({"setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul",
+                                  "imod", "imul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"})
+
+
+def _pure(kind: str, target: Any) -> bool:
+    """Ops whose output metadata is a function of their inputs' metadata and that change nothing else: torch's
+    own functions, tensor methods and Python's operators (``operator.getitem``, ``getattr``). Not user functions a
+    trace kept whole (they may hold state), nor anything in place (``x.unsqueeze_(0)`` reshapes its input, which
+    later nodes read; ``operator.setitem`` fills a container): skipping those would leave their inputs stale."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name in _MUTATING_OPERATORS:
+        return False
+    if kind == "call_method":
+        return True
     module = getattr(target, "__module__", None) or ""
     return module in ("_operator", "operator", "builtins") or module.split(".")[0] == "torch"
 
@@ -226,7 +237,7 @@ class _MemoShapeProp(ShapeProp):
         self._memo: dict[Any, Any] = {}
 
     def _memoised(self, kind: str, target: Any, args: Any, kwargs: Any, run: Any) -> Any:
-        if kind == "call_function" and not _pure(target):
+        if kind != "call_module" and not _pure(kind, target):
             return run(target, args, kwargs)
         try:
             key = (kind, target, _key(args), _key(kwargs))
